@@ -1,0 +1,31 @@
+"""deqkit: deep equilibrium models and implicit layers for PyTorch.
+
+>>> import deqkit as dk
+>>> sorted(m.name for m in dk.RESULTS)
+['diverged', 'max_steps_reached', 'nonfinite', 'successful']
+"""
+
+from . import nn as nn
+from ._fixed_point import fixed_point as fixed_point
+from ._solution import RESULTS as RESULTS
+from ._solution import Solution as Solution
+from ._solution import SolverError as SolverError
+from .adjoint import AbstractAdjoint as AbstractAdjoint
+from .adjoint import BackwardSolveWarning as BackwardSolveWarning
+from .adjoint import ImplicitAdjoint as ImplicitAdjoint
+from .adjoint import JacobianFreeAdjoint as JacobianFreeAdjoint
+from .adjoint import PhantomAdjoint as PhantomAdjoint
+from .adjoint import UnrolledAdjoint as UnrolledAdjoint
+from .linear import GMRES as GMRES
+from .linear import AbstractLinearSolver as AbstractLinearSolver
+from .linear import BiCGStab as BiCGStab
+from .linear import Dense as Dense
+from .linear import LinearSolution as LinearSolution
+from .linear import Neumann as Neumann
+from .solvers import AbstractFixedPointSolver as AbstractFixedPointSolver
+from .solvers import Anderson as Anderson
+from .solvers import Broyden as Broyden
+from .solvers import NewtonKrylov as NewtonKrylov
+from .solvers import Picard as Picard
+
+__version__ = "0.1.0"

@@ -1,0 +1,229 @@
+"""``fixed_point``: the functional front door of deqkit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._flatten import State, check_output, flat_fn, flatten, make_layout, unflatten
+from ._iterate import iterate
+from ._solution import RESULTS, Solution, SolverError
+from .adjoint._base import AbstractAdjoint
+from .adjoint.implicit import ImplicitAdjoint
+from .solvers._base import AbstractFixedPointSolver
+from .solvers.anderson import Anderson
+from .solvers.broyden import Broyden
+from .solvers.newton_krylov import NewtonKrylov
+from .solvers.picard import Picard
+
+_SOLVER_NAMES: dict[str, type[AbstractFixedPointSolver]] = {
+    "picard": Picard,
+    "anderson": Anderson,
+    "broyden": Broyden,
+    "newton_krylov": NewtonKrylov,
+}
+
+
+def resolve_solver(solver: AbstractFixedPointSolver | str | None) -> AbstractFixedPointSolver:
+    """Turn ``None``/a string shorthand/a solver object into a solver object."""
+    if solver is None:
+        return Anderson()
+    if isinstance(solver, str):
+        key = solver.lower().replace("-", "_")
+        if key not in _SOLVER_NAMES:
+            raise ValueError(
+                f"Unknown solver {solver!r}; choose one of {sorted(_SOLVER_NAMES)} or pass a "
+                "solver object such as dk.Anderson(m=5)."
+            )
+        return _SOLVER_NAMES[key]()
+    if not isinstance(solver, AbstractFixedPointSolver):
+        raise TypeError(
+            "`solver` must be a deqkit solver (e.g. dk.Anderson(), dk.Picard()) or one of "
+            f"{sorted(_SOLVER_NAMES)}, got {type(solver).__name__}."
+        )
+    return solver
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+
+
+def fixed_point(
+    f: Callable[..., State],
+    z0: State,
+    solver: AbstractFixedPointSolver | str | None = None,
+    adjoint: AbstractAdjoint | None = None,
+    max_steps: int = 50,
+    *,
+    args: tuple[Any, ...] = (),
+    throw: bool = True,
+    trace: bool = False,
+    compact: bool | None = None,
+    compact_ratio: float = 0.75,
+    divergence_ratio: float | None = 1e4,
+) -> Solution:
+    r"""Find :math:`z^\star = f(z^\star)` for a batch of independent problems, differentiably.
+
+    The forward solve runs without building an autograd graph; the gradient of
+    :math:`z^\star` with respect to everything ``f`` closes over (parameters and inputs, not
+    ``z0``) is given by ``adjoint``. With the default :class:`~deqkit.ImplicitAdjoint` it is the
+    implicit-function-theorem gradient
+
+    .. math::
+        \frac{\partial \ell}{\partial \theta} = u^\top \frac{\partial f(z^\star,\theta)}{\partial \theta},
+        \qquad \big(I - J_f(z^\star)^\top\big)\, u = \frac{\partial \ell}{\partial z^\star},
+
+    whose memory does not depend on the number of forward iterations (Bai, Kolter, Koltun,
+    "Deep Equilibrium Models", NeurIPS 2019).
+
+    Stopping is per sample: sample :math:`b` stops when
+    :math:`\|f(z_b)-z_b\| \le \text{atol} + \text{rtol}\,\|f(z_b)\|` (tolerances on the solver),
+    when its residual is non-finite, or when it grows above ``divergence_ratio`` times its lowest
+    value. A sample that stops keeps its value; one that never converges returns its
+    lowest-residual iterate, and the returned residuals are those of the returned values.
+
+    Args:
+        f: the map. Called as ``f(z, *args)`` with ``z`` shaped like ``z0`` (a tensor or a
+            tuple of tensors, leading batch dimension ``B``); must return the same structure.
+            Samples must be independent (no batch statistics such as BatchNorm).
+        z0: initial guess; a tensor or tuple of tensors with leading batch dimension.
+        solver: a solver object (:class:`~deqkit.Anderson` by default) or a name
+            (``"picard"``, ``"anderson"``, ``"broyden"``, ``"newton_krylov"``).
+        adjoint: how gradients flow through :math:`z^\star`.
+            Default: ``ImplicitAdjoint(GMRES())``.
+        max_steps: maximum number of solver updates; f is evaluated at most ``max_steps + 1``
+            times by Picard/Anderson. Default: 50.
+        args: per-sample tensors passed to ``f`` after ``z`` (leading batch dimension ``B``).
+            Passing inputs here rather than closing over them lets the driver drop converged
+            samples from the batch so they stop costing compute.
+        throw: raise :class:`~deqkit.SolverError` when some sample fails. Default: True.
+        trace: record the residual of every step in ``stats["trace"]``. Default: False.
+        compact: drop finished samples from the working batch (needs ``args`` to slice).
+            Default ``None``: on when ``args`` is given.
+        compact_ratio: compact when the unfinished samples are at most this fraction of the
+            working batch. Default: 0.75.
+        divergence_ratio: a sample whose residual exceeds this multiple of its lowest residual
+            is stopped as ``diverged``; ``None`` disables the test. Default: 1e4.
+
+    Returns:
+        A :class:`~deqkit.Solution` with ``value``, ``result``, ``stats``.
+
+    Raises:
+        SolverError: with ``throw=True`` when some sample did not converge.
+        ValueError, TypeError: on invalid arguments.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <...>
+        >>> W = torch.randn(4, 4, dtype=torch.float64)
+        >>> W = 0.5 * W / torch.linalg.matrix_norm(W, 2)
+        >>> x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+        >>> sol = dk.fixed_point(lambda z: torch.tanh(z @ W.T + x), torch.zeros(3, 4,
+        ...                      dtype=torch.float64), solver=dk.Anderson(rtol=1e-10, atol=0))
+        >>> sol.result
+        <RESULTS.successful: 0>
+        >>> sol.value.sum().backward()  # implicit gradient w.r.t. x
+        >>> x.grad.shape
+        torch.Size([3, 4])
+    """
+    if not callable(f):
+        raise TypeError(f"`f` must be callable, got {type(f).__name__}.")
+    solver = resolve_solver(solver)
+    if adjoint is None:
+        adjoint = ImplicitAdjoint()
+    elif not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            "`adjoint` must be a deqkit adjoint such as dk.ImplicitAdjoint(dk.GMRES()), "
+            f"dk.JacobianFreeAdjoint(), dk.PhantomAdjoint() or dk.UnrolledAdjoint(); got "
+            f"{type(adjoint).__name__}."
+        )
+    _check_int("max_steps", max_steps, 0)
+    if not isinstance(args, tuple):
+        raise TypeError(f"`args` must be a tuple, got {type(args).__name__}; e.g. args=(x,).")
+    if not isinstance(compact_ratio, (int, float)) or not 0 < compact_ratio <= 1:
+        raise ValueError(f"`compact_ratio` must be in (0, 1], got {compact_ratio!r}.")
+    if divergence_ratio is not None and not (
+        isinstance(divergence_ratio, (int, float)) and divergence_ratio > 1
+    ):
+        raise ValueError(f"`divergence_ratio` must be > 1 or None, got {divergence_ratio!r}.")
+
+    layout = make_layout(z0)
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor) and (a.dim() == 0 or a.shape[0] != layout.batch):
+            raise ValueError(
+                f"`args[{i}]` has shape {tuple(a.shape)}, but tensors in `args` must be "
+                f"per-sample with leading batch dimension {layout.batch}; close over shared "
+                "tensors (e.g. weights) in `f` instead."
+            )
+    if compact is None:
+        compact = len(args) > 0
+    unrolled = adjoint.unrolled
+    if unrolled:
+        compact = False
+        if not solver.supports_unrolled:
+            raise ValueError(
+                f"{type(solver).__name__} cannot be differentiated by unrolling; use "
+                "dk.Picard or dk.Anderson with dk.UnrolledAdjoint, or another adjoint."
+            )
+    z0f = flatten(layout, z0).detach()
+    if not bool(torch.isfinite(z0f).all()):
+        raise ValueError("`z0` contains NaN or inf; pass a finite initial guess.")
+    fn = flat_fn(layout, f)
+
+    first = [True]
+
+    def checked_fn(zf: Tensor, *a: Any) -> Tensor:
+        if first[0]:
+            first[0] = False
+            out = f(unflatten(layout, zf), *a)
+            check_output(layout, out)
+            return flatten(layout, out)
+        return fn(zf, *a)
+
+    with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()):
+        loop = iterate(
+            checked_fn,
+            z0f,
+            args,
+            solver,
+            max_steps,
+            compact=bool(compact),
+            compact_ratio=float(compact_ratio),
+            divergence_ratio=divergence_ratio,
+            trace=trace,
+        )
+    status = loop.status
+    worst = int(status.max()) if status.numel() else 0
+    result = RESULTS.from_code(worst)
+    stats: dict[str, Any] = {
+        "nstep": loop.nstep,
+        "abs_residual": loop.abs_residual,
+        "rel_residual": loop.rel_residual,
+        "converged": status == RESULTS.successful.code,
+        "status": status,
+        "nfev": torch.tensor(loop.nfev),
+        "nfev_samples": torch.tensor(loop.nfev_samples),
+    }
+    if loop.trace is not None:
+        stats["trace"] = loop.trace
+    value = loop.value
+    sol = Solution(value=None, result=result, stats=stats)
+    if not unrolled and torch.is_grad_enabled():
+        value = adjoint.apply(fn, value.detach(), args, sol.backward)
+        stats["nfev"] = stats["nfev"] + adjoint.forward_nfev
+    sol.value = unflatten(layout, value)
+    if throw and result is not RESULTS.successful:
+        nbad = int((status != RESULTS.successful.code).sum())
+        raise SolverError(
+            result,
+            f"{nbad}/{layout.batch} samples failed; worst rel residual "
+            f"{float(loop.rel_residual.nan_to_num(float('inf')).max()):.3e}; solver "
+            f"{type(solver).__name__}(rtol={solver.rtol}, atol={solver.atol}), "
+            f"max_steps={max_steps}. Pass throw=False to inspect sol.result and sol.stats",
+        )
+    return sol

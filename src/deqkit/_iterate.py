@@ -1,0 +1,172 @@
+"""The one driver loop shared by every fixed-point solver.
+
+It owns: evaluating f, the per-sample stopping test, the lowest-residual iterate, the
+non-finite and divergence checks, per-sample statistics and batch compaction (dropping
+finished samples from the working batch when f can be evaluated on a subset). At most one
+host synchronisation happens per step (two on steps where some sample stops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._solution import RESULTS
+from .solvers._base import AbstractFixedPointSolver
+
+
+@dataclasses.dataclass
+class LoopOutput:
+    value: Tensor  # (B, D)
+    abs_residual: Tensor  # (B,)
+    rel_residual: Tensor  # (B,)
+    nstep: Tensor  # (B,) int64
+    status: Tensor  # (B,) int64, RESULTS codes
+    nfev: int
+    nfev_samples: int
+    trace: Tensor | None
+
+
+def iterate(
+    fn: Callable[..., Tensor],
+    z0: Tensor,
+    args: tuple[Any, ...],
+    solver: AbstractFixedPointSolver,
+    max_steps: int,
+    *,
+    compact: bool,
+    compact_ratio: float,
+    divergence_ratio: float | None,
+    trace: bool,
+) -> LoopOutput:
+    """Run ``solver`` on ``z = fn(z, *args)`` from ``z0`` (B, D).
+
+    ``args`` are per-sample tensors (batch first) sliced together with the working batch when
+    ``compact`` is True; otherwise the full batch is evaluated every step and finished samples
+    simply keep their recorded result.
+    """
+    B, D = z0.shape
+    device = z0.device
+    rtol, atol = float(solver.rtol), float(solver.atol)
+    # A huge finite ratio still flags inf residuals (inf <= finite is False).
+    div = float(divergence_ratio) if divergence_ratio is not None else 1e300
+    differentiable = torch.is_grad_enabled()
+
+    counters = {"nfev": 0, "rows": 0}
+    work_args = args
+
+    def call(z: Tensor) -> Tensor:
+        counters["nfev"] += 1
+        counters["rows"] += z.shape[0]
+        return fn(z, *work_args)
+
+    # Global (full-batch) results, written when samples stop.
+    out_value = z0.new_zeros(B, D)
+    out_abs = z0.new_full((B,), float("nan"))
+    out_rel = z0.new_full((B,), float("nan"))
+    out_nstep = torch.full((B,), max_steps, dtype=torch.int64, device=device)
+    out_status = torch.full((B,), RESULTS.max_steps_reached.code, dtype=torch.int64, device=device)
+    traces: list[Tensor] = []
+
+    gidx = torch.arange(B, device=device)  # global row of each working row
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    z = z0
+    fz = call(z)
+    best_z = z
+    best_abs = z0.new_full((B,), float("inf"))
+    best_fn = z0.new_ones(B)
+    state = None
+
+    for k in range(max_steps + 1):
+        r = fz - z
+        absr = torch.linalg.vector_norm(r, dim=1)
+        fnorm = torch.linalg.vector_norm(fz, dim=1)
+        conv = absr <= fnorm * rtol + atol
+        # NaN/inf residuals and divergence both fail `absr <= div * best`.
+        bad = ~(absr <= best_abs * div) if k > 0 else ~torch.isfinite(absr)
+        stop = (conv | bad) & active
+        improved = absr < best_abs
+        if trace:
+            t = z0.new_full((B,), float("nan"))
+            t[gidx] = torch.where(active, absr, torch.nan).detach()
+            traces.append(t)
+        flags = torch.stack((stop.any(), (improved | ~active).all())).tolist()
+        if flags[1]:
+            best_z = z
+        else:
+            best_z = torch.where(improved.unsqueeze(1), z, best_z)
+        best_fn = torch.where(improved, fnorm, best_fn)
+        best_abs = torch.where(improved, absr, best_abs)
+        if flags[0]:
+            sel = stop.nonzero().squeeze(1)
+            g = gidx[sel]
+            c = conv[sel]
+            c2 = c.unsqueeze(1)
+            val = torch.where(c2, z[sel], best_z[sel])
+            a = torch.where(c, absr[sel], best_abs[sel])
+            fnn = torch.where(c, fnorm[sel], best_fn[sel])
+            finite = torch.isfinite(absr[sel])
+            code = torch.where(
+                c,
+                RESULTS.successful.code,
+                torch.where(finite, RESULTS.diverged.code, RESULTS.nonfinite.code),
+            )
+            if differentiable:
+                out_value = out_value.index_copy(0, g, val)
+            else:
+                out_value.index_copy_(0, g, val)
+            out_abs.index_copy_(0, g, a.detach())
+            out_rel.index_copy_(0, g, (a / fnn.clamp_min(torch.finfo(a.dtype).tiny)).detach())
+            out_nstep.index_fill_(0, g, k)
+            out_status.index_copy_(0, g, code)
+            active = active & ~stop
+            n_active = int(active.sum())
+            if n_active == 0:
+                break
+            if compact and n_active <= compact_ratio * active.shape[0]:
+                keep = active.nonzero().squeeze(1)
+                gidx = gidx[keep]
+                z, fz, r = z[keep], fz[keep], r[keep]
+                best_z, best_abs, best_fn = best_z[keep], best_abs[keep], best_fn[keep]
+                active = active[keep]
+                work_args = tuple(a[gidx] if isinstance(a, Tensor) else a for a in args)
+                if state is not None:
+                    state = solver.select(state, keep)
+        if k == max_steps:
+            break
+        if state is None:
+            state = solver.init(call, z, fz, r, max_steps)
+        z_next, fz_next, state = solver.step(call, z, fz, r, state)
+        z = z_next
+        fz = call(z) if fz_next is None else fz_next
+
+    # Samples still active ran out of steps: return their lowest-residual iterate.
+    rem = active.nonzero().squeeze(1)
+    if rem.numel() > 0:
+        g = gidx[rem]
+        if differentiable:
+            out_value = out_value.index_copy(0, g, best_z[rem])
+        else:
+            out_value.index_copy_(0, g, best_z[rem])
+        a = best_abs[rem]
+        out_abs.index_copy_(0, g, a.detach())
+        out_rel.index_copy_(0, g, (a / best_fn[rem].clamp_min(torch.finfo(a.dtype).tiny)).detach())
+        bad_rem = ~torch.isfinite(a)
+        if bool(bad_rem.any()):
+            out_status.index_copy_(
+                0, g, torch.where(bad_rem, RESULTS.nonfinite.code, RESULTS.max_steps_reached.code)
+            )
+    return LoopOutput(
+        value=out_value,
+        abs_residual=out_abs,
+        rel_residual=out_rel,
+        nstep=out_nstep,
+        status=out_status,
+        nfev=counters["nfev"],
+        nfev_samples=counters["rows"],
+        trace=torch.stack(traces) if trace else None,
+    )

@@ -1,0 +1,6 @@
+from ._base import AbstractAdjoint as AbstractAdjoint
+from .implicit import BackwardSolveWarning as BackwardSolveWarning
+from .implicit import ImplicitAdjoint as ImplicitAdjoint
+from .jacobian_free import JacobianFreeAdjoint as JacobianFreeAdjoint
+from .jacobian_free import PhantomAdjoint as PhantomAdjoint
+from .unrolled import UnrolledAdjoint as UnrolledAdjoint

@@ -1,0 +1,34 @@
+"""Adjoints: how gradients flow through an equilibrium."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor
+
+FlatFn = Callable[..., Tensor]
+
+
+class AbstractAdjoint(abc.ABC):
+    """Base class of the adjoints.
+
+    ``apply(fn, z_star, args, backward_stats)`` receives the solver's equilibrium
+    ``z_star`` (a detached ``(B, D)`` tensor), the flat map ``fn(z, *args)`` and returns a
+    ``(B, D)`` tensor equal in value to ``z_star`` whose autograd graph defines the gradient.
+    ``backward_stats`` is a dict the adjoint may fill when its backward pass runs.
+    Adjoints with ``unrolled = True`` are not applied: the driver loop itself runs under
+    autograd instead.
+    """
+
+    #: When True the forward solve is recorded by autograd (ordinary backprop).
+    unrolled: bool = False
+    #: Extra evaluations of f made by :meth:`apply` (counted in ``stats["nfev"]``).
+    forward_nfev: int = 0
+
+    @abc.abstractmethod
+    def apply(
+        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
+    ) -> Tensor:
+        """Attach the gradient to ``z_star``."""

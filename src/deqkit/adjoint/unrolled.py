@@ -1,0 +1,28 @@
+"""Ordinary backpropagation through the solver iterations."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from ._base import AbstractAdjoint, FlatFn
+
+
+@dataclasses.dataclass(frozen=True)
+class UnrolledAdjoint(AbstractAdjoint):
+    """Backpropagate through every solver iteration (the reference; O(iterations) memory).
+
+    The forward solve is recorded by autograd, so the gradient is that of the computed
+    iterate, which depends on the number of iterations and the solver; it tends to the
+    implicit gradient as the solve converges. Works with :class:`~deqkit.Picard` and
+    :class:`~deqkit.Anderson`; batch compaction is disabled.
+    """
+
+    unrolled: ClassVar[bool] = True
+
+    def apply(
+        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
+    ) -> Tensor:  # pragma: no cover - the driver never calls it
+        return z_star

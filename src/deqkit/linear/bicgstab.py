@@ -1,0 +1,152 @@
+"""BiCGStab, batched over independent systems."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    AbstractLinearSolver,
+    LinearSolution,
+    MatVec,
+    _check_floating,
+    _check_rhs,
+    _check_tolerances,
+    _initial_guess,
+    _Operator,
+    _tolerance,
+    batched_norm,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BiCGStab(AbstractLinearSolver):
+    r"""Stabilised bi-conjugate gradients for ``B`` independent systems ``A_b x_b = r_b``.
+
+    With :math:`r_0 = b - A x_0` and a fixed shadow residual :math:`\hat r = r_0`, each
+    iteration (two ``matvec``) performs
+
+    .. math::
+
+        \rho_k &= \langle \hat r, r_{k-1} \rangle, \quad
+        \beta_k = \frac{\rho_k}{\rho_{k-1}} \frac{\alpha_{k-1}}{\omega_{k-1}}, \quad
+        p_k = r_{k-1} + \beta_k (p_{k-1} - \omega_{k-1} v_{k-1}), \\
+        v_k &= A p_k, \quad \alpha_k = \frac{\rho_k}{\langle \hat r, v_k \rangle}, \quad
+        s_k = r_{k-1} - \alpha_k v_k, \\
+        t_k &= A s_k, \quad \omega_k = \frac{\langle t_k, s_k \rangle}{\langle t_k, t_k \rangle},
+        \quad x_k = x_{k-1} + \alpha_k p_k + \omega_k s_k, \quad r_k = s_k - \omega_k t_k.
+
+    All scalars are per sample.  A sample stops (and its ``x`` stops changing) when the
+    recursively updated residual ``||s_k||`` or ``||r_k||`` meets
+    ``atol + rtol * ||b||``.  Breakdowns never produce NaN: if :math:`\rho_k \approx 0`
+    (shadow residual orthogonal to the residual) the sample restarts with
+    :math:`\hat r = r_{k-1}`, :math:`p_k = r_{k-1}`; if :math:`\langle \hat r, v_k\rangle
+    \approx 0` the step falls back to :math:`\alpha_k = 0` (a minimal-residual step along
+    :math:`r_{k-1}`) and restarts next iteration; if :math:`\omega_k \approx 0` it restarts
+    next iteration.  When every sample has stopped, the true residual is recomputed (one
+    ``matvec``); samples whose recursive residual drifted away from the true one restart
+    from it while steps remain, so the reported ``residual`` and ``converged`` are honest.
+
+    Args:
+        rtol: relative tolerance, default ``1e-6``.  With ``rtol = atol = 0`` the solver runs
+            ``max_steps`` iterations (or stops at an exact solution).
+        atol: absolute tolerance, default ``1e-8``.
+        max_steps: maximum number of iterations (two ``matvec`` each), default ``100``.
+
+    Reference:
+        H. A. van der Vorst, "Bi-CGSTAB: A fast and smoothly converging variant of Bi-CG for
+        the solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 13(2),
+        631-644, 1992.
+
+    Example:
+        >>> import torch
+        >>> from deqkit.linear import BiCGStab
+        >>> d = torch.tensor([[1.0, 2.0, 4.0], [0.5, 1.0, 8.0]], dtype=torch.float64)
+        >>> b = torch.ones(2, 3, dtype=torch.float64)
+        >>> sol = BiCGStab(rtol=1e-12).solve(lambda v: d * v, b)
+        >>> torch.allclose(sol.value, 1 / d), sol.converged.tolist()
+        (True, [True, True])
+    """
+
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    max_steps: int = 100
+
+    def __post_init__(self) -> None:
+        _check_tolerances("BiCGStab", self.rtol, self.atol, self.max_steps)
+
+    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> LinearSolution:
+        """Solve ``A x = rhs`` row by row; see the class docstring."""
+        _check_rhs("BiCGStab", rhs, x0)
+        _check_floating("BiCGStab", rhs)
+        op = _Operator("BiCGStab", matvec, rhs)
+        with torch.no_grad():
+            return self._solve(op, rhs.detach(), x0)
+
+    def _solve(self, op: _Operator, rhs: Tensor, x0: Tensor | None) -> LinearSolution:
+        B = rhs.shape[0]
+        device = rhs.device
+        finfo = torch.finfo(rhs.dtype)
+        eps = finfo.eps
+        _, tol = _tolerance(rhs, self.rtol, self.atol)
+        x = _initial_guess(rhs, x0)
+        r = rhs.clone() if x0 is None else rhs - op(x)
+        nstep = torch.zeros(B, dtype=torch.int64, device=device)
+        dot = torch.linalg.vecdot
+
+        it = 0
+        while True:
+            rnorm = batched_norm(r)
+            done = rnorm <= tol
+            if it >= self.max_steps or bool(done.all()):  # one host sync per (re)start
+                break
+            active = ~done
+            # (Re)start: shadow residual = current true residual for every sample.
+            r_hat = r.clone()
+            rhat_norm = rnorm.clone()
+            restart = torch.ones_like(active)
+            rho = torch.ones_like(rnorm)
+            alpha = torch.ones_like(rnorm)
+            omega = torch.ones_like(rnorm)
+            p = torch.zeros_like(r)
+            v = torch.zeros_like(r)
+            while it < self.max_steps:
+                rho_new = dot(r_hat, r)
+                restart = restart | (rho_new.abs() <= eps * rhat_norm * rnorm)
+                r_hat = torch.where(restart[:, None], r, r_hat)
+                rhat_norm = torch.where(restart, rnorm, rhat_norm)
+                rho_new = torch.where(restart, rnorm * rnorm, rho_new)
+                fresh = restart | ~active
+                # Divisions by zero can only happen in lanes that torch.where discards.
+                beta = (rho_new / rho) * (alpha / omega)
+                p = torch.where(fresh[:, None], r, r + beta[:, None] * (p - omega[:, None] * v))
+                v = op(p)
+                den = dot(r_hat, v)
+                alpha_bd = den.abs() <= eps * rhat_norm * batched_norm(v)
+                alpha = torch.where(active & ~alpha_bd, rho_new / den, 0.0)
+                s = r - alpha[:, None] * v
+                snorm = batched_norm(s)
+                half = snorm <= tol  # converged after the half step
+                t = op(s)
+                tt = dot(t, t)
+                ts = dot(t, s)
+                omega_bd = ts.abs() <= eps * torch.sqrt(tt) * snorm
+                omega = torch.where(active & ~half & ~omega_bd, ts / tt, 0.0)
+                # Inactive samples have alpha = omega = 0: x and r do not change.
+                x = x.addcmul(alpha[:, None], p).addcmul_(omega[:, None], s)
+                r = s.addcmul(omega[:, None], t, value=-1.0)
+                rnorm = batched_norm(r)
+                rho = rho_new
+                restart = alpha_bd | omega_bd
+                nstep += active
+                it += 1
+                active = active & (rnorm > tol) & torch.isfinite(rnorm)
+                if not bool(active.any()):  # one host sync per iteration
+                    break
+            r = rhs - op(x)  # true residual
+
+        return LinearSolution(
+            value=x, converged=done, residual=rnorm, nstep=nstep, nmatvec=op.count
+        )

@@ -1,0 +1,193 @@
+"""Restarted GMRES, batched over independent systems."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    AbstractLinearSolver,
+    LinearSolution,
+    MatVec,
+    _check_floating,
+    _check_rhs,
+    _check_tolerances,
+    _initial_guess,
+    _Operator,
+    _tolerance,
+    batched_norm,
+)
+
+_ORTHOGONALIZATIONS = ("mgs", "cgs2")
+
+
+@dataclasses.dataclass(frozen=True)
+class GMRES(AbstractLinearSolver):
+    r"""Restarted GMRES(m) for ``B`` independent systems ``A_b x_b = r_b``.
+
+    Each cycle starts from the true residual :math:`r_0 = b - A x_0`,
+    :math:`\beta = \|r_0\|_2`, and builds an orthonormal Krylov basis
+    :math:`V_k = [v_1, \dots, v_k]` of :math:`\mathcal{K}_k(A, r_0)` with the Arnoldi relation
+    :math:`A V_k = V_{k+1} \bar H_k`.  The iterate :math:`x_k = x_0 + V_k y_k` minimises the
+    residual, :math:`y_k = \arg\min_y \|\beta e_1 - \bar H_k y\|_2`.  The small least-squares
+    problem is solved incrementally with Givens rotations :math:`\Omega_k \bar H_k = R_k`,
+    which give the residual norm :math:`|(\Omega_k \beta e_1)_{k+1}|` for free at every step;
+    that estimate decides per-sample convergence inside a cycle, and the true residual is
+    recomputed (one ``matvec``) at every restart and at the end, so the reported
+    ``residual`` and ``converged`` are honest.  After ``restart`` steps the basis is discarded
+    and a new cycle starts from the current iterate.
+
+    Everything is vectorised over the batch: every sample has its own basis, Hessenberg
+    matrix, rotations and stopping test; a converged sample stops changing and stops counting
+    ``nstep``.  A lucky breakdown (:math:`h_{k+1,k} = 0`, the sample's solution lies in the
+    current Krylov space) ends that sample's cycle exactly; a singular direction
+    (:math:`R_{kk} = 0`) ends it without using that direction, so no NaN is produced.
+
+    Args:
+        rtol: relative tolerance, default ``1e-6``.  Sample ``b`` has converged when
+            ``||r_b - A_b x_b|| <= atol + rtol * ||r_b||``.  With ``rtol = atol = 0`` the
+            solver runs until ``max_steps`` (or an exact breakdown).
+        atol: absolute tolerance, default ``1e-8``.
+        max_steps: maximum total number of Arnoldi steps (one ``matvec`` each) over all
+            cycles, default ``100``.
+        restart: Krylov dimension per cycle ``m``, default ``30`` (capped at ``D`` and
+            ``max_steps``).  Memory is ``B * (m + 1) * D`` for the basis.
+        orthogonalization: ``"mgs"`` (default) modified Gram-Schmidt, one batched
+            dot/axpy per previous basis vector; ``"cgs2"`` classical Gram-Schmidt applied
+            twice with two batched ``bmm`` per pass, as stable as MGS in practice and with a
+            constant number of kernel launches per step (faster on GPUs and for long
+            cycles).
+
+    Reference:
+        Y. Saad and M. H. Schultz, "GMRES: A generalized minimal residual algorithm for
+        solving nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 7(3), 856-869, 1986.
+
+    Example:
+        >>> import torch
+        >>> from deqkit.linear import GMRES
+        >>> d = torch.tensor([[1.0, 2.0, 4.0], [0.5, 1.0, 8.0]], dtype=torch.float64)
+        >>> b = torch.ones(2, 3, dtype=torch.float64)
+        >>> sol = GMRES(rtol=1e-12).solve(lambda v: d * v, b)
+        >>> torch.allclose(sol.value, 1 / d), sol.converged.tolist(), sol.nstep.tolist()
+        (True, [True, True], [3, 3])
+    """
+
+    rtol: float = 1e-6
+    atol: float = 1e-8
+    max_steps: int = 100
+    restart: int = 30
+    orthogonalization: str = "mgs"
+
+    def __post_init__(self) -> None:
+        _check_tolerances("GMRES", self.rtol, self.atol, self.max_steps)
+        if not isinstance(self.restart, int) or isinstance(self.restart, bool) or self.restart < 1:
+            raise ValueError(
+                f"GMRES: `restart` (Krylov dimension per cycle) must be a positive int, "
+                f"got {self.restart!r}. Pass e.g. restart=30."
+            )
+        if self.orthogonalization not in _ORTHOGONALIZATIONS:
+            raise ValueError(
+                f"GMRES: `orthogonalization` must be one of {_ORTHOGONALIZATIONS}, "
+                f"got {self.orthogonalization!r}. Pass e.g. orthogonalization='mgs'."
+            )
+
+    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> LinearSolution:
+        """Solve ``A x = rhs`` row by row; see the class docstring."""
+        _check_rhs("GMRES", rhs, x0)
+        _check_floating("GMRES", rhs)
+        op = _Operator("GMRES", matvec, rhs)
+        with torch.no_grad():
+            return self._solve(op, rhs.detach(), x0)
+
+    def _solve(self, op: _Operator, rhs: Tensor, x0: Tensor | None) -> LinearSolution:
+        B, D = rhs.shape
+        device, dtype = rhs.device, rhs.dtype
+        finfo = torch.finfo(dtype)
+        eps, tiny = finfo.eps, finfo.tiny
+        _, tol = _tolerance(rhs, self.rtol, self.atol)
+        x = _initial_guess(rhs, x0)
+        r = rhs.clone() if x0 is None else rhs - op(x)
+        nstep = torch.zeros(B, dtype=torch.int64, device=device)
+        cgs2 = self.orthogonalization == "cgs2"
+
+        m = max(1, min(self.restart, self.max_steps, D))
+        V = rhs.new_zeros(B, m + 1, D)  # Krylov basis, rows v_1 .. v_{m+1}
+        # Row-major storage (faster batched matrix-vector products on every device):
+        # RT = R^T for the rotated Hessenberg matrix R (upper triangular), and Q = Omega^T for
+        # the product Omega of the Givens rotations applied so far.
+        RT = rhs.new_zeros(B, m, m)
+        Q = rhs.new_zeros(B, m + 1, m + 1)
+        eye = torch.eye(m + 1, device=device, dtype=dtype)
+        cols = torch.arange(m, device=device)
+
+        it = 0
+        while True:
+            beta = batched_norm(r)
+            done = beta <= tol
+            if it >= self.max_steps or bool(done.all()):  # one host sync per cycle
+                break
+            active = ~done
+            V[:, 0] = r * torch.where(active, beta.clamp_min(tiny).reciprocal(), 0.0)[:, None]
+            Q.copy_(eye)
+            kept = torch.zeros(B, dtype=torch.int64, device=device)  # columns used per sample
+            n_cycle = min(m, self.max_steps - it)
+            j = 0
+            for j in range(n_cycle):
+                w = op(V[:, j])
+                wnorm = batched_norm(w)
+                if cgs2:
+                    basis = V[:, : j + 1]
+                    h = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2))  # (B, 1, j + 1)
+                    w = torch.baddbmm(w.unsqueeze(1), h, basis, alpha=-1.0)
+                    h2 = torch.bmm(w, basis.transpose(1, 2))
+                    w = torch.baddbmm(w, h2, basis, alpha=-1.0).squeeze(1)
+                    h = h + h2
+                else:
+                    hs = []
+                    for i in range(j + 1):
+                        vi = V[:, i]
+                        hi = torch.linalg.vecdot(vi, w)
+                        w = w.addcmul(hi.unsqueeze(1), vi, value=-1.0)
+                        hs.append(hi)
+                    h = torch.stack(hs, dim=1).unsqueeze(1)
+                hnext = batched_norm(w)
+                # Lucky breakdown: A v_j lies in span(V_j), the cycle's solution is exact.
+                hnext = torch.where(hnext <= 10 * eps * wnorm, 0.0, hnext)
+                # Apply the previous rotations to the new column of H, then a new rotation
+                # that zeroes h_{j+1, j}.
+                rot = torch.bmm(h, Q[:, : j + 1, : j + 1]).squeeze(1)  # (B, j + 1)
+                a = rot[:, j]
+                rjj = torch.hypot(a, hnext)
+                # A (numerically) zero pivot means A is singular on the Krylov space: drop
+                # the direction and stop the sample's cycle instead of dividing by zero.
+                ok = active & (rjj > (eps * wnorm).clamp_min(tiny))
+                rinv = torch.where(ok, rjj.clamp_min(tiny).reciprocal(), 0.0)
+                c = torch.where(ok, a * rinv, 1.0)
+                s = hnext * rinv
+                rot[:, j] = rjj
+                RT[:, j, : j + 1] = rot
+                givens_t = torch.stack((c, -s, s, c), dim=1).view(B, 2, 2)
+                Q[:, : j + 2, j : j + 2] = torch.bmm(Q[:, : j + 2, j : j + 2], givens_t)
+                est = beta * Q[:, 0, j + 1].abs()  # Givens residual estimate |g_{j+1}|
+                kept += ok
+                nstep += active
+                active = ok & (est > tol)
+                scale = torch.where(active, hnext.clamp_min(tiny).reciprocal(), 0.0)
+                V[:, j + 1] = w * scale[:, None]
+                it += 1
+                if j < n_cycle - 1 and not bool(active.any()):  # one host sync per step
+                    break
+            k = j + 1
+            # Least squares in the rotated basis, R y = g with g = beta Omega e_1, restricted
+            # per sample to its first `kept` columns (the others get an identity column and a
+            # zero right-hand side, hence y = 0 there).  Solved as y^T R^T = g^T.
+            use = cols[:k] < kept[:, None]
+            RT_eff = torch.where(use[:, :, None], RT[:, :k, :k], eye[:k, :k])
+            g = torch.where(use, beta[:, None] * Q[:, 0, :k], 0.0).unsqueeze(1)
+            y = torch.linalg.solve_triangular(RT_eff, g, upper=False, left=False)  # (B, 1, k)
+            x = torch.baddbmm(x.unsqueeze(1), y, V[:, :k]).squeeze(1)
+            r = rhs - op(x)  # true residual at every restart
+
+        return LinearSolution(value=x, converged=done, residual=beta, nstep=nstep, nmatvec=op.count)

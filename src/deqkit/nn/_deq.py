@@ -1,0 +1,161 @@
+"""``DEQ``: an ``nn.Module`` over :func:`deqkit.fixed_point`."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .._fixed_point import fixed_point, resolve_solver
+from .._solution import RESULTS, Solution
+from ..adjoint._base import AbstractAdjoint
+from ..adjoint.implicit import ImplicitAdjoint
+from ..solvers._base import AbstractFixedPointSolver
+
+
+class DEQWarning(RuntimeWarning):
+    """A DEQ layer's forward solve produced non-finite values or diverged."""
+
+
+def _parametrized(module: nn.Module) -> bool:
+    return any(parametrize.is_parametrized(m) for m in module.modules())
+
+
+@contextlib.contextmanager
+def _cached_parametrizations(module: nn.Module):  # type: ignore[no-untyped-def]
+    """Compute every parametrized weight (spectral norm, weight norm, ...) once per solve."""
+    with parametrize.cached():
+        for m in module.modules():
+            if parametrize.is_parametrized(m):
+                for name in m.parametrizations:
+                    getattr(m, name)
+        yield
+
+
+class DEQ(nn.Module):
+    r"""A deep equilibrium layer: returns :math:`z^\star = \text{cell}(z^\star, x)`.
+
+    ``cell(z, *inputs)`` computes the next state from the current one and the (injected)
+    inputs; the layer finds its fixed point with ``solver`` and differentiates through it with
+    ``adjoint`` (implicit by default). Inputs are passed to the solver as per-sample ``args``,
+    so samples that converge stop costing compute (``compact=True``); a cell that mixes
+    samples (BatchNorm) must be used with ``compact=False``. Parametrized weights of the cell
+    (e.g. spectral normalisation) are computed once per forward call, not once per iteration.
+
+    Args:
+        cell: an ``nn.Module`` (or callable) ``cell(z, *inputs) -> z_next``.
+        solver: forward solver. Default: ``Anderson()``.
+        adjoint: gradient. Default: ``ImplicitAdjoint()``.
+        max_steps: step budget in training mode. Default: 30.
+        eval_max_steps: step budget in eval mode (often larger). Default: ``max_steps``.
+        throw: raise on failed solves. Default: False (read ``last_solution``); non-finite
+            or diverged solves emit a :class:`DEQWarning`.
+        compact: drop converged samples from the working batch. Default: True.
+        **kwargs: further keyword arguments of :func:`deqkit.fixed_point` (``trace``,
+            ``compact_ratio``, ``divergence_ratio``); unknown names raise TypeError.
+
+    Attributes:
+        last_solution: the :class:`~deqkit.Solution` of the latest forward call.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> class Cell(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.lin = torch.nn.Linear(8, 8)
+        ...     def forward(self, z, x):
+        ...         return torch.tanh(0.5 * self.lin(z) + x)
+        >>> layer = dk.nn.DEQ(Cell(), solver=dk.Anderson(rtol=1e-6))
+        >>> z = layer(torch.randn(4, 8))  # state shaped like the input by default
+        >>> layer.last_solution.result
+        <RESULTS.successful: 0>
+    """
+
+    _FP_KWARGS = ("trace", "compact_ratio", "divergence_ratio")
+
+    def __init__(
+        self,
+        cell: Any,
+        solver: AbstractFixedPointSolver | str | None = None,
+        adjoint: AbstractAdjoint | None = None,
+        max_steps: int = 30,
+        eval_max_steps: int | None = None,
+        throw: bool = False,
+        compact: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not callable(cell):
+            raise TypeError(f"DEQ: `cell` must be callable, got {type(cell).__name__}.")
+        unknown = sorted(set(kwargs) - set(self._FP_KWARGS))
+        if unknown:
+            raise TypeError(
+                f"DEQ got unknown keyword argument(s) {unknown}; allowed: "
+                f"{list(self._FP_KWARGS)} besides solver, adjoint, max_steps, eval_max_steps, "
+                "throw, compact."
+            )
+        for name, value in (("max_steps", max_steps), ("eval_max_steps", eval_max_steps)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise ValueError(f"DEQ: `{name}` must be an int >= 0, got {value!r}.")
+        self.cell = cell
+        self.solver = resolve_solver(solver)
+        self.adjoint = adjoint if adjoint is not None else ImplicitAdjoint()
+        self.max_steps = max_steps
+        self.eval_max_steps = eval_max_steps if eval_max_steps is not None else max_steps
+        self.throw = throw
+        self.compact = compact
+        self.fp_kwargs = kwargs
+        self.last_solution: Solution | None = None
+
+    def init_state(self, *inputs: Any) -> Any:
+        """Initial guess: ``cell.init_state(*inputs)`` if the cell defines it, else zeros
+        shaped like the first input."""
+        if hasattr(self.cell, "init_state"):
+            return self.cell.init_state(*inputs)
+        x = inputs[0]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                "DEQ: cannot build a default initial state from a non-tensor input; define "
+                "`init_state(*inputs)` on the cell or pass z0=..."
+            )
+        return torch.zeros_like(x)
+
+    def forward(self, *inputs: Any, z0: Any = None) -> Any:
+        if z0 is None:
+            z0 = self.init_state(*inputs)
+        max_steps = self.max_steps if self.training else self.eval_max_steps
+        cm = (
+            _cached_parametrizations(self.cell)
+            if isinstance(self.cell, nn.Module) and _parametrized(self.cell)
+            else contextlib.nullcontext()
+        )
+        with cm:
+            sol = fixed_point(
+                self.cell,
+                z0,
+                solver=self.solver,
+                adjoint=self.adjoint,
+                max_steps=max_steps,
+                args=tuple(inputs),
+                throw=self.throw,
+                compact=self.compact,
+                **self.fp_kwargs,
+            )
+        self.last_solution = sol
+        if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
+            warnings.warn(
+                f"DEQ forward: {sol.summary()}. {sol.result.message}", DEQWarning, stacklevel=2
+            )
+        return sol.value
+
+    def extra_repr(self) -> str:
+        return (
+            f"solver={self.solver}, adjoint={self.adjoint}, max_steps={self.max_steps}, "
+            f"eval_max_steps={self.eval_max_steps}"
+        )

@@ -1,0 +1,106 @@
+"""The solver protocol shared by every fixed-point solver."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FlatFn = Callable[[Tensor], Tensor]
+
+
+class AbstractFixedPointSolver(abc.ABC):
+    """Base class of fixed-point solvers for ``z = f(z)`` on a ``(B, D)`` batch.
+
+    A solver is a small immutable configuration (tolerances live on it) plus two methods that
+    the driver loop (:func:`deqkit.fixed_point`) calls; the driver owns stopping, statistics,
+    the non-finite and divergence checks, per-sample bookkeeping and batch compaction.
+
+    * :meth:`init` builds the solver state from the first iterate.
+    * :meth:`step` receives the current iterate ``z``, ``fz = f(z)`` and the residual
+      ``r = fz - z`` (all ``(W, D)``, ``W`` the rows still in the working batch) and returns
+      ``(z_next, fz_next, state)``; ``fz_next`` is ``f(z_next)`` when the solver already
+      evaluated it (e.g. in a line search), else ``None`` and the driver evaluates it.
+    * :meth:`select` keeps only some rows of the state when the driver drops converged
+      samples from the working batch. The default handles dataclass states whose tensors
+      have the batch as first dimension.
+
+    Sample ``b`` has converged when ``||f(z_b) - z_b||_2 <= atol + rtol * ||f(z_b)||_2``.
+
+    To write your own solver, subclass this, declare ``rtol`` and ``atol`` fields (a frozen
+    dataclass is the convention) and implement :meth:`step`; keep per-sample quantities in the
+    state with the batch first, so that compaction works.
+    """
+
+    rtol: float
+    atol: float
+
+    #: Whether :meth:`step` is differentiable with autograd (needed by ``UnrolledAdjoint``).
+    supports_unrolled: bool = True
+
+    def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> Any:
+        """Build the initial state. The default has no state."""
+        return None
+
+    @abc.abstractmethod
+    def step(
+        self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: Any
+    ) -> tuple[Tensor, Tensor | None, Any]:
+        """One update. See the class docstring."""
+
+    def select(self, state: Any, index: Tensor) -> Any:
+        """Keep rows ``index`` of every batch-first tensor of a dataclass state."""
+        return select_rows(state, index)
+
+
+def select_rows(state: Any, index: Tensor) -> Any:
+    if state is None:
+        return None
+    if dataclasses.is_dataclass(state):
+        changes = {}
+        for field in dataclasses.fields(state):
+            value = getattr(state, field.name)
+            if isinstance(value, Tensor) and value.dim() >= 1 and field.metadata.get("batch", True):
+                changes[field.name] = value.index_select(0, index)
+        return dataclasses.replace(state, **changes)
+    raise TypeError(
+        f"Cannot compact a solver state of type {type(state).__name__}: override "
+        "`select(state, index)` in the solver, or pass compact=False to fixed_point."
+    )
+
+
+def check_tolerances(name: str, rtol: float, atol: float) -> None:
+    for arg, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(
+                f"{name}: `{arg}` must be a non-negative float, got {value!r}; e.g. {arg}=1e-5."
+            )
+    if rtol == 0 and atol == 0:
+        raise ValueError(
+            f"{name}: `rtol` and `atol` are both 0, so the solver could never stop before "
+            "max_steps; set at least one of them (e.g. rtol=1e-5)."
+        )
+
+
+def check_positive_int(name: str, arg: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: `{arg}` must be an int >= {minimum}, got {value!r}.")
+
+
+def check_unit_interval(name: str, arg: str, value: Any, upper: float = 1.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
+        raise ValueError(f"{name}: `{arg}` must be in (0, {upper}], got {value!r}.")
+
+
+def put_slot(buf: Tensor, slot: int, value: Tensor) -> Tensor:
+    """Write ``value`` (W, D) into ``buf[:, slot]``: in place normally, out of place when the
+    write must stay differentiable (unrolled solves), so autograd's saved tensors stay valid."""
+    if torch.is_grad_enabled() and (value.requires_grad or buf.requires_grad):
+        idx = torch.tensor([slot], device=buf.device)
+        return buf.index_copy(1, idx, value.unsqueeze(1))
+    buf[:, slot].copy_(value)
+    return buf

@@ -1,0 +1,129 @@
+"""Anderson acceleration (type II), batched with a per-sample least-squares solve."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._base import (
+    AbstractFixedPointSolver,
+    FlatFn,
+    check_positive_int,
+    check_tolerances,
+    check_unit_interval,
+    put_slot,
+)
+
+
+@dataclasses.dataclass
+class _AndersonState:
+    F: Tensor  # (W, m, D) past f(z_i)
+    G: Tensor  # (W, m, D) past residuals g_i = f(z_i) - z_i
+    H: Tensor  # (W, m, m) Gram matrix G G^T, float64
+    k: int = dataclasses.field(default=0, metadata={"batch": False})
+
+
+@dataclasses.dataclass(frozen=True)
+class Anderson(AbstractFixedPointSolver):
+    r"""Anderson acceleration (Anderson 1965; Walker & Ni 2011), type II.
+
+    Keeps the last :math:`n \le m` pairs :math:`(f(z_i), g_i = f(z_i) - z_i)` and, per sample,
+    finds mixing weights :math:`\alpha` minimising the combined residual:
+
+    .. math::
+        \alpha = \arg\min_{\mathbf 1^\top\alpha = 1} \Big\|\sum_i \alpha_i g_i\Big\|^2
+        = \frac{(H + \mu I)^{-1}\mathbf 1}{\mathbf 1^\top (H + \mu I)^{-1}\mathbf 1},
+        \qquad H_{ij} = g_i^\top g_j,
+
+    then :math:`z_{k+1} = \beta \sum_i \alpha_i f(z_i) + (1-\beta) \sum_i \alpha_i z_i`.
+
+    Departures from common DEQ implementations (TorchDEQ, the original DEQ code):
+
+    1. The Gram matrix is updated by one new row per step (:math:`O(mD)` per sample), not
+       rebuilt, and the :math:`n\times n` system is solved in float64.
+    2. The regulariser is relative, :math:`\mu = \text{regularisation}\cdot
+       \operatorname{tr}(H)/n`, so it does not slow convergence at tight tolerances the way an
+       absolute :math:`10^{-4}` does.
+    3. A sample whose system is singular or non-finite falls back to a plain step for that
+       step (no crash mid-training).
+
+    Args:
+        rtol: relative tolerance. Default: 1e-5.
+        atol: absolute tolerance. Default: 1e-7.
+        m: memory (number of past iterates mixed). Default: 5.
+        beta: mixing (damping) parameter :math:`\beta \in (0, 1]`. Default: 1.0.
+        regularisation: relative Tikhonov regulariser of the Gram system. Default: 1e-8.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> W = 0.5 * torch.eye(3, dtype=torch.float64)
+        >>> b = torch.ones(2, 3, dtype=torch.float64)
+        >>> sol = dk.fixed_point(lambda z: z @ W.T + b, torch.zeros_like(b),
+        ...                      solver=dk.Anderson(m=3, rtol=1e-12, atol=0))
+        >>> torch.allclose(sol.value, 2 * b)
+        True
+    """
+
+    rtol: float = 1e-5
+    atol: float = 1e-7
+    m: int = 5
+    beta: float = 1.0
+    regularisation: float = 1e-8
+
+    def __post_init__(self) -> None:
+        check_tolerances("Anderson", self.rtol, self.atol)
+        check_positive_int("Anderson", "m", self.m)
+        check_unit_interval("Anderson", "beta", self.beta)
+        if not isinstance(self.regularisation, (int, float)) or not self.regularisation >= 0:
+            raise ValueError(
+                f"Anderson: `regularisation` must be a float >= 0, got {self.regularisation!r}."
+            )
+
+    def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> _AndersonState:
+        m = max(1, min(self.m, max_steps))
+        w, d = z.shape
+        F = z.new_empty(w, m, d)
+        G = z.new_empty(w, m, d)
+        H = torch.zeros(w, m, m, dtype=torch.float64, device=z.device)
+        return _AndersonState(F=F, G=G, H=H, k=0)
+
+    def step(
+        self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: _AndersonState
+    ) -> tuple[Tensor, Tensor | None, Any]:
+        m = state.F.shape[1]
+        slot = state.k % m
+        n = min(state.k + 1, m)
+        F = put_slot(state.F, slot, fz)
+        G = put_slot(state.G, slot, r)
+        Gn = G[:, :n]
+        row = torch.linalg.vecdot(Gn, r.unsqueeze(1)).to(torch.float64)  # (W, n)
+        H = state.H
+        if torch.is_grad_enabled() and row.requires_grad:
+            H = H.clone()
+        H[:, slot, :n] = row
+        H[:, :n, slot] = row
+        state = dataclasses.replace(state, F=F, G=G, H=H, k=state.k + 1)
+        if n == 1:
+            if self.beta == 1.0:
+                return fz, None, state
+            return torch.lerp(z, fz, self.beta), None, state
+        Hn = H[:, :n, :n]
+        diag = Hn.diagonal(dim1=1, dim2=2)
+        mu = diag.mean(dim=1, keepdim=True) * self.regularisation + torch.finfo(torch.float64).tiny
+        A = Hn + torch.diag_embed(mu.expand(-1, n))
+        ones = torch.ones(A.shape[0], n, 1, dtype=A.dtype, device=A.device)
+        y, _ = torch.linalg.solve_ex(A, ones)
+        y = y.squeeze(-1)
+        alpha = y / y.sum(dim=1, keepdim=True)
+        # Singular / non-finite system: plain step for that sample (weight 1 on the newest slot).
+        ok = torch.isfinite(alpha).all(dim=1, keepdim=True)
+        plain = torch.zeros_like(alpha)
+        plain[:, slot] = 1.0
+        alpha = torch.where(ok, alpha, plain).to(z.dtype)
+        z_next = torch.bmm(alpha.unsqueeze(1), F[:, :n]).squeeze(1)
+        if self.beta != 1.0:
+            z_next = z_next - (1.0 - self.beta) * torch.bmm(alpha.unsqueeze(1), Gn).squeeze(1)
+        return z_next, None, state
