@@ -216,6 +216,7 @@ def fixed_point(
     if not unrolled and torch.is_grad_enabled():
         value = adjoint.apply(fn, value.detach(), args, sol.backward)
         stats["nfev"] = stats["nfev"] + adjoint.forward_nfev
+        stats["nfev_samples"] = stats["nfev_samples"] + adjoint.forward_nfev * layout.batch
     sol.value = unflatten(layout, value)
     if throw and result is not RESULTS.successful:
         nbad = int((status != RESULTS.successful.code).sum())

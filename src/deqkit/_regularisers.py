@@ -58,6 +58,9 @@ def jacobian_frobenius_reg(
       ``jac_loss_estimate``) and ``jacobian_frobenius_reg(f, z, normalise=False)`` is the
       estimate of :math:`\sum_b \|J_b\|_F^2`.
 
+    Under ``torch.no_grad()`` (e.g. for logging) the value is computed without building the
+    double-backward graph and returned detached.
+
     ``z`` is normally the equilibrium.  If it requires grad, ``f(z)`` is differentiated with
     respect to it as is (the regulariser may then also back-propagate into ``z``'s history, as
     in the paper); otherwise a detached copy with ``requires_grad=True`` is used.
@@ -116,6 +119,7 @@ def jacobian_frobenius_reg(
             f"{name}: `reduction` must be 'mean', 'sum', 'none' or None, got {reduction!r}."
         )
     batch = z.shape[0]
+    create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         if fz is None:
             zz = z if z.requires_grad else z.detach().requires_grad_(True)
@@ -144,12 +148,15 @@ def jacobian_frobenius_reg(
                     fz,
                     zz,
                     v,
-                    create_graph=True,
+                    create_graph=create_graph,
+                    retain_graph=True,  # f(z)'s graph may still be needed (task loss, probes)
                     allow_unused=True,
                     materialize_grads=True,
                 )
                 per_sample = per_sample + vjac.reshape(batch, -1).pow(2).sum(dim=1)
             per_sample = per_sample / n_samples
+    if not create_graph:
+        per_sample = per_sample.detach()
     if normalise:
         per_sample = per_sample / math.prod(z.shape[1:])
     if reduction == "mean":

@@ -89,7 +89,9 @@ class BiCGStab(AbstractLinearSolver):
         B = rhs.shape[0]
         device = rhs.device
         finfo = torch.finfo(rhs.dtype)
-        eps = finfo.eps
+        tiny = finfo.tiny
+        cos_tol = finfo.eps  # breakdown threshold on the cosine of two vectors
+        null_tol = 100 * finfo.eps  # ||A p|| below null_tol * ||A|| * ||p||: p in null(A)
         _, tol = _tolerance(rhs, self.rtol, self.atol)
         x = _initial_guess(rhs, x0)
         r = rhs.clone() if x0 is None else rhs - op(x)
@@ -112,9 +114,11 @@ class BiCGStab(AbstractLinearSolver):
             omega = torch.ones_like(rnorm)
             p = torch.zeros_like(r)
             v = torch.zeros_like(r)
+            anorm = torch.zeros_like(rnorm)  # running lower bound of ||A||_2
+            x_best, best = x, rnorm
             while it < self.max_steps:
                 rho_new = dot(r_hat, r)
-                restart = restart | (rho_new.abs() <= eps * rhat_norm * rnorm)
+                restart = restart | (rho_new.abs() <= cos_tol * rhat_norm * rnorm)
                 r_hat = torch.where(restart[:, None], r, r_hat)
                 rhat_norm = torch.where(restart, rnorm, rhat_norm)
                 rho_new = torch.where(restart, rnorm * rnorm, rho_new)
@@ -124,7 +128,11 @@ class BiCGStab(AbstractLinearSolver):
                 p = torch.where(fresh[:, None], r, r + beta[:, None] * (p - omega[:, None] * v))
                 v = op(p)
                 den = dot(r_hat, v)
-                alpha_bd = den.abs() <= eps * rhat_norm * batched_norm(v)
+                pnorm, vnorm = batched_norm(p), batched_norm(v)
+                anorm = torch.maximum(anorm, vnorm / pnorm.clamp_min(tiny))
+                alpha_bd = (den.abs() <= cos_tol * rhat_norm * vnorm) | (
+                    vnorm <= null_tol * anorm * pnorm
+                )
                 alpha = torch.where(active & ~alpha_bd, rho_new / den, 0.0)
                 s = r - alpha[:, None] * v
                 snorm = batched_norm(s)
@@ -132,7 +140,11 @@ class BiCGStab(AbstractLinearSolver):
                 t = op(s)
                 tt = dot(t, t)
                 ts = dot(t, s)
-                omega_bd = ts.abs() <= eps * torch.sqrt(tt) * snorm
+                tnorm = torch.sqrt(tt)
+                anorm = torch.maximum(anorm, tnorm / snorm.clamp_min(tiny))
+                omega_bd = (ts.abs() <= cos_tol * tnorm * snorm) | (
+                    tnorm <= null_tol * anorm * snorm
+                )
                 omega = torch.where(active & ~half & ~omega_bd, ts / tt, 0.0)
                 # Inactive samples have alpha = omega = 0: x and r do not change.
                 x = x.addcmul(alpha[:, None], p).addcmul_(omega[:, None], s)
@@ -142,9 +154,16 @@ class BiCGStab(AbstractLinearSolver):
                 restart = alpha_bd | omega_bd
                 nstep += active
                 it += 1
-                active = active & (rnorm > tol) & torch.isfinite(rnorm)
+                # Keep the iterate with the smallest (recursive) residual; a sample whose
+                # iterate or residual overflows stops there.
+                finite = torch.isfinite(rnorm) & torch.isfinite(batched_norm(x))
+                better = finite & (rnorm < best)
+                best = torch.where(better, rnorm, best)
+                x_best = torch.where(better[:, None], x, x_best)
+                active = active & finite & (rnorm > tol)
                 if not bool(active.any()):  # one host sync per iteration
                     break
+            x = x_best
             r = rhs - op(x)  # true residual
 
         return LinearSolution(

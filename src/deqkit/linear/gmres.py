@@ -106,6 +106,7 @@ class GMRES(AbstractLinearSolver):
         device, dtype = rhs.device, rhs.dtype
         finfo = torch.finfo(dtype)
         eps, tiny = finfo.eps, finfo.tiny
+        null_tol = 100 * eps  # pivots below null_tol * ||A|| are numerically zero
         _, tol = _tolerance(rhs, self.rtol, self.atol)
         x = _initial_guess(rhs, x0)
         r = rhs.clone() if x0 is None else rhs - op(x)
@@ -122,6 +123,7 @@ class GMRES(AbstractLinearSolver):
         eye = torch.eye(m + 1, device=device, dtype=dtype)
         cols = torch.arange(m, device=device)
 
+        anorm = torch.zeros(B, device=device, dtype=dtype)
         it = 0
         while True:
             beta = batched_norm(r)
@@ -137,6 +139,7 @@ class GMRES(AbstractLinearSolver):
             for j in range(n_cycle):
                 w = op(V[:, j])
                 wnorm = batched_norm(w)
+                anorm = torch.maximum(anorm, wnorm)  # running lower bound of ||A||_2
                 if cgs2:
                     basis = V[:, : j + 1]
                     h = torch.bmm(w.unsqueeze(1), basis.transpose(1, 2))  # (B, 1, j + 1)
@@ -162,7 +165,7 @@ class GMRES(AbstractLinearSolver):
                 rjj = torch.hypot(a, hnext)
                 # A (numerically) zero pivot means A is singular on the Krylov space: drop
                 # the direction and stop the sample's cycle instead of dividing by zero.
-                ok = active & (rjj > (eps * wnorm).clamp_min(tiny))
+                ok = active & (rjj > (null_tol * anorm).clamp_min(tiny))
                 rinv = torch.where(ok, rjj.clamp_min(tiny).reciprocal(), 0.0)
                 c = torch.where(ok, a * rinv, 1.0)
                 s = hnext * rinv

@@ -168,7 +168,8 @@ def spectral_norm(
     ``state_dict``).  At registration they are initialised accurately, so that :math:`\sigma`
     is right from the first call: to the exact top singular pair (SVD) for weights of up to
     ``2**22`` elements, else by at least 15 power iterations (up to 100, until the estimate
-    changes by less than 1e-7 relative).  After that, each call in training mode runs ``n_power_iterations`` more (warm-started, so the estimate tracks the weights as they
+    changes by less than 1e-7 relative).  After that, each call in training mode runs
+    ``n_power_iterations`` more (warm-started, so the estimate tracks the weights as they
     train), and in eval mode ``u``, ``v`` are frozen, so every call returns the same weight.
     :math:`\sigma = u^T W v` is differentiated through ``W`` (``u``, ``v`` constant), as in
     PyTorch's implementation.  Since power iteration approaches :math:`\sigma` from below, the
@@ -182,8 +183,8 @@ def spectral_norm(
     Lipschitz constant of the convolution operator, which can be larger (up to about
     ``sqrt(prod k)`` times for stride 1; Gouk et al. 2021, Tsuzuku et al. 2018).  A conv cell
     with a bounded kernel is therefore not guaranteed contractive; check with
-    :func:`deqkit._diagnostics.lipschitz_upper_bound` (``input_shape=``) or
-    :func:`deqkit._diagnostics.jacobian_spectral_norm`.
+    ``lipschitz_upper_bound`` (with ``input_shape=``) or ``jacobian_spectral_norm`` from
+    :mod:`deqkit._diagnostics`.
 
     Args:
         module: the layer (``nn.Linear``, ``nn.Conv*d``, ``nn.ConvTranspose*d``, ...).

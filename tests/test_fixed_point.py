@@ -1,0 +1,249 @@
+"""Forward solves: exact answers, per-sample stopping, failure reporting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import F64, contractive_matrix, linear_fixed_point, linear_problem, tight_solvers
+
+import deqkit as dk
+
+
+@pytest.mark.parametrize("solver", tight_solvers(), ids=repr)
+def test_linear_deq_closed_form(solver):
+    # z* = (I - W)^{-1} (U x + b) exists and is unique because ||W||_2 < 1 (Banach).
+    W, U, b, x = linear_problem(B=5, d=8, n=3, norm=0.8)
+    z_true = linear_fixed_point(W, U, b, x)
+    sol = dk.fixed_point(
+        lambda z, x: z @ W.T + x @ U.T + b, torch.zeros(5, 8, dtype=F64), solver, args=(x,),
+        max_steps=400,
+    )
+    assert sol.result is dk.RESULTS.successful
+    torch.testing.assert_close(sol.value, z_true, rtol=0, atol=1e-10)
+    # The reported residual is that of the returned value.
+    res = (sol.value @ W.T + x @ U.T + b - sol.value).norm(dim=1)
+    torch.testing.assert_close(sol.stats["abs_residual"], res, rtol=1e-6, atol=1e-14)
+    assert bool((sol.stats["rel_residual"] <= 1e-12).all())
+
+
+@pytest.mark.parametrize("solver", tight_solvers(1e-11), ids=repr)
+def test_nonlinear_solvers_agree(solver):
+    g = torch.Generator().manual_seed(1)
+    W = contractive_matrix(10, 0.9, symmetric=True, gen=g)
+    x = torch.randn(6, 10, dtype=F64, generator=g)
+    f = lambda z: torch.tanh(z @ W.T + x)  # noqa: E731
+    ref = dk.fixed_point(f, torch.zeros_like(x), dk.Picard(rtol=1e-14, atol=0), max_steps=2000)
+    sol = dk.fixed_point(f, torch.zeros_like(x), solver, max_steps=500)
+    torch.testing.assert_close(sol.value, ref.value, rtol=0, atol=1e-9)
+    assert int(sol.stats["nfev"]) >= int(sol.stats["nstep"].max())
+
+
+def test_accelerated_solvers_beat_picard_on_hard_problem():
+    g = torch.Generator().manual_seed(2)
+    W = contractive_matrix(40, 0.98, symmetric=True, gen=g)
+    x = 0.1 * torch.randn(4, 40, dtype=F64, generator=g)
+    f = lambda z: z @ W.T + x  # noqa: E731  (linear: rho(J) = 0.98)
+    steps = {}
+    for s in (dk.Picard(rtol=1e-8, atol=0), dk.Anderson(rtol=1e-8, atol=0, m=10),
+              dk.Broyden(rtol=1e-8, atol=0)):
+        sol = dk.fixed_point(f, torch.zeros_like(x), s, max_steps=2000)
+        steps[type(s).__name__] = int(sol.stats["nstep"].max())
+    assert steps["Anderson"] * 4 < steps["Picard"]
+    assert steps["Broyden"] * 4 < steps["Picard"]
+
+
+def test_banach_rate_for_picard():
+    # For a symmetric contraction with constant L, ||z_k - z*|| <= L^k ||z_0 - z*||.
+    L = 0.6
+    g = torch.Generator().manual_seed(3)
+    W = contractive_matrix(7, L, symmetric=True, gen=g)
+    x = torch.randn(3, 7, dtype=F64, generator=g)
+    z_true = linear_fixed_point(W, torch.eye(7, dtype=F64), torch.zeros(7, dtype=F64), x)
+    z0 = torch.randn(3, 7, dtype=F64, generator=g)
+    e0 = (z0 - z_true).norm(dim=1)
+    for k in range(1, 15):
+        sol = dk.fixed_point(lambda z: z @ W.T + x, z0, dk.Picard(rtol=1e-15, atol=0),
+                             max_steps=k, throw=False)
+        assert sol.result is dk.RESULTS.max_steps_reached
+        ek = (sol.value - z_true).norm(dim=1)
+        assert bool((ek <= L**k * e0 * (1 + 1e-9)).all()), k
+        assert bool((sol.stats["nstep"] == k).all())
+
+
+def test_expansive_map_is_reported_diverged():
+    f = lambda z: 2.0 * z + 1.0  # noqa: E731  Lipschitz constant 2: no convergence
+    z0 = torch.zeros(3, 4, dtype=F64)
+    sol = dk.fixed_point(f, z0, dk.Picard(), max_steps=200, throw=False)
+    assert sol.result is dk.RESULTS.diverged
+    assert not bool(sol.stats["converged"].any())
+    assert bool(torch.isfinite(sol.value).all())
+    # The returned value is the lowest-residual iterate (here z0, residual 1 per entry).
+    torch.testing.assert_close(sol.value, z0)
+    torch.testing.assert_close(sol.stats["abs_residual"], torch.full((3,), 2.0, dtype=F64))
+    with pytest.raises(dk.SolverError, match="diverged"):
+        dk.fixed_point(f, z0, dk.Picard(), max_steps=200)
+    with pytest.raises(RuntimeError, match="max_steps"):
+        dk.fixed_point(f, z0, dk.Picard(), max_steps=5)  # too few steps to see divergence
+
+
+def test_nonfinite_sample_is_isolated():
+    x = torch.tensor([[0.5], [1.0], [-2.0]], dtype=F64)
+
+    def f(z, x):  # sample with x < 0 produces NaN (log of a negative number)
+        return 0.5 * z + torch.log(x.abs() + 1) * torch.sign(x) + torch.where(
+            x < 0, torch.log(-torch.ones_like(z)), torch.zeros_like(z))
+
+    sol = dk.fixed_point(f, torch.zeros(3, 1, dtype=F64), dk.Anderson(rtol=1e-10, atol=0),
+                         args=(x,), throw=False)
+    assert sol.result is dk.RESULTS.nonfinite
+    assert sol.stats["status"].tolist() == [0, 0, 3]
+    assert bool(torch.isfinite(sol.value).all())
+    torch.testing.assert_close(sol.value[:2], 2 * torch.log(x[:2] + 1))
+    with pytest.raises(dk.SolverError, match="non-finite"):
+        dk.fixed_point(f, torch.zeros(3, 1, dtype=F64), args=(x,))
+
+
+@pytest.mark.parametrize("use_args", [True, False])
+@pytest.mark.parametrize("solver", [dk.Picard(rtol=1e-10, atol=0), dk.Anderson(rtol=1e-10, atol=0),
+                                    dk.Broyden(rtol=1e-10, atol=0)], ids=repr)
+def test_per_sample_stopping(solver, use_args):
+    # Sample 0 is easy (weak coupling), sample 1 hard (strong coupling).
+    g = torch.Generator().manual_seed(4)
+    W = contractive_matrix(12, 1.0, symmetric=True, gen=g)
+    scale = torch.tensor([[0.05], [0.95], [0.5]], dtype=F64)
+    x = torch.randn(3, 12, dtype=F64, generator=g)
+
+    def f(z, x, s):
+        return torch.tanh(s * (z @ W.T) + x)
+
+    z0 = torch.zeros(3, 12, dtype=F64)
+    if use_args:
+        sol = dk.fixed_point(f, z0, solver, args=(x, scale), max_steps=500)
+    else:
+        sol = dk.fixed_point(lambda z: f(z, x, scale), z0, solver, max_steps=500)
+    n = sol.stats["nstep"]
+    assert int(n[0]) < int(n[2]) < int(n[1])
+    for i in range(3):
+        alone = dk.fixed_point(lambda z, i=i: f(z, x[i:i + 1], scale[i:i + 1]), z0[i:i + 1],
+                               solver, max_steps=500)
+        assert int(alone.stats["nstep"][0]) == int(n[i])
+        torch.testing.assert_close(sol.value[i:i + 1], alone.value, rtol=0, atol=1e-13)
+    if use_args:  # converged samples were dropped from the batch: fewer sample-evaluations
+        assert int(sol.stats["nfev_samples"]) < 3 * int(sol.stats["nfev"])
+    else:
+        assert int(sol.stats["nfev_samples"]) == 3 * int(sol.stats["nfev"])
+
+
+def test_compaction_saves_evaluations_and_matches_masking():
+    g = torch.Generator().manual_seed(5)
+    W = contractive_matrix(16, 0.9, gen=g)
+    x = torch.randn(32, 16, dtype=F64, generator=g)
+    s = torch.linspace(0.05, 1.0, 32, dtype=F64).unsqueeze(1)
+    f = lambda z, x, s: torch.tanh(s * (z @ W.T) + x)  # noqa: E731
+    z0 = torch.zeros(32, 16, dtype=F64)
+    a = dk.fixed_point(f, z0, dk.Anderson(rtol=1e-10, atol=0), args=(x, s), compact=True)
+    b = dk.fixed_point(f, z0, dk.Anderson(rtol=1e-10, atol=0), args=(x, s), compact=False)
+    torch.testing.assert_close(a.value, b.value, rtol=0, atol=1e-12)
+    assert torch.equal(a.stats["nstep"], b.stats["nstep"])
+    assert int(a.stats["nfev_samples"]) < 0.8 * int(b.stats["nfev_samples"])
+
+
+def test_lowest_residual_iterate_returned():
+    # Damped rotation by more than 90 degrees: Picard residuals oscillate in size.
+    c, s_ = torch.cos(torch.tensor(2.5)), torch.sin(torch.tensor(2.5))
+    R = 0.99 * torch.tensor([[c, -s_], [s_, c]], dtype=F64)
+    z0 = torch.tensor([[1.0, 0.3]], dtype=F64)
+    sol = dk.fixed_point(lambda z: z @ R.T, z0, dk.Picard(rtol=1e-12, atol=0), max_steps=7,
+                         throw=False, trace=True)
+    tr = sol.stats["trace"][:, 0]
+    assert tr.shape == (8,)
+    best = int(torch.argmin(tr))
+    zs = [z0]
+    for _ in range(7):
+        zs.append(zs[-1] @ R.T)
+    torch.testing.assert_close(sol.value, zs[best])
+    torch.testing.assert_close(sol.stats["abs_residual"][0], tr[best])
+
+
+def test_trace_is_nan_after_stop():
+    f = lambda z, s: s * z + 1.0  # noqa: E731
+    s = torch.tensor([[0.01], [0.9]], dtype=F64)
+    sol = dk.fixed_point(f, torch.zeros(2, 1, dtype=F64), dk.Picard(rtol=1e-8, atol=0),
+                         args=(s,), trace=True, max_steps=500)
+    tr = sol.stats["trace"]
+    n0 = int(sol.stats["nstep"][0])
+    assert torch.isfinite(tr[: n0 + 1, 0]).all() and torch.isnan(tr[n0 + 1:, 0]).all()
+    assert tr.shape[0] == int(sol.stats["nstep"].max()) + 1
+
+
+def test_tuple_state():
+    g = torch.Generator().manual_seed(6)
+    A = contractive_matrix(5, 0.4, gen=g)
+    Bm = torch.randn(5, 5, 3, dtype=F64, generator=g) * 0.05
+    x = torch.randn(4, 5, dtype=F64, generator=g)
+
+    def f(z):
+        a, b = z  # a: (B, 5), b: (B, 3, 2)
+        a_new = torch.tanh(a @ A.T + b.sum(-1).sum(-1, keepdim=True) * 0.1 + x)
+        b_new = torch.tanh(torch.einsum("bi,ijk->bjk", a, Bm)[:, :3, :2] + 0.3 * b)
+        return a_new, b_new
+
+    z0 = (torch.zeros(4, 5, dtype=F64), torch.zeros(4, 3, 2, dtype=F64))
+    sol = dk.fixed_point(f, z0, dk.Anderson(rtol=1e-12, atol=0))
+    a, b = sol.value
+    fa, fb = f((a, b))
+    torch.testing.assert_close(fa, a, atol=1e-10, rtol=0)
+    torch.testing.assert_close(fb, b, atol=1e-10, rtol=0)
+    assert b.shape == (4, 3, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_cells_keep_float32_solver_state(dtype):
+    W = contractive_matrix(8, 0.5, dtype=torch.float32)
+    x = torch.randn(3, 8)
+    seen = []
+
+    def f(z):
+        seen.append(z.dtype)
+        return torch.tanh(z @ W.T.to(dtype) + x.to(dtype))
+
+    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    sol = dk.fixed_point(f, torch.zeros(3, 8, dtype=dtype), dk.Anderson(rtol=tol, atol=0))
+    assert sol.value.dtype == dtype
+    assert set(seen) == {dtype}
+    assert sol.stats["abs_residual"].dtype == torch.float32
+
+
+def test_string_shorthand_and_defaults():
+    x = torch.randn(2, 3, dtype=F64)
+    for name in ("picard", "anderson", "broyden", "newton_krylov", "Newton-Krylov"):
+        sol = dk.fixed_point(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), name)
+        assert sol.result is dk.RESULTS.successful
+    with pytest.raises(ValueError, match="Unknown solver 'andersen'.*anderson"):
+        dk.fixed_point(lambda z: z, x, "andersen")
+
+
+class _Custom(dk.AbstractFixedPointSolver):
+    """A user-defined solver: Picard with a fixed 0.5 damping, written in a few lines."""
+
+    rtol = 1e-10
+    atol = 0.0
+
+    def step(self, fn, z, fz, r, state):
+        return z + 0.5 * r, None, state
+
+
+def test_user_defined_solver_plugs_in():
+    x = torch.randn(2, 3, dtype=F64)
+    sol = dk.fixed_point(lambda z: 0.5 * z + x, torch.zeros_like(x), _Custom(), max_steps=200)
+    torch.testing.assert_close(sol.value, 2 * x)
+
+
+def test_zero_max_steps_evaluates_initial_guess():
+    x = torch.ones(2, 3, dtype=F64)
+    sol = dk.fixed_point(lambda z: z, x, max_steps=0)
+    assert sol.result is dk.RESULTS.successful
+    with torch.no_grad():
+        sol = dk.fixed_point(lambda z: 0.5 * z, x, max_steps=0, throw=False)
+    assert sol.result is dk.RESULTS.max_steps_reached
+    assert int(sol.stats["nfev"]) == 1

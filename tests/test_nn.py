@@ -1,0 +1,101 @@
+"""The DEQ module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deqkit as dk
+
+
+class Cell(nn.Module):
+    def __init__(self, d=8, scale=0.5):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.inj = nn.Linear(d, d)
+        self.scale = scale
+
+    def forward(self, z, x):
+        return torch.tanh(self.scale * self.lin(z) + self.inj(x))
+
+
+def test_deq_module_forward_backward_matches_functional():
+    torch.manual_seed(0)
+    cell = Cell().double()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    solver = dk.Anderson(rtol=1e-12, atol=0)
+    layer = dk.nn.DEQ(cell, solver=solver, adjoint=dk.ImplicitAdjoint(dk.Dense()))
+    z = layer(x)
+    assert layer.last_solution.result is dk.RESULTS.successful
+    z.square().sum().backward()
+    g_mod = [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad()
+    sol = dk.fixed_point(cell, torch.zeros_like(x), solver, args=(x,),
+                         adjoint=dk.ImplicitAdjoint(dk.Dense()))
+    sol.value.square().sum().backward()
+    for a, p in zip(g_mod, cell.parameters()):
+        torch.testing.assert_close(a, p.grad)
+    torch.testing.assert_close(z, sol.value)
+
+
+def test_eval_budget_and_init_state():
+    cell = Cell(scale=0.99)
+
+    class WithInit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, z, x):
+            return self.cell(z, x)
+
+        def init_state(self, x):
+            return torch.full_like(x, 0.1)
+
+    layer = dk.nn.DEQ(WithInit(), solver=dk.Picard(rtol=1e-9, atol=0), max_steps=3,
+                      eval_max_steps=7)
+    x = torch.randn(4, 8)
+    layer(x)
+    assert int(layer.last_solution.stats["nstep"].max()) <= 3
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    assert int(layer.last_solution.stats["nstep"].max()) == 7
+
+
+def test_parametrized_weight_computed_once_per_forward():
+    calls = []
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            calls.append(1)
+            return 0.5 * w / torch.linalg.matrix_norm(w.detach(), 2)
+
+    cell = Cell()
+    torch.nn.utils.parametrize.register_parametrization(cell.lin, "weight", Scale())
+    calls.clear()  # registration evaluates the parametrization once
+    layer = dk.nn.DEQ(cell, solver=dk.Picard(rtol=1e-6, atol=0), max_steps=40)
+    z = layer(torch.randn(3, 8))
+    assert int(layer.last_solution.stats["nfev"]) > 5
+    assert len(calls) == 1
+    z.sum().backward()
+    assert cell.lin.parametrizations.weight.original.grad is not None
+
+
+def test_unknown_kwargs_rejected_and_warning_on_divergence():
+    with pytest.raises(TypeError, match="unknown keyword argument.*tolerance"):
+        dk.nn.DEQ(Cell(), tolerance=1e-3)
+    with pytest.raises(ValueError, match="max_steps"):
+        dk.nn.DEQ(Cell(), max_steps=-1)
+
+    class Bad(nn.Module):
+        def forward(self, z, x):
+            return 3 * z + x
+
+    layer = dk.nn.DEQ(Bad(), solver=dk.Picard(), max_steps=50)
+    with pytest.warns(dk.nn.DEQWarning, match="diverged"):
+        layer(torch.randn(2, 3))
+    layer_throw = dk.nn.DEQ(Bad(), solver=dk.Picard(), max_steps=50, throw=True)
+    with pytest.raises(dk.SolverError):
+        layer_throw(torch.randn(2, 3))
