@@ -6,9 +6,15 @@ import warnings
 
 import pytest
 import torch
-from helpers import F64, contractive_matrix, linear_fixed_point, linear_problem, tight_linear_solvers
 
 import deqkit as dk
+from helpers import (
+    F64,
+    contractive_matrix,
+    linear_fixed_point,
+    linear_problem,
+    tight_linear_solvers,
+)
 
 TIGHT = dk.Anderson(rtol=1e-13, atol=0)
 
@@ -146,7 +152,7 @@ def test_phantom_equals_its_definition(steps, damping):
 def test_phantom_closed_form_on_linear_map():
     # For f(z) = W z + x at an exact fixed point, the phantom gradient w.r.t. x is
     # lambda * sum_{j<k} ((1-lambda) I + lambda W^T)^j g.
-    W, U, b, x = linear_problem(B=2, d=5, n=5, norm=0.7)
+    W, _, _, x = linear_problem(B=2, d=5, n=5, norm=0.7)
     x.requires_grad_(True)
     k, lam = 6, 0.6
     sol = dk.fixed_point(lambda z, x: z @ W.T + x, torch.zeros(2, 5, dtype=F64), TIGHT,

@@ -84,7 +84,7 @@ def test_parametrized_weight_computed_once_per_forward():
 
 
 def test_unknown_kwargs_rejected_and_warning_on_divergence():
-    with pytest.raises(TypeError, match="unknown keyword argument.*tolerance"):
+    with pytest.raises(TypeError, match=r"unknown keyword argument.*tolerance"):
         dk.nn.DEQ(Cell(), tolerance=1e-3)
     with pytest.raises(ValueError, match="max_steps"):
         dk.nn.DEQ(Cell(), max_steps=-1)

@@ -243,7 +243,8 @@ def jacobian_spectral_radius(
     * Why not power iteration: the Jacobian of a DEQ cell is non-symmetric, and its dominant
       eigenvalues are often a complex-conjugate pair (or several of equal modulus); power
       iteration then oscillates instead of converging.  Arnoldi captures complex pairs.
-    * Each step costs one Jacobian-vector product of the whole batch (``m`` in total).
+    * Each step costs one Jacobian-vector product of the whole batch (``m`` in total); the
+      basis takes ``B * m * D`` numbers of memory.
 
     Args:
         f: the cell, mapping ``(B, ...)`` to the same shape, samples independent.  It is
@@ -300,6 +301,8 @@ def jacobian_spectral_radius(
             hess[:, j + 1, j] = torch.where(active, hnext, torch.zeros_like(hnext))
             nxt = w / hnext.clamp_min(torch.finfo(dtype).tiny)[:, None]
             basis[:, j + 1] = torch.where(active[:, None], nxt, torch.zeros_like(nxt))
+            if not bool(active.any()):
+                break  # every sample's Krylov space is invariant: the Ritz values are exact
     ritz = torch.linalg.eigvals(hess[:, :m, :m])
     return ritz.abs().amax(dim=1).to(dtype).detach()
 
@@ -308,7 +311,7 @@ def jacobian_spectral_radius(
 _GELU_EXACT = 0.5 * (1.0 + math.erf(1.0)) + math.exp(-1.0) / math.sqrt(math.pi)  # ~1.1289
 _GELU_TANH = 1.1290  # max slope of the tanh approximation, 1.12897..., rounded up
 _SILU = 1.0999  # max slope of x * sigmoid(x), 1.09984..., rounded up
-_DENSE_CONV_LIMIT = 2048  # input sizes up to this use an exact dense SVD for conv norms
+_DENSE_CONV_LIMIT = 1 << 20  # conv operators with at most this many matrix entries: exact SVD
 _CONV_MARGIN = 1e-3  # relative margin on Lanczos conv norms (they approach from below)
 
 
@@ -368,7 +371,11 @@ def _leaves(module: nn.Module) -> list[nn.Module]:
 
 
 def _conv_operator_norm(
-    layer: nn.Module, in_shape: tuple[int, ...], n_iter: int, generator: torch.Generator | None
+    layer: nn.Module,
+    in_shape: tuple[int, ...],
+    n_out: int,
+    n_iter: int,
+    generator: torch.Generator | None,
 ) -> float:
     """Operator 2-norm of the linear part of ``layer`` (bias dropped) on inputs ``in_shape``."""
     weight = layer.weight.detach().double()
@@ -378,7 +385,7 @@ def _conv_operator_norm(
 
     n_in = math.prod(in_shape)
     device = weight.device
-    if n_in <= _DENSE_CONV_LIMIT:
+    if n_in * n_out <= _DENSE_CONV_LIMIT:
         eye = torch.eye(n_in, dtype=torch.float64, device=device).reshape(n_in, *in_shape)
         with torch.no_grad():
             cols = op(eye).reshape(n_in, -1)  # row i = A e_i, i.e. A^T
@@ -440,9 +447,9 @@ def lipschitz_upper_bound(
       the given shape* (stride, padding, dilation, groups and ``padding_mode`` included; bias
       ignored) -- the true quantity, which differs from the norm of the reshaped kernel
       matrix bounded by :func:`deqkit.nn.spectral_norm` (it can exceed it by up to about
-      ``sqrt(prod kernel_size)``).  For inputs with at most 2048 elements it is computed
-      exactly from the dense operator; beyond, as the square root of the largest eigenvalue
-      of ``A^T A`` by Lanczos iteration (at most ``n_iter`` steps, full
+      ``sqrt(prod kernel_size)``).  When the dense operator matrix has at most ``2**20``
+      entries it is computed exactly from it (SVD); beyond, as the square root of the
+      largest eigenvalue of ``A^T A`` by Lanczos iteration (at most ``n_iter`` steps, full
       re-orthogonalisation; ``A^T`` is the transposed convolution, by autograd) and then
       multiplied by ``1 + 1e-3``, because Lanczos (like power iteration) approaches the norm
       from below: an upper bound in practice, not a certificate.  Requires ``input_shape``.
@@ -535,23 +542,27 @@ def lipschitz_upper_bound(
     for layer in layers:
         if isinstance(layer, nn.Linear):
             const = float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
-        elif isinstance(layer, _CONV_TYPES):
-            assert probe is not None
-            const = _conv_operator_norm(layer, tuple(probe.shape[1:]), n_iter, generator)
         else:
             const = _activation_constant(layer)
-            assert const is not None
-        bound *= const
+        next_probe = probe
         if probe is not None and isinstance(
             layer, (nn.Linear, *_CONV_TYPES, nn.Flatten, nn.Unflatten)
         ):
             try:
                 with torch.no_grad():
-                    probe = layer(probe)
+                    next_probe = layer(probe)
             except Exception as exc:  # shape mismatch etc.
                 raise ValueError(
                     f"{name}: could not run layer {layer!r} on an input of per-sample shape "
                     f"{tuple(probe.shape[1:])} (propagated from input_shape={shape}): {exc}. "
                     "Check `input_shape` (one sample, no batch dimension)."
                 ) from exc
+        if isinstance(layer, _CONV_TYPES):
+            assert probe is not None and next_probe is not None
+            const = _conv_operator_norm(
+                layer, tuple(probe.shape[1:]), next_probe[0].numel(), n_iter, generator
+            )
+        assert const is not None
+        bound *= const
+        probe = next_probe
     return bound

@@ -74,7 +74,8 @@ def fixed_point(
     implicit-function-theorem gradient
 
     .. math::
-        \frac{\partial \ell}{\partial \theta} = u^\top \frac{\partial f(z^\star,\theta)}{\partial \theta},
+        \frac{\partial \ell}{\partial \theta}
+        = u^\top \frac{\partial f(z^\star,\theta)}{\partial \theta},
         \qquad \big(I - J_f(z^\star)^\top\big)\, u = \frac{\partial \ell}{\partial z^\star},
 
     whose memory does not depend on the number of forward iterations (Bai, Kolter, Koltun,

@@ -106,9 +106,9 @@ def check_output(layout: Layout, out: State) -> None:
     """Validate that f's output has the structure of the state (called once per solve)."""
     parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if isinstance(out, (tuple, list)) != layout.is_tuple or len(parts) != len(layout.shapes):
+        want = f"a tuple of {len(layout.shapes)} tensors" if layout.is_tuple else "a tensor"
         raise ValueError(
-            "`f` must return the same structure as `z0`: expected "
-            f"{'a tuple of ' + str(len(layout.shapes)) + ' tensors' if layout.is_tuple else 'a tensor'}"
+            f"`f` must return the same structure as `z0`: expected {want}"
             f", got {type(out).__name__}"
             f"{' of length ' + str(len(parts)) if isinstance(out, (tuple, list)) else ''}."
         )

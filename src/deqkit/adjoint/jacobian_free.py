@@ -19,7 +19,8 @@ class JacobianFreeAdjoint(AbstractAdjoint):
     constant, i.e. replaces :math:`(I - J)^{-1}` by :math:`I`:
 
     .. math:: \frac{\partial \ell}{\partial\theta} \approx
-              \frac{\partial \ell}{\partial z^\star}\,\frac{\partial f(z^\star,\theta)}{\partial\theta}.
+              \frac{\partial \ell}{\partial z^\star}\,
+              \frac{\partial f(z^\star,\theta)}{\partial\theta}.
 
     Cheapest backward (one VJP), memory of one f graph; a descent direction when f is
     sufficiently contractive. The forward value is :math:`z^\star` itself.

@@ -39,15 +39,26 @@ class BiCGStab(AbstractLinearSolver):
         \quad x_k = x_{k-1} + \alpha_k p_k + \omega_k s_k, \quad r_k = s_k - \omega_k t_k.
 
     All scalars are per sample.  A sample stops (and its ``x`` stops changing) when the
-    recursively updated residual ``||s_k||`` or ``||r_k||`` meets
-    ``atol + rtol * ||b||``.  Breakdowns never produce NaN: if :math:`\rho_k \approx 0`
-    (shadow residual orthogonal to the residual) the sample restarts with
-    :math:`\hat r = r_{k-1}`, :math:`p_k = r_{k-1}`; if :math:`\langle \hat r, v_k\rangle
-    \approx 0` the step falls back to :math:`\alpha_k = 0` (a minimal-residual step along
-    :math:`r_{k-1}`) and restarts next iteration; if :math:`\omega_k \approx 0` it restarts
-    next iteration.  When every sample has stopped, the true residual is recomputed (one
-    ``matvec``); samples whose recursive residual drifted away from the true one restart
-    from it while steps remain, so the reported ``residual`` and ``converged`` are honest.
+    recursively updated residual ``||s_k||`` or ``||r_k||`` meets ``atol + rtol * ||b||``.
+    The residual of BiCGStab is not monotone, so each sample keeps the iterate with the
+    smallest residual seen so far and returns it (the MATLAB convention); an unconverged
+    result is never worse than ``x0``.  Breakdowns never produce NaN:
+
+    - :math:`\rho_k \approx 0` (shadow residual orthogonal to the residual): the sample
+      restarts with :math:`\hat r = r_{k-1}`, :math:`p_k = r_{k-1}`;
+    - :math:`\langle \hat r, v_k\rangle \approx 0`, or :math:`\|A p_k\|` numerically zero
+      relative to a running estimate of :math:`\|A\|` (``p_k`` in the null space): the step
+      falls back to :math:`\alpha_k = 0` (a minimal-residual step along :math:`r_{k-1}`) and
+      the sample restarts next iteration;
+    - :math:`\omega_k \approx 0` or :math:`\|A s_k\|` numerically zero: :math:`\omega_k = 0`
+      and the sample restarts next iteration;
+    - a non-finite iterate or residual stops the sample (its best iterate is kept).
+
+    When every sample has stopped, the true residual is recomputed (one ``matvec``); samples
+    whose recursive residual drifted away from the true one restart from it while steps
+    remain, so the reported ``residual`` and ``converged`` are honest.  On singular,
+    inconsistent systems BiCGStab does not control the null-space component of ``x``
+    (it stays finite but may grow); prefer :class:`~deqkit.linear.GMRES` there.
 
     Args:
         rtol: relative tolerance, default ``1e-6``.  With ``rtol = atol = 0`` the solver runs
@@ -161,7 +172,7 @@ class BiCGStab(AbstractLinearSolver):
                 best = torch.where(better, rnorm, best)
                 x_best = torch.where(better[:, None], x, x_best)
                 active = active & finite & (rnorm > tol)
-                if not bool(active.any()):  # one host sync per iteration
+                if it < self.max_steps and not bool(active.any()):  # one host sync per step
                     break
             x = x_best
             r = rhs - op(x)  # true residual

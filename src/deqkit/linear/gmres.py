@@ -42,8 +42,11 @@ class GMRES(AbstractLinearSolver):
     Everything is vectorised over the batch: every sample has its own basis, Hessenberg
     matrix, rotations and stopping test; a converged sample stops changing and stops counting
     ``nstep``.  A lucky breakdown (:math:`h_{k+1,k} = 0`, the sample's solution lies in the
-    current Krylov space) ends that sample's cycle exactly; a singular direction
-    (:math:`R_{kk} = 0`) ends it without using that direction, so no NaN is produced.
+    current Krylov space) ends that sample's cycle exactly; a numerically zero pivot
+    (:math:`R_{kk} \le 100\,\epsilon\,\|A\|`, with :math:`\|A\|` estimated from the
+    :math:`\|A v_k\|` seen so far: ``A`` is singular on the Krylov space) ends it without
+    using that direction, so no NaN or blow-up is produced and on singular systems the
+    residual is minimised over the well-conditioned part of the space.
 
     Args:
         rtol: relative tolerance, default ``1e-6``.  Sample ``b`` has converged when
@@ -51,7 +54,8 @@ class GMRES(AbstractLinearSolver):
             solver runs until ``max_steps`` (or an exact breakdown).
         atol: absolute tolerance, default ``1e-8``.
         max_steps: maximum total number of Arnoldi steps (one ``matvec`` each) over all
-            cycles, default ``100``.
+            cycles, default ``100``.  ``nstep`` counts the Arnoldi steps each sample took;
+            ``nmatvec`` adds one true-residual ``matvec`` per cycle (and one for ``x0``).
         restart: Krylov dimension per cycle ``m``, default ``30`` (capped at ``D`` and
             ``max_steps``).  Memory is ``B * (m + 1) * D`` for the basis.
         orthogonalization: ``"mgs"`` (default) modified Gram-Schmidt, one batched

@@ -101,7 +101,7 @@ class Neumann(AbstractLinearSolver):
             stopped = stopped | (rnorm <= tol) | ~torch.isfinite(rnorm)
             if bool(stopped.all()):  # one host sync per iteration
                 break
-            x = x + damping * r
+            x = torch.where(stopped[:, None], x, x + damping * r)
             nstep += ~stopped
             r = torch.where(stopped[:, None], r, rhs - op(x))
             rnorm = batched_norm(r)
