@@ -247,3 +247,18 @@ def test_zero_max_steps_evaluates_initial_guess():
         sol = dk.fixed_point(lambda z: 0.5 * z, x, max_steps=0, throw=False)
     assert sol.result is dk.RESULTS.max_steps_reached
     assert int(sol.stats["nfev"]) == 1
+
+
+def test_anderson_singular_gram_falls_back_to_plain_step():
+    # Identical residuals make the Gram matrix exactly singular; with no regularisation the
+    # small solve fails and that sample must take a plain step instead of producing NaN.
+    # f(z) = z + 1: every residual is the same vector while the f values differ.
+    solver = dk.Anderson(m=3, regularisation=0.0)
+    z = torch.zeros(2, 4, dtype=F64)
+    state = solver.init(None, z, z + 1, torch.ones_like(z), max_steps=10)
+    with torch.no_grad():
+        for k in range(3):
+            z = torch.full((2, 4), float(k), dtype=F64)
+            z_next, _, state = solver.step(None, z, z + 1, torch.ones_like(z), state)
+    assert bool(torch.isfinite(z_next).all())
+    torch.testing.assert_close(z_next, z + 1)  # the plain step from the newest iterate

@@ -99,3 +99,26 @@ def test_unknown_kwargs_rejected_and_warning_on_divergence():
     layer_throw = dk.nn.DEQ(Bad(), solver=dk.Picard(), max_steps=50, throw=True)
     with pytest.raises(dk.SolverError):
         layer_throw(torch.randn(2, 3))
+
+
+def test_variational_dropout_cell_keeps_whole_batch():
+    class DropCell(Cell):
+        def __init__(self):
+            super().__init__()
+            self.drop = dk.nn.VariationalDropout(0.3)
+
+        def forward(self, z, x):
+            return self.drop(super().forward(z, x))
+
+    cell = DropCell()
+    layer = dk.nn.DEQ(cell, solver=dk.Anderson(rtol=1e-6, atol=0), max_steps=60)
+    x = torch.randn(6, 8) * torch.linspace(0.01, 2, 6).unsqueeze(1)
+    z = layer(x)
+    st = layer.last_solution.stats
+    assert int(st["nfev_samples"]) == 6 * int(st["nfev"])  # no compaction with live masks
+    torch.testing.assert_close(cell(z, x), z, atol=1e-4, rtol=0)  # same mask: a fixed point
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    st = layer.last_solution.stats
+    assert int(st["nfev_samples"]) < 6 * int(st["nfev"])  # eval: identity dropout, compaction

@@ -6,7 +6,12 @@
 """
 
 from . import nn as nn
+from ._diagnostics import jacobian_spectral_norm as jacobian_spectral_norm
+from ._diagnostics import jacobian_spectral_radius as jacobian_spectral_radius
+from ._diagnostics import lipschitz_upper_bound as lipschitz_upper_bound
 from ._fixed_point import fixed_point as fixed_point
+from ._regularisers import fixed_point_correction_loss as fixed_point_correction_loss
+from ._regularisers import jacobian_frobenius_reg as jacobian_frobenius_reg
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solution import SolverError as SolverError

@@ -2,3 +2,11 @@
 
 from ._deq import DEQ as DEQ
 from ._deq import DEQWarning as DEQWarning
+from ._dropout import VariationalDropout as VariationalDropout
+from ._dropout import VariationalDropout2d as VariationalDropout2d
+from ._dropout import reset_dropout as reset_dropout
+from ._dropout import select_dropout as select_dropout
+from ._parametrizations import cached_parametrizations as cached_parametrizations
+from ._parametrizations import scale_to_contractive as scale_to_contractive
+from ._parametrizations import spectral_norm as spectral_norm
+from ._parametrizations import weight_norm as weight_norm

@@ -15,6 +15,8 @@ from .._solution import RESULTS, Solution
 from ..adjoint._base import AbstractAdjoint
 from ..adjoint.implicit import ImplicitAdjoint
 from ..solvers._base import AbstractFixedPointSolver
+from ._dropout import VariationalDropout
+from ._parametrizations import cached_parametrizations
 
 
 class DEQWarning(RuntimeWarning):
@@ -25,15 +27,10 @@ def _parametrized(module: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in module.modules())
 
 
-@contextlib.contextmanager
-def _cached_parametrizations(module: nn.Module):  # type: ignore[no-untyped-def]
-    """Compute every parametrized weight (spectral norm, weight norm, ...) once per solve."""
-    with parametrize.cached():
-        for m in module.modules():
-            if parametrize.is_parametrized(m):
-                for name in m.parametrizations:
-                    getattr(m, name)
-        yield
+def _has_active_dropout_masks(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, VariationalDropout) and m.training and m.p > 0 for m in module.modules()
+    )
 
 
 class DEQ(nn.Module):
@@ -45,6 +42,9 @@ class DEQ(nn.Module):
     so samples that converge stop costing compute (``compact=True``); a cell that mixes
     samples (BatchNorm) must be used with ``compact=False``. Parametrized weights of the cell
     (e.g. spectral normalisation) are computed once per forward call, not once per iteration.
+    A cell with :class:`~deqkit.nn.VariationalDropout` in training mode is solved without
+    compaction (its per-sample masks cover the whole batch); call
+    :func:`~deqkit.nn.reset_dropout` before each forward to draw new masks.
 
     Args:
         cell: an ``nn.Module`` (or callable) ``cell(z, *inputs) -> z_next``.
@@ -131,7 +131,7 @@ class DEQ(nn.Module):
             z0 = self.init_state(*inputs)
         max_steps = self.max_steps if self.training else self.eval_max_steps
         cm = (
-            _cached_parametrizations(self.cell)
+            cached_parametrizations(self.cell)
             if isinstance(self.cell, nn.Module) and _parametrized(self.cell)
             else contextlib.nullcontext()
         )
@@ -144,7 +144,9 @@ class DEQ(nn.Module):
                 max_steps=max_steps,
                 args=tuple(inputs),
                 throw=self.throw,
-                compact=self.compact,
+                # Per-sample dropout masks would have to be sliced with the batch: keep it whole.
+                compact=self.compact
+                and not (isinstance(self.cell, nn.Module) and _has_active_dropout_masks(self.cell)),
                 **self.fp_kwargs,
             )
         self.last_solution = sol

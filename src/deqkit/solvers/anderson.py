@@ -110,19 +110,22 @@ class Anderson(AbstractFixedPointSolver):
             if self.beta == 1.0:
                 return fz, None, state
             return torch.lerp(z, fz, self.beta), None, state
-        Hn = H[:, :n, :n]
-        diag = Hn.diagonal(dim1=1, dim2=2)
-        mu = diag.mean(dim=1, keepdim=True) * self.regularisation + torch.finfo(torch.float64).tiny
-        A = Hn + torch.diag_embed(mu.expand(-1, n))
-        ones = torch.ones(A.shape[0], n, 1, dtype=A.dtype, device=A.device)
-        y, _ = torch.linalg.solve_ex(A, ones)
-        y = y.squeeze(-1)
-        alpha = y / y.sum(dim=1, keepdim=True)
+        A = H[:, :n, :n].clone()
+        diag = A.diagonal(dim1=1, dim2=2)
+        # Relative Tikhonov term: regularisation * mean(diag H), plus a floor for H = 0.
+        diag.add_(diag.mean(dim=1, keepdim=True) * self.regularisation + 1e-300)
+        ones = A.new_ones(A.shape[0], n, 1)
+        y = torch.linalg.solve_ex(A, ones)[0].squeeze(-1)
+        s = y.sum(dim=1, keepdim=True)
         # Singular / non-finite system: plain step for that sample (weight 1 on the newest slot).
-        ok = torch.isfinite(alpha).all(dim=1, keepdim=True)
-        plain = torch.zeros_like(alpha)
-        plain[:, slot] = 1.0
-        alpha = torch.where(ok, alpha, plain).to(z.dtype)
+        ok = torch.isfinite(s) & (s != 0)
+        alpha = torch.where(ok, y / s, F.new_zeros(()).to(y.dtype))
+        if not torch.is_grad_enabled():
+            alpha[:, slot].masked_fill_(~ok.squeeze(1), 1.0)
+        else:
+            alpha = alpha + (~ok).to(alpha.dtype) * torch.nn.functional.one_hot(
+                torch.tensor(slot), n).to(alpha)
+        alpha = alpha.to(z.dtype)
         z_next = torch.bmm(alpha.unsqueeze(1), F[:, :n]).squeeze(1)
         if self.beta != 1.0:
             z_next = z_next - (1.0 - self.beta) * torch.bmm(alpha.unsqueeze(1), Gn).squeeze(1)
