@@ -96,7 +96,7 @@ def test_nonfinite_sample_is_isolated():
     sol = dk.fixed_point(f, torch.zeros(3, 1, dtype=F64), dk.Anderson(rtol=1e-10, atol=0),
                          args=(x,), throw=False)
     assert sol.result is dk.RESULTS.nonfinite
-    assert sol.stats["status"].tolist() == [0, 0, 3]
+    assert sol.stats["status"].tolist() == [0, 0, 4]
     assert bool(torch.isfinite(sol.value).all())
     torch.testing.assert_close(sol.value[:2], 2 * torch.log(x[:2] + 1))
     with pytest.raises(dk.SolverError, match="non-finite"):
@@ -262,3 +262,68 @@ def test_anderson_singular_gram_falls_back_to_plain_step():
             z_next, _, state = solver.step(None, z, z + 1, torch.ones_like(z), state)
     assert bool(torch.isfinite(z_next).all())
     torch.testing.assert_close(z_next, z + 1)  # the plain step from the newest iterate
+
+
+def test_oscillation_is_reported_as_stagnated():
+    # A reflection z -> -z + x is non-expansive (Lipschitz 1): Picard oscillates forever
+    # between two points, the residual never improves and never blows up.
+    x = torch.ones(2, 3, dtype=F64)
+    x[1] = 0.5
+    sol = dk.fixed_point(lambda z: -z + x, torch.zeros_like(x), dk.Picard(), max_steps=100,
+                         throw=False, patience=5)
+    assert sol.result is dk.RESULTS.stagnated
+    assert sol.stats["status"].tolist() == [2, 2]
+    assert int(sol.stats["nstep"].max()) <= 6
+    with pytest.raises(dk.SolverError, match="stagnated.*oscillating"):
+        dk.fixed_point(lambda z: -z + x, torch.zeros_like(x), dk.Picard(), patience=5)
+    # Damping fixes it: z = (z + (-z + x)) / 2 = x / 2 in one step.
+    sol = dk.fixed_point(lambda z: -z + x, torch.zeros_like(x), dk.Picard(damping=0.5),
+                         patience=5)
+    torch.testing.assert_close(sol.value, x / 2)
+    # Without patience the same run just reaches max_steps.
+    sol = dk.fixed_point(lambda z: -z + x, torch.zeros_like(x), dk.Picard(), max_steps=30,
+                         throw=False)
+    assert sol.result is dk.RESULTS.max_steps_reached
+
+
+def _rotation_problem():
+    # A contraction with rate 0.995 whose Jacobian has eigenvalues spread around a circle of
+    # radius ~0.995: hard for Anderson with a short memory, easy for Newton-Krylov.
+    import math
+
+    d = 20
+    R = torch.zeros(d, d, dtype=F64)
+    for i in range(d // 2):
+        th = 0.3 + 2.5 * i / (d // 2)
+        R[2 * i:2 * i + 2, 2 * i:2 * i + 2] = torch.tensor(
+            [[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
+    R = 0.995 * R
+    x = torch.randn(4, d, dtype=F64, generator=torch.Generator().manual_seed(0))
+    return (lambda z, x: torch.tanh(z @ R.T + x)), x
+
+
+@pytest.mark.parametrize("use_args", [True, False])
+def test_fallback_chain_recovers_what_anderson_fails(use_args):
+    f, x = _rotation_problem()
+    z0 = torch.zeros_like(x)
+    anderson = dk.Anderson(rtol=1e-8, atol=0)
+    alone = dk.fixed_point(f, z0, anderson, args=(x,), max_steps=50, throw=False)
+    assert alone.result is dk.RESULTS.max_steps_reached
+    failed = ~alone.stats["converged"]
+    chain = dk.FallbackChain(anderson, dk.NewtonKrylov(rtol=1e-8, atol=0), max_steps=(50, 20))
+    if use_args:
+        sol = dk.fixed_point(f, z0, chain, args=(x,))
+    else:
+        sol = dk.fixed_point(lambda z: f(z, x), z0, chain)
+    assert sol.result is dk.RESULTS.successful
+    assert sol.stats["solver_index"].tolist() == failed.long().tolist()
+    assert sol.stats["attempts"].tolist() == (1 + failed.long()).tolist()
+    ref = dk.fixed_point(f, z0, dk.NewtonKrylov(rtol=1e-12, atol=0), args=(x,), max_steps=30)
+    torch.testing.assert_close(sol.value, ref.value, rtol=0, atol=1e-7)
+    # Converged-first-time samples keep Anderson's own result.
+    torch.testing.assert_close(sol.value[~failed], alone.value[~failed], rtol=0, atol=1e-14)
+    assert bool((sol.stats["nstep"][failed] > 50).all())
+    with pytest.raises(ValueError, match="at least two solvers"):
+        dk.FallbackChain(anderson)
+    with pytest.raises(ValueError, match="one int per solver"):
+        dk.FallbackChain(anderson, anderson, max_steps=(3,))

@@ -9,13 +9,14 @@ import torch
 from torch import Tensor
 
 from ._flatten import State, check_output, flat_fn, flatten, make_layout, unflatten
-from ._iterate import iterate
+from ._iterate import LoopOutput, iterate
 from ._solution import RESULTS, Solution, SolverError
 from .adjoint._base import AbstractAdjoint
 from .adjoint.implicit import ImplicitAdjoint
 from .solvers._base import AbstractFixedPointSolver
 from .solvers.anderson import Anderson
 from .solvers.broyden import Broyden
+from .solvers.fallback import FallbackChain
 from .solvers.newton_krylov import NewtonKrylov
 from .solvers.picard import Picard
 
@@ -27,10 +28,14 @@ _SOLVER_NAMES: dict[str, type[AbstractFixedPointSolver]] = {
 }
 
 
-def resolve_solver(solver: AbstractFixedPointSolver | str | None) -> AbstractFixedPointSolver:
+def resolve_solver(
+    solver: AbstractFixedPointSolver | FallbackChain | str | None,
+) -> AbstractFixedPointSolver | FallbackChain:
     """Turn ``None``/a string shorthand/a solver object into a solver object."""
     if solver is None:
         return Anderson()
+    if isinstance(solver, FallbackChain):
+        return solver
     if isinstance(solver, str):
         key = solver.lower().replace("-", "_")
         if key not in _SOLVER_NAMES:
@@ -52,10 +57,48 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
 
 
+def _run_chain(
+    fn: Callable[..., Tensor],
+    z0f: Tensor,
+    args: tuple[Any, ...],
+    chain: FallbackChain,
+    max_steps: int,
+    **kw: Any,
+) -> tuple[LoopOutput, Tensor, Tensor]:
+    budgets = chain.max_steps or (max_steps,) * len(chain.solvers)
+    loop = iterate(fn, z0f, args, chain.solvers[0], budgets[0], **kw)
+    B = z0f.shape[0]
+    solver_index = torch.zeros(B, dtype=torch.int64, device=z0f.device)
+    attempts = torch.ones(B, dtype=torch.int64, device=z0f.device)
+    kw = {**kw, "trace": False}
+    sliceable = all(not isinstance(a, Tensor) or a.shape[0] == B for a in args) and kw["compact"]
+    for i, solver in enumerate(chain.solvers[1:], start=1):
+        failed = (loop.status != RESULTS.successful.code).nonzero().squeeze(1)
+        if failed.numel() == 0:
+            break
+        if sliceable:
+            sub_args = tuple(a[failed] if isinstance(a, Tensor) else a for a in args)
+            sub = iterate(fn, loop.value[failed], sub_args, solver, budgets[i], **kw)
+            pick = slice(None)
+        else:  # a closure cannot be evaluated on a subset: rerun all, keep the failed rows
+            sub = iterate(fn, loop.value, args, solver, budgets[i], **kw)
+            pick = failed
+        loop.value[failed] = sub.value[pick]
+        loop.abs_residual[failed] = sub.abs_residual[pick]
+        loop.rel_residual[failed] = sub.rel_residual[pick]
+        loop.status[failed] = sub.status[pick]
+        loop.nstep[failed] += sub.nstep[pick]
+        loop.nfev += sub.nfev
+        loop.nfev_samples += sub.nfev_samples
+        solver_index[failed] = i
+        attempts[failed] += 1
+    return loop, solver_index, attempts
+
+
 def fixed_point(
     f: Callable[..., State],
     z0: State,
-    solver: AbstractFixedPointSolver | str | None = None,
+    solver: AbstractFixedPointSolver | FallbackChain | str | None = None,
     adjoint: AbstractAdjoint | None = None,
     max_steps: int = 50,
     *,
@@ -65,6 +108,7 @@ def fixed_point(
     compact: bool | None = None,
     compact_ratio: float = 0.75,
     divergence_ratio: float | None = 1e4,
+    patience: int | None = None,
 ) -> Solution:
     r"""Find :math:`z^\star = f(z^\star)` for a batch of independent problems, differentiably.
 
@@ -92,8 +136,9 @@ def fixed_point(
             tuple of tensors, leading batch dimension ``B``); must return the same structure.
             Samples must be independent (no batch statistics such as BatchNorm).
         z0: initial guess; a tensor or tuple of tensors with leading batch dimension.
-        solver: a solver object (:class:`~deqkit.Anderson` by default) or a name
-            (``"picard"``, ``"anderson"``, ``"broyden"``, ``"newton_krylov"``).
+        solver: a solver object (:class:`~deqkit.Anderson` by default), a
+            :class:`~deqkit.FallbackChain` of solvers, or a name (``"picard"``,
+            ``"anderson"``, ``"broyden"``, ``"newton_krylov"``).
         adjoint: how gradients flow through :math:`z^\star`.
             Default: ``ImplicitAdjoint(GMRES())``.
         max_steps: maximum number of solver updates; f is evaluated at most ``max_steps + 1``
@@ -109,6 +154,9 @@ def fixed_point(
             working batch. Default: 0.75.
         divergence_ratio: a sample whose residual exceeds this multiple of its lowest residual
             is stopped as ``diverged``; ``None`` disables the test. Default: 1e4.
+        patience: stop a sample as ``stagnated`` when its lowest residual has not improved for
+            this many consecutive steps (oscillation or stagnation); ``None`` disables the
+            test. Default: None.
 
     Returns:
         A :class:`~deqkit.Solution` with ``value``, ``result``, ``stats``.
@@ -144,6 +192,8 @@ def fixed_point(
             f"{type(adjoint).__name__}."
         )
     _check_int("max_steps", max_steps, 0)
+    if patience is not None:
+        _check_int("patience", patience, 1)
     if not isinstance(args, tuple):
         raise TypeError(f"`args` must be a tuple, got {type(args).__name__}; e.g. args=(x,).")
     if not isinstance(compact_ratio, (int, float)) or not 0 < compact_ratio <= 1:
@@ -164,9 +214,10 @@ def fixed_point(
     if compact is None:
         compact = len(args) > 0
     unrolled = adjoint.unrolled
+    chain = isinstance(solver, FallbackChain)
     if unrolled:
         compact = False
-        if not solver.supports_unrolled:
+        if chain or not solver.supports_unrolled:
             raise ValueError(
                 f"{type(solver).__name__} cannot be differentiated by unrolling; use "
                 "dk.Picard or dk.Anderson with dk.UnrolledAdjoint, or another adjoint."
@@ -186,18 +237,20 @@ def fixed_point(
             return flatten(layout, out)
         return fn(zf, *a)
 
+    loop_kw = dict(
+        compact=bool(compact),
+        compact_ratio=float(compact_ratio),
+        divergence_ratio=divergence_ratio,
+        trace=trace,
+        patience=patience,
+    )
     with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()):
-        loop = iterate(
-            checked_fn,
-            z0f,
-            args,
-            solver,
-            max_steps,
-            compact=bool(compact),
-            compact_ratio=float(compact_ratio),
-            divergence_ratio=divergence_ratio,
-            trace=trace,
-        )
+        if chain:
+            loop, solver_index, attempts = _run_chain(
+                checked_fn, z0f, args, solver, max_steps, **loop_kw
+            )
+        else:
+            loop = iterate(checked_fn, z0f, args, solver, max_steps, **loop_kw)
     status = loop.status
     worst = int(status.max()) if status.numel() else 0
     result = RESULTS.from_code(worst)
@@ -212,6 +265,9 @@ def fixed_point(
     }
     if loop.trace is not None:
         stats["trace"] = loop.trace
+    if chain:
+        stats["solver_index"] = solver_index
+        stats["attempts"] = attempts
     value = loop.value
     sol = Solution(value=None, result=result, stats=stats)
     if not unrolled and torch.is_grad_enabled():
@@ -225,7 +281,7 @@ def fixed_point(
             result,
             f"{nbad}/{layout.batch} samples failed; worst rel residual "
             f"{float(loop.rel_residual.nan_to_num(float('inf')).max()):.3e}; solver "
-            f"{type(solver).__name__}(rtol={solver.rtol}, atol={solver.atol}), "
+            f"{solver}, "
             f"max_steps={max_steps}. Pass throw=False to inspect sol.result and sol.stats",
         )
     return sol

@@ -42,6 +42,7 @@ def iterate(
     compact_ratio: float,
     divergence_ratio: float | None,
     trace: bool,
+    patience: int | None = None,
 ) -> LoopOutput:
     """Run ``solver`` on ``z = fn(z, *args)`` from ``z0`` (B, D).
 
@@ -79,6 +80,7 @@ def iterate(
     best_z = z
     best_abs = z0.new_full((B,), float("inf"))
     best_fn = z0.new_ones(B)
+    since_best = torch.zeros(B, dtype=torch.int64, device=device) if patience else None
     state = None
 
     for k in range(max_steps + 1):
@@ -88,19 +90,22 @@ def iterate(
         conv = absr <= fnorm * rtol + atol
         # NaN/inf residuals and divergence both fail `absr <= div * best`.
         bad = ~(absr <= best_abs * div) if k > 0 else ~torch.isfinite(absr)
-        stop = (conv | bad) & active
         improved = absr < best_abs
+        if since_best is not None:  # oscillation / stagnation: no new lowest residual lately
+            since_best = torch.where(improved, 0, since_best + 1)
+            bad = bad | (since_best >= patience)
+        stop = (conv | bad) & active
         if trace:
             t = z0.new_full((B,), float("nan"))
             t[gidx] = torch.where(active, absr, torch.nan).detach()
             traces.append(t)
         flags = torch.stack((stop.any(), (improved | ~active).all())).tolist()
-        if flags[1]:
-            best_z = z
+        if flags[1]:  # every unfinished sample improved: no copies (finished rows are unused)
+            best_z, best_fn, best_abs = z, fnorm, absr
         else:
             best_z = torch.where(improved.unsqueeze(1), z, best_z)
-        best_fn = torch.where(improved, fnorm, best_fn)
-        best_abs = torch.where(improved, absr, best_abs)
+            best_fn = torch.where(improved, fnorm, best_fn)
+            best_abs = torch.where(improved, absr, best_abs)
         if flags[0]:
             sel = stop.nonzero().squeeze(1)
             g = gidx[sel]
@@ -110,11 +115,11 @@ def iterate(
             a = torch.where(c, absr[sel], best_abs[sel])
             fnn = torch.where(c, fnorm[sel], best_fn[sel])
             finite = torch.isfinite(absr[sel])
-            code = torch.where(
-                c,
-                RESULTS.successful.code,
-                torch.where(finite, RESULTS.diverged.code, RESULTS.nonfinite.code),
-            )
+            failed_code = torch.where(finite, RESULTS.diverged.code, RESULTS.nonfinite.code)
+            if since_best is not None:
+                stag = finite & (absr[sel] <= best_abs[sel] * div)  # stopped for no progress
+                failed_code = torch.where(stag, RESULTS.stagnated.code, failed_code)
+            code = torch.where(c, RESULTS.successful.code, failed_code)
             if differentiable:
                 out_value = out_value.index_copy(0, g, val)
             else:
@@ -132,6 +137,8 @@ def iterate(
                 gidx = gidx[keep]
                 z, fz, r = z[keep], fz[keep], r[keep]
                 best_z, best_abs, best_fn = best_z[keep], best_abs[keep], best_fn[keep]
+                if since_best is not None:
+                    since_best = since_best[keep]
                 active = active[keep]
                 work_args = tuple(a[gidx] if isinstance(a, Tensor) else a for a in args)
                 if state is not None:

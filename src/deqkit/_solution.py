@@ -14,13 +14,14 @@ class RESULTS(enum.Enum):
 
     Per-sample codes are stored in ``sol.stats["status"]`` as ``int64`` using :attr:`code`.
     The batch result is the most severe per-sample code
-    (``nonfinite`` > ``diverged`` > ``max_steps_reached`` > ``successful``).
+    (``nonfinite`` > ``diverged`` > ``stagnated`` > ``max_steps_reached`` > ``successful``).
     """
 
     successful = 0
     max_steps_reached = 1
-    diverged = 2
-    nonfinite = 3
+    stagnated = 2
+    diverged = 3
+    nonfinite = 4
 
     @property
     def code(self) -> int:
@@ -43,6 +44,12 @@ _MESSAGES = {
         "tolerance too tight for the dtype. Increase `max_steps`, loosen `rtol`/`atol`, use an "
         "accelerated solver (dk.Anderson, dk.Broyden), or regularise the model "
         "(spectral normalisation, Jacobian regularisation)."
+    ),
+    RESULTS.stagnated: (
+        "The residual did not improve on its lowest value for `patience` steps: the iteration "
+        "is oscillating or stuck (common when f is barely contractive or not contractive). "
+        "Try dk.Anderson or dk.Broyden, damping (dk.Picard(damping=0.5), "
+        "dk.Anderson(beta=0.5)), a fallback chain (dk.FallbackChain), or constrain f."
     ),
     RESULTS.diverged: (
         "The residual ||f(z) - z|| grew far above the lowest value seen: the iteration is "

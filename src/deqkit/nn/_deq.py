@@ -56,7 +56,8 @@ class DEQ(nn.Module):
             or diverged solves emit a :class:`DEQWarning`.
         compact: drop converged samples from the working batch. Default: True.
         **kwargs: further keyword arguments of :func:`deqkit.fixed_point` (``trace``,
-            ``compact_ratio``, ``divergence_ratio``); unknown names raise TypeError.
+            ``compact_ratio``, ``divergence_ratio``, ``patience``); unknown names raise
+            TypeError.
 
     Attributes:
         last_solution: the :class:`~deqkit.Solution` of the latest forward call.
@@ -75,7 +76,7 @@ class DEQ(nn.Module):
         <RESULTS.successful: 0>
     """
 
-    _FP_KWARGS = ("trace", "compact_ratio", "divergence_ratio")
+    _FP_KWARGS = ("trace", "compact_ratio", "divergence_ratio", "patience")
 
     def __init__(
         self,

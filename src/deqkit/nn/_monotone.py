@@ -1,0 +1,349 @@
+r"""Monotone operator equilibrium networks (monDEQ).
+
+The layer :math:`z = \mathrm{ReLU}(W z + U x + b)` has a unique equilibrium for every input
+whenever :math:`I - W` is strongly monotone, i.e. :math:`\tfrac12\big((I-W) + (I-W)^\top\big)
+\succeq m I` for some :math:`m > 0` — however large :math:`\|W\|` is. The equilibrium is the zero
+of the monotone inclusion :math:`0 \in (I - W) z - (U x + b) + \partial I_{\mathbb R_+^n}(z)`,
+found by an operator splitting method.
+
+Reference: Winston & Kolter, "Monotone operator equilibrium networks", NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._fixed_point import fixed_point, resolve_solver
+from .._solution import RESULTS, Solution
+from ..adjoint._base import AbstractAdjoint
+from ..adjoint.implicit import ImplicitAdjoint
+from ..solvers._base import AbstractFixedPointSolver
+from ..solvers.picard import Picard
+from ._deq import DEQWarning
+
+
+def _check_positive(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value > 0
+    ):
+        raise ValueError(f"{owner}: `{name}` must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def _check_nonneg(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        math.isfinite(value) and value >= 0
+    ):
+        raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}.")
+
+
+class MonotoneLinear(nn.Module):
+    r"""A square linear map :math:`W` with :math:`I - W` strongly monotone by construction.
+
+    .. math::
+        W = (1 - m) I - A^\top A + B - B^\top,
+        \qquad I - W = m I + A^\top A - (B - B^\top),
+
+    so the symmetric part of :math:`I - W` is :math:`m I + A^\top A \succeq m I` (the skew part
+    :math:`B - B^\top` does not contribute to it). :math:`\|W\|` itself is unconstrained.
+
+    Args:
+        width: the dimension :math:`n` of the state (``A`` and ``B`` are ``n x n``).
+        m: the monotonicity parameter :math:`m > 0`. Default: 0.05.
+
+    Example:
+        >>> import torch
+        >>> lin = MonotoneLinear(3, m=0.1).double()
+        >>> S = torch.eye(3, dtype=torch.float64) - lin.weight()
+        >>> bool(torch.linalg.eigvalsh(0.5 * (S + S.T)).min() >= 0.1 - 1e-12)
+        True
+    """
+
+    def __init__(self, width: int, m: float = 0.05) -> None:
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"MonotoneLinear: `width` must be an int >= 1, got {width!r}.")
+        self.width = width
+        self.m = _check_positive("MonotoneLinear", "m", m)
+        scale = 1.0 / math.sqrt(width)
+        self.A = nn.Parameter(scale * torch.randn(width, width))
+        self.B = nn.Parameter(scale * torch.randn(width, width))
+
+    def weight(self) -> Tensor:
+        r"""The dense matrix :math:`W = (1 - m) I - A^\top A + B - B^\top`."""
+        eye = torch.eye(self.width, dtype=self.A.dtype, device=self.A.device)
+        return (1.0 - self.m) * eye - self.A.T @ self.A + self.B - self.B.T
+
+    def forward(self, z: Tensor) -> Tensor:
+        r""":math:`z W^\top` for a batch ``z`` of shape ``(..., width)``."""
+        return z @ self.weight().T
+
+    def factorise(self, alpha: float, weight: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        r"""LU-factorise :math:`I + \alpha (I - W)` once and return its (batched) inverse.
+
+        The returned callable maps ``v`` of shape ``(B, width)`` to
+        :math:`(I + \alpha(I - W))^{-1} v` row by row; it is differentiable in the parameters
+        when called with grad enabled. Call this once per forward pass (the factors belong to
+        the current parameters).
+
+        Args:
+            alpha: the step size :math:`\alpha > 0`.
+            weight: a precomputed :meth:`weight` (optional, to share its graph).
+        """
+        alpha = _check_positive("MonotoneLinear.factorise", "alpha", alpha)
+        W = self.weight() if weight is None else weight
+        eye = torch.eye(self.width, dtype=W.dtype, device=W.device)
+        LU, piv = torch.linalg.lu_factor((1.0 + alpha) * eye - alpha * W)
+
+        def solve(v: Tensor) -> Tensor:
+            return torch.linalg.lu_solve(LU, piv, v.mT).mT
+
+        return solve
+
+    def resolvent(self, v: Tensor, alpha: float) -> Tensor:
+        r""":math:`(I + \alpha (I - W))^{-1} v` per row (factorises afresh; for repeated use
+        keep the callable returned by :meth:`factorise`)."""
+        return self.factorise(alpha)(v)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, m={self.m}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardBackward:
+    r"""Forward-backward (projected gradient) splitting for :math:`z = \mathrm{ReLU}(Wz + Ux + b)`.
+
+    .. math::
+        z_{k+1} = \mathrm{ReLU}\big(z_k - \alpha\,((I - W) z_k - (U x + b))\big).
+
+    The map is a contraction for :math:`0 < \alpha < 2m / L^2` with :math:`L = \|I - W\|_2`;
+    its fixed points are exactly the equilibria (for any :math:`\alpha > 0`). With
+    ``alpha="auto"`` the step is :math:`\alpha = m / L^2`, :math:`L` computed from the current
+    weights at every forward call (an exact spectral norm, detached).
+
+    Args:
+        alpha: step size :math:`\alpha > 0` or ``"auto"``. Default: 1.0 (converges only when
+            :math:`1 \le 2m/L^2`; prefer ``"auto"`` or :class:`PeacemanRachford` otherwise).
+        rtol: relative tolerance of the default solver. Default: 1e-6.
+        atol: absolute tolerance of the default solver. Default: 1e-8.
+    """
+
+    alpha: float | str = 1.0
+    rtol: float = 1e-6
+    atol: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.alpha != "auto":
+            if isinstance(self.alpha, str):
+                raise ValueError(
+                    f"ForwardBackward: `alpha` must be a number > 0 or 'auto', got {self.alpha!r}."
+                )
+            _check_positive("ForwardBackward", "alpha", self.alpha)
+        _check_nonneg("ForwardBackward", "rtol", self.rtol)
+        _check_nonneg("ForwardBackward", "atol", self.atol)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeacemanRachford:
+    r"""Peaceman-Rachford splitting for :math:`z = \mathrm{ReLU}(Wz + Ux + b)`, iterated on u.
+
+    .. math::
+        \begin{aligned}
+        z_k &= \mathrm{ReLU}(u_k), \qquad u_{1/2} = 2 z_k - u_k,\\
+        z_{1/2} &= (I + \alpha (I - W))^{-1} \big(u_{1/2} + \alpha (U x + b)\big),\\
+        u_{k+1} &= 2 z_{1/2} - u_{1/2}.
+        \end{aligned}
+
+    This is :math:`u_{k+1} = C_F C_G u_k`, the composition of the reflected resolvents
+    (Cayley operators) of :math:`F(z) = (I-W)z - (Ux+b)` and of the normal cone of
+    :math:`\mathbb R_+^n`; :math:`C_F` is a strict contraction when :math:`I - W` is strongly
+    monotone, so the iteration converges for **every** :math:`\alpha > 0`, and
+    :math:`u^\star` is a fixed point iff :math:`z^\star = \mathrm{ReLU}(u^\star)` is the
+    equilibrium. One dense LU factorisation per forward call serves all iterations.
+
+    Args:
+        alpha: step size :math:`\alpha > 0`. Default: 1.0.
+        rtol: relative tolerance of the default solver (on u). Default: 1e-6.
+        atol: absolute tolerance of the default solver (on u). Default: 1e-8.
+    """
+
+    alpha: float = 1.0
+    rtol: float = 1e-6
+    atol: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_positive("PeacemanRachford", "alpha", self.alpha)
+        _check_nonneg("PeacemanRachford", "rtol", self.rtol)
+        _check_nonneg("PeacemanRachford", "atol", self.atol)
+
+
+class MonotoneDEQ(nn.Module):
+    r"""Monotone operator equilibrium layer: :math:`z^\star = \mathrm{ReLU}(W z^\star + U x + b)`.
+
+    :math:`W` is a :class:`MonotoneLinear` (so :math:`I - W \succeq m I` and the equilibrium
+    exists and is unique for every :math:`x`, with no bound on :math:`\|W\|`), and
+    :math:`U x + b` an ``nn.Linear``. The ``splitting`` (:class:`ForwardBackward` or
+    :class:`PeacemanRachford`) defines a fixed-point map :math:`T_\theta` — on :math:`z` for
+    forward-backward, on :math:`u` with :math:`z = \mathrm{ReLU}(u)` for Peaceman-Rachford —
+    which is handed to :func:`deqkit.fixed_point`; ``solver`` accelerates it (plain ``Picard``
+    runs the splitting itself; ``Anderson`` extrapolates it), so stopping, statistics,
+    per-sample batch compaction and adjoints come from the core.
+
+    Gradients: the fixed point of :math:`T_\theta` is the equilibrium (through
+    :math:`\mathrm{ReLU}(u^\star)` for PR) for *every* :math:`\theta`, so wherever
+    :math:`z^\star(\theta)` is differentiable (no pre-activation exactly at 0) the implicit
+    gradient of :math:`T_\theta`'s fixed point, :math:`(I - \partial_z T)^{-1}\partial_\theta T`,
+    is the exact gradient of the equilibrium, :math:`(I - DW)^{-1} D\,\partial_\theta(Wz+Ux+b)`
+    with :math:`D = \mathrm{diag}(\mathbb 1[Wz^\star + Ux + b > 0])`. :math:`I - \partial T` is
+    invertible because :math:`T` is a contraction (FB with :math:`\alpha < 2m/L^2`; PR always).
+
+    Args:
+        in_features: input dimension.
+        width: state dimension :math:`n`.
+        m: monotonicity parameter :math:`m > 0`. Default: 0.05.
+        splitting: :class:`ForwardBackward` or :class:`PeacemanRachford`.
+            Default: ``PeacemanRachford()``.
+        solver: fixed-point solver (object or name). Default: ``Picard`` with the splitting's
+            ``rtol``/``atol`` (the plain splitting); a given solver uses its own tolerances.
+        adjoint: gradient through the fixed point. Default: ``ImplicitAdjoint()``.
+        max_steps: iteration budget. Default: 100.
+        throw: raise :class:`~deqkit.SolverError` when a solve fails. Default: False (read
+            ``last_solution``; non-finite or diverged solves warn with ``DEQWarning``).
+
+    Attributes:
+        last_solution: the :class:`~deqkit.Solution` of the latest forward (its ``value`` is
+            :math:`z` for FB and :math:`u` for PR).
+
+    Reference: Winston & Kolter, "Monotone operator equilibrium networks", NeurIPS 2020.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> layer = MonotoneDEQ(3, 5, m=0.5)
+        >>> z = layer(torch.randn(2, 3))
+        >>> z.shape, bool((z >= 0).all()), layer.last_solution.result
+        (torch.Size([2, 5]), True, <RESULTS.successful: 0>)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        width: int,
+        m: float = 0.05,
+        splitting: ForwardBackward | PeacemanRachford | None = None,
+        solver: AbstractFixedPointSolver | str | None = None,
+        adjoint: AbstractAdjoint | None = None,
+        max_steps: int = 100,
+        throw: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MonotoneDEQ: `{name}` must be an int >= 1, got {value!r}.")
+        if splitting is None:
+            splitting = PeacemanRachford()
+        if not isinstance(splitting, (ForwardBackward, PeacemanRachford)):
+            raise TypeError(
+                "MonotoneDEQ: `splitting` must be dk.nn.ForwardBackward(...) or "
+                f"dk.nn.PeacemanRachford(...), got {type(splitting).__name__}."
+            )
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+            raise ValueError(f"MonotoneDEQ: `max_steps` must be an int >= 0, got {max_steps!r}.")
+        if adjoint is not None and not isinstance(adjoint, AbstractAdjoint):
+            raise TypeError(
+                "MonotoneDEQ: `adjoint` must be a deqkit adjoint, got "
+                f"{type(adjoint).__name__}."
+            )
+        self.U = nn.Linear(in_features, width)
+        self.linear = MonotoneLinear(width, m)
+        self.splitting = splitting
+        self.solver = (
+            Picard(rtol=splitting.rtol, atol=splitting.atol)
+            if solver is None
+            else resolve_solver(solver)
+        )
+        self.adjoint = adjoint if adjoint is not None else ImplicitAdjoint()
+        self.max_steps = max_steps
+        self.throw = throw
+        self.last_solution: Solution | None = None
+
+    @property
+    def m(self) -> float:
+        return self.linear.m
+
+    def step_size(self, weight: Tensor | None = None) -> float:
+        r"""The splitting's :math:`\alpha` (resolving ``"auto"`` to :math:`m/\|I-W\|_2^2`)."""
+        alpha = self.splitting.alpha
+        if alpha == "auto":
+            with torch.no_grad():
+                W = self.linear.weight() if weight is None else weight.detach()
+                eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+                L = float(torch.linalg.matrix_norm(eye - W, 2))
+            return self.m / (L * L)
+        return float(alpha)
+
+    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
+        """Equilibrium ``z*`` of shape ``(B, width)`` for ``x`` of shape ``(B, in_features)``.
+
+        ``z0`` (optional) is the initial iterate (``z`` for FB, ``u`` for PR); default zeros.
+        """
+        inj = self.U(x)
+        if inj.dim() != 2:
+            raise ValueError(
+                f"MonotoneDEQ: `x` must have shape (B, in_features), got {tuple(x.shape)}."
+            )
+        if z0 is None:
+            z0 = torch.zeros_like(inj)
+        elif z0.shape != inj.shape:
+            raise ValueError(
+                f"MonotoneDEQ: `z0` must have shape {tuple(inj.shape)}, got {tuple(z0.shape)}."
+            )
+        W = self.linear.weight()
+        alpha = self.step_size(W)
+        if isinstance(self.splitting, ForwardBackward):
+            eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+            G = eye - alpha * (eye - W)  # z - alpha((I - W) z - inj) = z G^T + alpha inj
+
+            def T(z: Tensor, c: Tensor) -> Tensor:
+                return torch.relu(z @ G.T + alpha * c)
+
+        else:
+            solve = self.linear.factorise(alpha, W)
+
+            def T(u: Tensor, c: Tensor) -> Tensor:
+                u_half = 2.0 * torch.relu(u) - u
+                z_half = solve(u_half + alpha * c)
+                return 2.0 * z_half - u_half
+
+        sol = fixed_point(
+            T,
+            z0,
+            solver=self.solver,
+            adjoint=self.adjoint,
+            max_steps=self.max_steps,
+            args=(inj,),
+            throw=self.throw,
+        )
+        self.last_solution = sol
+        if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
+            warnings.warn(
+                f"MonotoneDEQ forward: {sol.summary()}. {sol.result.message}",
+                DEQWarning,
+                stacklevel=2,
+            )
+        if isinstance(self.splitting, ForwardBackward):
+            return sol.value
+        return torch.relu(sol.value)
+
+    def extra_repr(self) -> str:
+        return (
+            f"splitting={self.splitting}, solver={self.solver}, adjoint={self.adjoint}, "
+            f"max_steps={self.max_steps}"
+        )
