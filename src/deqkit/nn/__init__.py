@@ -6,6 +6,10 @@ from ._dropout import VariationalDropout as VariationalDropout
 from ._dropout import VariationalDropout2d as VariationalDropout2d
 from ._dropout import reset_dropout as reset_dropout
 from ._dropout import select_dropout as select_dropout
+from ._monotone import ForwardBackward as ForwardBackward
+from ._monotone import MonotoneDEQ as MonotoneDEQ
+from ._monotone import MonotoneLinear as MonotoneLinear
+from ._monotone import PeacemanRachford as PeacemanRachford
 from ._parametrizations import cached_parametrizations as cached_parametrizations
 from ._parametrizations import scale_to_contractive as scale_to_contractive
 from ._parametrizations import spectral_norm as spectral_norm
