@@ -274,7 +274,7 @@ def test_oscillation_is_reported_as_stagnated():
     assert sol.result is dk.RESULTS.stagnated
     assert sol.stats["status"].tolist() == [2, 2]
     assert int(sol.stats["nstep"].max()) <= 6
-    with pytest.raises(dk.SolverError, match="stagnated.*oscillating"):
+    with pytest.raises(dk.SolverError, match=r"stagnated.*oscillating"):
         dk.fixed_point(lambda z: -z + x, torch.zeros_like(x), dk.Picard(), patience=5)
     # Damping fixes it: z = (z + (-z + x)) / 2 = x / 2 in one step.
     sol = dk.fixed_point(lambda z: -z + x, torch.zeros_like(x), dk.Picard(damping=0.5),

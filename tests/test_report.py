@@ -34,7 +34,9 @@ class TanhCell(nn.Module):
 def _dense_rho(cell: nn.Module, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = []
     for b in range(z.shape[0]):
-        jac = torch.autograd.functional.jacobian(lambda v: cell(v[None], x[b : b + 1])[0], z[b])
+        jac = torch.autograd.functional.jacobian(
+            lambda v, xb=x[b : b + 1]: cell(v[None], xb)[0], z[b]
+        )
         out.append(torch.linalg.eigvals(jac).abs().max())
     return torch.stack(out)
 

@@ -29,8 +29,8 @@ from .linear import LinearSolution as LinearSolution
 from .linear import Neumann as Neumann
 from .solvers import AbstractFixedPointSolver as AbstractFixedPointSolver
 from .solvers import Anderson as Anderson
-from .solvers import FallbackChain as FallbackChain
 from .solvers import Broyden as Broyden
+from .solvers import FallbackChain as FallbackChain
 from .solvers import NewtonKrylov as NewtonKrylov
 from .solvers import Picard as Picard
 

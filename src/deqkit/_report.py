@@ -170,9 +170,7 @@ class StabilityReport:
             lines.append("  backward: not run (nothing the equilibrium depends on requires grad)")
         lines.append("  per sample: steps  status             rho(J)   ||J||_2  bwd")
         for i in range(min(b, 8)):
-            bwd = (
-                ("ok" if self.backward_converged[i] else "FAILED") if self.backward_ran else "-"
-            )
+            bwd = ("ok" if self.backward_converged[i] else "FAILED") if self.backward_ran else "-"
             lines.append(
                 f"    [{i:>3}]   {self.nstep[i]:>5}  {self.status[i]:<18} "
                 f"{fmt(self.spectral_radius[i]):>7}  {fmt(self.spectral_norm[i]):>7}  {bwd}"

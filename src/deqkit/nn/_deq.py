@@ -113,6 +113,7 @@ class DEQ(nn.Module):
         self.compact = compact
         self.fp_kwargs = kwargs
         self.last_solution: Solution | None = None
+        self._last_call: tuple[tuple[Any, ...], Any] | None = None
 
     def init_state(self, *inputs: Any) -> Any:
         """Initial guess: ``cell.init_state(*inputs)`` if the cell defines it, else zeros
@@ -151,11 +152,46 @@ class DEQ(nn.Module):
                 **self.fp_kwargs,
             )
         self.last_solution = sol
+        self._last_call = (tuple(inputs), sol.value)
         if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
             warnings.warn(
                 f"DEQ forward: {sol.summary()}. {sol.result.message}", DEQWarning, stacklevel=2
             )
         return sol.value
+
+    def jacobian_regularisation(
+        self, n_samples: int = 1, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        r"""Hutchinson estimate of :math:`\|J_f(z^\star)\|_F^2 / D` at the last equilibrium.
+
+        Add ``weight * layer.jacobian_regularisation()`` to the training loss (Bai, Koltun,
+        Kolter 2021, "Stabilizing Equilibrium Models by Jacobian Regularization"); it is
+        differentiable w.r.t. the cell's parameters (double backward through one cell call)
+        and independent of the adjoint used for the equilibrium. Tuple states are handled.
+        Call it after a forward pass in training mode.
+        """
+        from .._flatten import flatten, make_layout, unflatten
+        from .._regularisers import jacobian_frobenius_reg
+
+        if self._last_call is None:
+            raise RuntimeError(
+                "DEQ.jacobian_regularisation() needs a forward pass first: call the layer, "
+                "then add the regulariser to the loss."
+            )
+        inputs, value = self._last_call
+        layout = make_layout(value, "state")
+        z = flatten(layout, value).detach().requires_grad_()
+
+        def f(zf: torch.Tensor) -> torch.Tensor:
+            return flatten(layout, self.cell(unflatten(layout, zf), *inputs))
+
+        cm = (
+            cached_parametrizations(self.cell)
+            if isinstance(self.cell, nn.Module) and _parametrized(self.cell)
+            else contextlib.nullcontext()
+        )
+        with cm:
+            return jacobian_frobenius_reg(f, z, n_samples=n_samples, generator=generator)
 
     def extra_repr(self) -> str:
         return (

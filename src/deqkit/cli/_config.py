@@ -1,0 +1,222 @@
+"""Training configuration: defaults, validation, TOML/YAML files and command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import deqkit as dk
+
+SOLVERS = ("anderson", "picard", "broyden", "newton_krylov")
+ADJOINTS = ("implicit", "jfb", "phantom", "unrolled")
+BACKWARD_SOLVERS = ("gmres", "bicgstab", "neumann", "dense")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a training run depends on. Saved as ``config.json`` in the run folder and
+    inside every checkpoint, so ``--resume`` and ``deqkit eval`` rebuild the same run."""
+
+    model: str = "conv_deq"
+    data: str = "digits"
+    data_root: str | None = None
+    data_args: dict = dataclasses.field(default_factory=dict)
+    model_args: dict = dataclasses.field(default_factory=dict)
+    subset: int | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    grad_clip: float | None = 1.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    threads: int | None = 1
+    solver: str = "anderson"
+    solver_args: dict = dataclasses.field(default_factory=dict)
+    rtol: float = 1e-3
+    atol: float = 0.0
+    max_steps: int = 20
+    eval_max_steps: int = 40
+    adjoint: str = "implicit"
+    backward_solver: str = "gmres"
+    backward_rtol: float = 1e-4
+    backward_max_steps: int = 20
+    phantom_steps: int = 5
+    phantom_damping: float = 0.5
+    jac_reg: float = 0.0
+    jac_reg_freq: float = 1.0
+    out: str | None = None
+    log_every: int = 0
+    progress: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_dir(self) -> str:
+        return self.out or os.path.join("runs", f"{self.model}-{self.data}-seed{self.seed}")
+
+    def build_solver(self) -> dk.AbstractFixedPointSolver:
+        cls = {"anderson": dk.Anderson, "picard": dk.Picard, "broyden": dk.Broyden,
+               "newton_krylov": dk.NewtonKrylov}[self.solver]
+        try:
+            return cls(rtol=self.rtol, atol=self.atol, **self.solver_args)
+        except TypeError as err:
+            raise ValueError(f"solver_args {self.solver_args} do not fit {cls.__name__}: {err}") \
+                from None
+
+    def build_adjoint(self) -> dk.AbstractAdjoint:
+        if self.adjoint == "jfb":
+            return dk.JacobianFreeAdjoint()
+        if self.adjoint == "phantom":
+            return dk.PhantomAdjoint(self.phantom_steps, self.phantom_damping)
+        if self.adjoint == "unrolled":
+            return dk.UnrolledAdjoint()
+        lin_cls = {"gmres": dk.GMRES, "bicgstab": dk.BiCGStab, "neumann": dk.Neumann,
+                   "dense": dk.Dense}[self.backward_solver]
+        if lin_cls is dk.Dense:
+            lin = dk.Dense()
+        else:
+            lin = lin_cls(rtol=self.backward_rtol, atol=0.0, max_steps=self.backward_max_steps)
+        return dk.ImplicitAdjoint(lin, on_failure="ignore")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _fail(key: str, value: Any, want: str) -> None:
+    raise ValueError(f"config `{key}` = {value!r} is invalid: {want}.")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every field; raise ValueError naming the field, the value and what is allowed."""
+
+    def positive_int(key: str, allow_zero: bool = False) -> None:
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+            _fail(key, v, f"expected an int >= {0 if allow_zero else 1}")
+
+    def number(key: str, lo: float, hi: float = float("inf"), open_lo: bool = False) -> None:
+        v = getattr(cfg, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            _fail(key, v, "expected a number")
+        if not ((v > lo) if open_lo else (v >= lo)) or v > hi:
+            _fail(key, v, f"expected a number in {'(' if open_lo else '['}{lo}, {hi}]")
+
+    def choice(key: str, options: tuple[str, ...]) -> None:
+        v = getattr(cfg, key)
+        if v not in options:
+            _fail(key, v, f"choose one of {list(options)}")
+
+    for key in ("model", "data"):
+        if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
+            _fail(key, getattr(cfg, key), "expected a non-empty string")
+    for key in ("data_args", "model_args", "solver_args"):
+        if not isinstance(getattr(cfg, key), dict):
+            _fail(key, getattr(cfg, key), "expected a table/dict of keyword arguments")
+    for key in ("epochs", "batch_size", "max_steps", "eval_max_steps", "backward_max_steps",
+                "phantom_steps"):
+        positive_int(key)
+    for key in ("seed", "log_every"):
+        positive_int(key, allow_zero=True)
+    if cfg.subset is not None:
+        positive_int("subset")
+    if cfg.threads is not None:
+        positive_int("threads")
+    number("lr", 0.0, open_lo=True)
+    number("weight_decay", 0.0)
+    number("label_smoothing", 0.0, 1.0)
+    number("rtol", 0.0)
+    number("atol", 0.0)
+    if cfg.rtol == 0 and cfg.atol == 0:
+        _fail("rtol", cfg.rtol, "rtol and atol cannot both be 0")
+    number("backward_rtol", 0.0)
+    number("phantom_damping", 0.0, 1.0, open_lo=True)
+    number("jac_reg", 0.0)
+    number("jac_reg_freq", 0.0, 1.0, open_lo=True)
+    if cfg.grad_clip is not None:
+        number("grad_clip", 0.0, open_lo=True)
+    choice("solver", SOLVERS)
+    choice("adjoint", ADJOINTS)
+    choice("backward_solver", BACKWARD_SOLVERS)
+    choice("optimizer", OPTIMIZERS)
+    choice("schedule", SCHEDULES)
+    for key in ("progress", "plots"):
+        if not isinstance(getattr(cfg, key), bool):
+            _fail(key, getattr(cfg, key), "expected true or false")
+
+
+def from_mapping(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a config from a mapping, rejecting unknown keys."""
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown key(s) {unknown}; valid keys are {sorted(_FIELDS)}."
+        )
+    return TrainConfig(**values)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``, needs PyYAML) or JSON config file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist.")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        elif ext in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError as err:
+                raise ValueError(
+                    f"config file {path!r} is YAML but PyYAML is not installed: "
+                    "`pip install pyyaml`, or use a .toml/.json file."
+                ) from err
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        elif ext == ".json":
+            with open(path) as fh:
+                data = json.load(fh)
+        else:
+            raise ValueError(
+                f"config file {path!r}: unknown extension {ext!r}; use .toml, .yaml or .json."
+            )
+    except ValueError:
+        raise
+    except Exception as err:  # parse errors
+        raise ValueError(f"config file {path!r} could not be parsed: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must contain a table of keys, got {type(data)}.")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse ``--model-arg k=v`` values: JSON when possible (numbers, true/false, lists)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}.")
+        key, value = item.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
