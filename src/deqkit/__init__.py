@@ -2,7 +2,7 @@
 
 >>> import deqkit as dk
 >>> sorted(m.name for m in dk.RESULTS)
-['diverged', 'max_steps_reached', 'nonfinite', 'successful']
+['diverged', 'max_steps_reached', 'nonfinite', 'stagnated', 'successful']
 """
 
 from . import nn as nn
@@ -10,8 +10,10 @@ from ._diagnostics import jacobian_spectral_norm as jacobian_spectral_norm
 from ._diagnostics import jacobian_spectral_radius as jacobian_spectral_radius
 from ._diagnostics import lipschitz_upper_bound as lipschitz_upper_bound
 from ._fixed_point import fixed_point as fixed_point
+from ._minimise import minimise as minimise
 from ._regularisers import fixed_point_correction_loss as fixed_point_correction_loss
 from ._regularisers import jacobian_frobenius_reg as jacobian_frobenius_reg
+from ._root_find import root_find as root_find
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
 from ._solution import SolverError as SolverError
