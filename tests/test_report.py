@@ -104,7 +104,7 @@ def test_non_contractive_cell_warns() -> None:
     assert rep.cond_estimate_max == float("inf") and rep.cond_upper_bound_max == float("inf")
     text = " ".join(rep.warnings)
     assert ">= 1" in text and "dk.nn.spectral_norm" in text
-    assert rep.n_max_steps + rep.n_diverged + rep.n_nonfinite == B
+    assert rep.n_max_steps + rep.n_stagnated + rep.n_diverged + rep.n_nonfinite == B
     assert rep.result != "successful"
     json.dumps(rep.to_dict(), allow_nan=False)
 

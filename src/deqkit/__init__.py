@@ -13,6 +13,8 @@ from ._fixed_point import fixed_point as fixed_point
 from ._minimise import minimise as minimise
 from ._regularisers import fixed_point_correction_loss as fixed_point_correction_loss
 from ._regularisers import jacobian_frobenius_reg as jacobian_frobenius_reg
+from ._report import StabilityReport as StabilityReport
+from ._report import stability_report as stability_report
 from ._root_find import root_find as root_find
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution

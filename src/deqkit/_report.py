@@ -89,8 +89,8 @@ class StabilityReport:
             ``sol.backward`` (empty lists when the backward did not run).
         backward_nmatvec: batched matrix-vector products of the backward solve.
         mean_nstep, max_nstep, frac_max_steps, n_max_steps, n_diverged, n_nonfinite,
-        rho_max, rho_mean, norm_max, norm_mean, cond_estimate_max, cond_upper_bound_max,
-        n_backward_failed: batch aggregates (NaN entries ignored).
+        n_stagnated, rho_max, rho_mean, norm_max, norm_mean, cond_estimate_max,
+        cond_upper_bound_max, n_backward_failed: batch aggregates (NaN entries ignored).
         warnings: human sentences describing problems, each with a remedy; empty when healthy.
     """
 
@@ -120,6 +120,7 @@ class StabilityReport:
     n_max_steps: int
     n_diverged: int
     n_nonfinite: int
+    n_stagnated: int
     rho_max: float
     rho_mean: float
     norm_max: float
@@ -150,8 +151,9 @@ class StabilityReport:
             f"mode, solver {self.solver}, max_steps {self.max_steps})",
             f"  forward : result {self.result}; steps mean {self.mean_nstep:.1f}, max "
             f"{self.max_nstep}; hit max_steps {self.n_max_steps}/{b} "
-            f"({100 * self.frac_max_steps:.0f}%), diverged {self.n_diverged}, non-finite "
-            f"{self.n_nonfinite}; rel residual max {fmt(_stat(self.rel_residual, 'max'))}",
+            f"({100 * self.frac_max_steps:.0f}%), stagnated {self.n_stagnated}, diverged "
+            f"{self.n_diverged}, non-finite {self.n_nonfinite}; rel residual max "
+            f"{fmt(_stat(self.rel_residual, 'max'))}",
             f"  rho(J)  : mean {fmt(self.rho_mean)}, max {fmt(self.rho_max)} "
             f"(threshold {self.rho_threshold})",
             f"  ||J||_2 : mean {fmt(self.norm_mean)}, max {fmt(self.norm_max)}",
@@ -356,6 +358,8 @@ def stability_report(
     n_max = status_codes.count(RESULTS.max_steps_reached.code)
     n_div = status_codes.count(RESULTS.diverged.code)
     n_nf = status_codes.count(RESULTS.nonfinite.code)
+    stagnated = getattr(RESULTS, "stagnated", None)  # stalled / oscillating residual
+    n_stag = status_codes.count(stagnated.code) if stagnated is not None else 0
     n_bfail = b_conv.count(False)
     rho_max = _stat(rho, "max")
 
@@ -379,6 +383,12 @@ def stability_report(
             f"{100 * n_max / batch:.0f}% of samples ({n_max}/{batch}) hit max_steps "
             f"({max_steps}) without converging: increase max_steps, loosen the solver "
             f"tolerance, or make the cell more contractive ({_REMEDY})."
+        )
+    if n_stag:
+        msgs.append(
+            f"the forward residual stagnated or oscillated for {n_stag}/{batch} samples: try "
+            "a different solver (dk.Broyden, a larger Anderson memory) or damping, or make the "
+            f"cell more contractive ({_REMEDY})."
         )
     if n_div or n_nf:
         msgs.append(
@@ -421,6 +431,7 @@ def stability_report(
         n_max_steps=n_max,
         n_diverged=n_div,
         n_nonfinite=n_nf,
+        n_stagnated=n_stag,
         rho_max=rho_max,
         rho_mean=_stat(rho, "mean"),
         norm_max=_stat(norm, "max"),
