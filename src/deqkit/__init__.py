@@ -6,6 +6,7 @@
 """
 
 from . import nn as nn
+from . import zoo as zoo
 from ._diagnostics import jacobian_spectral_norm as jacobian_spectral_norm
 from ._diagnostics import jacobian_spectral_radius as jacobian_spectral_radius
 from ._diagnostics import lipschitz_upper_bound as lipschitz_upper_bound
