@@ -1,8 +1,9 @@
-"""Command line: ``python -m deqkit demo`` (``deqkit demo`` once installed)."""
+"""Command line: ``deqkit demo``, ``deqkit train``, ``deqkit eval`` (or ``python -m deqkit``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -94,9 +95,95 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
+_TRAIN_FLAGS = {
+    # flag: (config key, type, help)
+    "--model": ("model", str, "model name (deqkit.zoo.MODELS), default conv_deq"),
+    "--data": ("data", str, "dataset: digits, mnist1d, text, npz:PATH; default digits"),
+    "--data-root": ("data_root", str, "folder for cached/generated data"),
+    "--subset": ("subset", int, "use only the first N training samples"),
+    "--epochs": ("epochs", int, "training epochs (default 10)"),
+    "--batch-size": ("batch_size", int, "batch size (default 64)"),
+    "--lr": ("lr", float, "peak learning rate (default 2e-3)"),
+    "--weight-decay": ("weight_decay", float, "AdamW weight decay (default 1e-4)"),
+    "--optimizer": ("optimizer", str, "adamw | adam | sgd"),
+    "--schedule": ("schedule", str, "cosine | constant"),
+    "--seed": ("seed", int, "random seed (default 0)"),
+    "--threads": ("threads", int, "torch intra-op threads (default 1)"),
+    "--solver": ("solver", str, "anderson | picard | broyden | newton_krylov"),
+    "--rtol": ("rtol", float, "forward relative tolerance (default 1e-3)"),
+    "--atol": ("atol", float, "forward absolute tolerance (default 0)"),
+    "--max-steps": ("max_steps", int, "forward step budget in training (default 20)"),
+    "--eval-max-steps": ("eval_max_steps", int, "forward step budget in evaluation"),
+    "--adjoint": ("adjoint", str, "implicit | jfb | phantom | unrolled"),
+    "--backward-solver": ("backward_solver", str, "gmres | bicgstab | neumann | dense"),
+    "--backward-rtol": ("backward_rtol", float, "backward relative tolerance (default 1e-4)"),
+    "--backward-max-steps": ("backward_max_steps", int, "backward iteration budget"),
+    "--jac-reg": ("jac_reg", float, "Jacobian regularisation weight (default 0)"),
+    "--jac-reg-freq": ("jac_reg_freq", float, "fraction of steps with the regulariser"),
+    "--out": ("out", str, "run folder (default runs/MODEL-DATA-seedN)"),
+    "--log-every": ("log_every", int, "also log every N training steps to metrics.jsonl"),
+}
+
+
+def _train_cmd(args: argparse.Namespace) -> int:
+    from .cli._config import from_mapping, load_file, parse_pairs
+    from .cli._train import CHECKPOINT, load_checkpoint, train
+
+    values: dict = {}
+    if args.resume:
+        out = args.out or (load_file(args.config).get("out") if args.config else None)
+        if not out:
+            raise ValueError("--resume needs --out RUN_DIR (or a config file with `out`).")
+        values.update(load_checkpoint(os.path.join(out, CHECKPOINT))["config"])
+    if args.config:
+        values.update(load_file(args.config))
+    for key, _, _ in _TRAIN_FLAGS.values():
+        v = getattr(args, key)
+        if v is not None:
+            values[key] = v
+    for flag, key in (("--model-arg", "model_args"), ("--data-arg", "data_args"),
+                      ("--solver-arg", "solver_args")):
+        pairs = parse_pairs(getattr(args, key), flag)
+        if pairs:
+            values[key] = {**values.get(key, {}), **pairs}
+    if args.no_progress:
+        values["progress"] = False
+    if args.no_plots:
+        values["plots"] = False
+    cfg = from_mapping(values, source=args.config or "command line")
+    train(cfg, resume=args.resume, stop_after=args.stop_after)
+    return 0
+
+
+def _eval_cmd(args: argparse.Namespace) -> int:
+    from .cli._train import eval_checkpoint
+
+    eval_checkpoint(args.checkpoint, max_steps=args.max_steps, split=args.split)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deqkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a zoo model on embedded or user data")
+    tr.add_argument("--config", help="TOML/YAML/JSON file with config keys (flags override it)")
+    for flag, (key, typ, hlp) in _TRAIN_FLAGS.items():
+        tr.add_argument(flag, dest=key, type=typ, default=None, help=hlp)
+    tr.add_argument("--model-arg", dest="model_args", action="append", metavar="K=V",
+                    help="model hyperparameter, repeatable (e.g. --model-arg channels=48)")
+    tr.add_argument("--data-arg", dest="data_args", action="append", metavar="K=V")
+    tr.add_argument("--solver-arg", dest="solver_args", action="append", metavar="K=V",
+                    help="solver option, e.g. --solver-arg m=6")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    tr.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    tr.set_defaults(func=_train_cmd)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint (test metrics, solver statistics)")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--max-steps", type=int, default=None, help="test-time step budget")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.set_defaults(func=_eval_cmd)
     demo = sub.add_parser("demo", help="solve and differentiate a small DEQ with every solver")
     demo.add_argument("--width", type=int, default=256)
     demo.add_argument("--batch", type=int, default=128)
@@ -108,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ValueError as err:  # configuration/data errors: a clear message, no traceback
+        print(f"deqkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

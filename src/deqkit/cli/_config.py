@@ -170,6 +170,18 @@ def load_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist.")
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".toml", ".yaml", ".yml", ".json"):
+        raise ValueError(
+            f"config file {path!r}: unknown extension {ext!r}; use .toml, .yaml or .json."
+        )
+    if ext in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError as err:
+            raise ValueError(
+                f"config file {path!r} is YAML but PyYAML is not installed: "
+                "`pip install pyyaml`, or use a .toml/.json file."
+            ) from err
     try:
         if ext == ".toml":
             try:
@@ -178,26 +190,13 @@ def load_file(path: str) -> dict[str, Any]:
                 import tomli as tomllib  # type: ignore[no-redef]
             with open(path, "rb") as fh:
                 data = tomllib.load(fh)
-        elif ext in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ModuleNotFoundError as err:
-                raise ValueError(
-                    f"config file {path!r} is YAML but PyYAML is not installed: "
-                    "`pip install pyyaml`, or use a .toml/.json file."
-                ) from err
-            with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
         elif ext == ".json":
             with open(path) as fh:
                 data = json.load(fh)
         else:
-            raise ValueError(
-                f"config file {path!r}: unknown extension {ext!r}; use .toml, .yaml or .json."
-            )
-    except ValueError:
-        raise
-    except Exception as err:  # parse errors
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+    except Exception as err:  # parse errors of any of the three formats
         raise ValueError(f"config file {path!r} could not be parsed: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must contain a table of keys, got {type(data)}.")

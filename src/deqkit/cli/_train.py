@@ -1,0 +1,388 @@
+"""``deqkit train`` and ``deqkit eval``: training loop, metrics, checkpoints, resume."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._config import TrainConfig, from_mapping
+
+CHECKPOINT = "last.pt"
+BEST = "best.pt"
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_model(cfg: TrainConfig, spec: Any) -> nn.Module:
+    """Instantiate ``cfg.model`` for the data ``spec``; DEQ models get the solver and adjoint."""
+    from .. import zoo
+
+    if cfg.model not in zoo.MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {sorted(zoo.MODELS)}.")
+    ctor = zoo.MODELS[cfg.model]
+    params = inspect.signature(ctor).parameters
+    kwargs: dict[str, Any] = dict(cfg.model_args)
+    extra = {
+        "solver": cfg.build_solver(),
+        "adjoint": cfg.build_adjoint(),
+        "max_steps": cfg.max_steps,
+        "eval_max_steps": cfg.eval_max_steps,
+    }
+    for key, value in extra.items():
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    if spec.kind == "text":
+        for key, value in (("vocab_size", spec.num_classes), ("block_size", spec.input_shape[0])):
+            if key in params and key not in kwargs:
+                kwargs[key] = value
+        try:
+            return ctor(**kwargs)
+        except TypeError as err:
+            raise ValueError(f"model {cfg.model!r}: bad model_args {cfg.model_args}: {err}") \
+                from None
+    return zoo.build_model(cfg.model, spec.input_shape, spec.num_classes, **kwargs)
+
+
+def solver_stats(model: nn.Module) -> dict[str, float]:
+    """Forward/backward statistics of the model's DEQ layer(s) from the last call."""
+    out: dict[str, float] = {}
+    deq = getattr(model, "deq", None)
+    sol = getattr(deq, "last_solution", None)
+    if sol is None:
+        return out
+    st = sol.stats
+    out["fwd_steps"] = float(st["nstep"].float().mean())
+    out["fwd_steps_max"] = float(st["nstep"].max())
+    out["fwd_rel_res"] = float(st["rel_residual"].float().nan_to_num(0).mean())
+    out["fwd_converged"] = float(st["converged"].float().mean())
+    out["nfev"] = float(st["nfev"])
+    if sol.backward:
+        out["bwd_steps"] = float(sol.backward["nstep"].float().mean())
+        out["bwd_residual"] = float(sol.backward["residual"].float().mean())
+        out["bwd_converged"] = float(sol.backward["converged"].float().mean())
+    return out
+
+
+def _loss_and_correct(out: Tensor, y: Tensor, text: bool, smoothing: float) -> tuple[Tensor, int]:
+    if text:
+        out = out.reshape(-1, out.shape[-1])
+        y = y.reshape(-1)
+    loss = nn.functional.cross_entropy(out, y, label_smoothing=smoothing)
+    correct = int((out.argmax(-1) == y).sum())
+    return loss, correct
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool) -> dict[str, float]:
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    total, loss_sum, correct = 0, 0.0, 0
+    agg: dict[str, float] = {}
+    nb = 0
+    for x, y in loader:
+        out = model(x)
+        loss, c = _loss_and_correct(out, y, text, 0.0)
+        n = y.numel()
+        loss_sum += float(loss) * n
+        correct += c
+        total += n
+        for k, v in solver_stats(model).items():
+            agg[k] = agg.get(k, 0.0) + v
+        nb += 1
+    res = {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+    if text:
+        res["bpc"] = res["loss"] / math.log(2)
+    for k, v in agg.items():
+        res[k] = v / nb
+    return res
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """Write to a temporary file, fsync, then rename: a kill never leaves a torn file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path!r} could not be loaded safely: {err}") from None
+    for key in ("config", "model", "epoch"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path!r} is not a deqkit checkpoint (no {key!r}).")
+    return ckpt
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _truncate_jsonl(path: str, max_epoch: int) -> None:
+    """On resume, drop records of epochs after the checkpoint (an interrupted epoch)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if rec.get("epoch", 0) <= max_epoch:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    with open(path, "w") as fh:
+        fh.writelines(keep)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                        file=sys.stderr)
+        except ModuleNotFoundError:
+            pass
+    return iterable
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
+          log: Any = print) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.run_dir()``; returns the summary (also in summary.json).
+
+    ``stop_after`` ends the run after that many epochs of this invocation (used to test
+    resuming); a resumed run continues exactly: per-epoch seeds for shuffling and dropout,
+    optimiser and schedule state restored from the checkpoint.
+    """
+    from ..data import load_dataset
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = cfg.run_dir()
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt_path = os.path.join(run_dir, CHECKPOINT)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+
+    start_epoch, history, best_val = 0, [], -1.0
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        saved = ckpt["config"]
+        mine = cfg.to_dict()
+        diff = {k: (saved.get(k), v) for k, v in mine.items()
+                if k not in ("progress", "plots", "out") and saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"--resume: the config differs from the checkpoint's for {sorted(diff)}; "
+                "resume with the same settings (or omit them: they are read from the run)."
+            )
+    elif os.path.isfile(ckpt_path):
+        raise ValueError(
+            f"{run_dir!r} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
+            "choose another --out."
+        )
+
+    torch.manual_seed(cfg.seed)
+    splits = load_dataset(cfg.data, root=cfg.data_root, seed=cfg.seed, subset=cfg.subset,
+                          **cfg.data_args)
+    text = splits.spec.kind == "text"
+    model = build_model(cfg, splits.spec)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(splits.train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"])
+        history = list(ckpt.get("history", []))
+        best_val = float(ckpt.get("best_val", -1.0))
+        _truncate_jsonl(metrics_path, start_epoch)
+        log(f"resuming {run_dir} after epoch {start_epoch}")
+    else:
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+        with open(os.path.join(run_dir, "config.json"), "w") as fh:
+            json.dump(cfg.to_dict(), fh, indent=2)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg.model} on {cfg.data}: {n_params:,} parameters, {len(splits.train)} train / "
+        f"{len(splits.val)} val / {len(splits.test)} test, {cfg.epochs} epochs -> {run_dir}")
+    deq = getattr(model, "deq", None)
+    train_time = float(ckpt.get("train_time", 0.0)) if ckpt is not None else 0.0
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, last_epoch):
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.manual_seed(cfg.seed * 100_019 + epoch)
+        loader = torch.utils.data.DataLoader(splits.train, batch_size=cfg.batch_size,
+                                             shuffle=True, generator=gen)
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen, nb = 0.0, 0, 0, 0
+        agg: dict[str, float] = {}
+        bar = _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+        for x, y in bar:
+            out = model(x)
+            loss, c = _loss_and_correct(out, y, text, cfg.label_smoothing)
+            total = loss
+            if cfg.jac_reg > 0 and deq is not None and hasattr(deq, "jacobian_regularisation") \
+                    and float(torch.rand(())) < cfg.jac_reg_freq:
+                total = total + cfg.jac_reg * deq.jacobian_regularisation()
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            n = y.numel()
+            loss_sum += float(loss.detach()) * n
+            correct += c
+            seen += n
+            nb += 1
+            st = solver_stats(model)
+            for k, v in st.items():
+                agg[k] = agg.get(k, 0.0) + v
+            if hasattr(bar, "set_postfix"):
+                post = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}"}
+                if st:
+                    post["steps"] = f"{st['fwd_steps']:.1f}"
+                    post["res"] = f"{st['fwd_rel_res']:.1e}"
+                bar.set_postfix(post)
+            if cfg.log_every and nb % cfg.log_every == 0:
+                _append_jsonl(metrics_path, {"epoch": epoch + 1, "step": nb,
+                                             "loss": float(loss.detach()), **st})
+        epoch_time = time.perf_counter() - t0
+        train_time += epoch_time
+        train_metrics = {"loss": loss_sum / seen, "acc": correct / seen,
+                         **{k: v / nb for k, v in agg.items()}}
+        val = evaluate(model, splits.val, cfg.batch_size, text)
+        record = {"epoch": epoch + 1, "time": epoch_time, "train_time": train_time,
+                  **{f"train_{k}": v for k, v in train_metrics.items()},
+                  **{f"val_{k}": v for k, v in val.items()}}
+        history.append(record)
+        _append_jsonl(metrics_path, record)
+        line = (f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  "
+                f"train acc {record['train_acc']:.4f}  val acc {val['acc']:.4f}")
+        if "train_fwd_steps" in record:
+            line += (f"  steps {record['train_fwd_steps']:.1f}  "
+                     f"res {record['train_fwd_rel_res']:.1e}")
+        log(line + f"  ({epoch_time:.1f}s)")
+        state = {"config": cfg.to_dict(), "model": model.state_dict(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch + 1, "history": history, "train_time": train_time,
+                 "best_val": max(best_val, val["acc"])}
+        _atomic_save(state, ckpt_path)
+        if val["acc"] > best_val:
+            best_val = val["acc"]
+            _atomic_save(state, os.path.join(run_dir, BEST))
+        if cfg.plots:
+            from ._plots import plot_history
+
+            plot_history(history, run_dir)
+
+    done = len(history) >= cfg.epochs
+    summary: dict[str, Any] = {"run_dir": run_dir, "epochs": len(history),
+                               "train_time": train_time, "complete": done,
+                               "parameters": n_params}
+    if done:
+        test = evaluate(model, splits.test, cfg.batch_size, text)
+        summary.update({f"test_{k}": v for k, v in test.items()})
+        if history:
+            summary["final_val_acc"] = history[-1]["val_acc"]
+        with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        if cfg.plots and deq is not None:
+            from ._plots import plot_residual_traces
+
+            plot_residual_traces(model, splits.test, run_dir)
+        log(_summary_table(summary))
+    return summary
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in summary.items()]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(["| metric | value |", "|---|---|"]
+                     + [f"| {k.ljust(w)} | {v} |" for k, v in rows])
+
+
+def eval_checkpoint(path: str, *, max_steps: int | None = None, split: str = "test",
+                    log: Any = print) -> dict[str, Any]:
+    """``deqkit eval``: test metrics and solver statistics of a checkpoint."""
+    from ..data import load_dataset
+
+    ckpt = load_checkpoint(path)
+    cfg = from_mapping(dict(ckpt["config"]), source=f"checkpoint {path!r}")
+    if max_steps is not None:
+        cfg.eval_max_steps = max_steps
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    splits = load_dataset(cfg.data, root=cfg.data_root, seed=cfg.seed, subset=cfg.subset,
+                          **cfg.data_args)
+    model = build_model(cfg, splits.spec)
+    model.load_state_dict(ckpt["model"])
+    if max_steps is not None and hasattr(getattr(model, "deq", None), "eval_max_steps"):
+        model.deq.eval_max_steps = max_steps
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"`split` must be train, val or test, got {split!r}.")
+    t = time.perf_counter()
+    res = evaluate(model, getattr(splits, split), cfg.batch_size, splits.spec.kind == "text")
+    res["seconds"] = time.perf_counter() - t
+    res["epoch"] = int(ckpt["epoch"])
+    log(f"{cfg.model} on {cfg.data} ({split}, epoch {res['epoch']}, eval max_steps "
+        f"{cfg.eval_max_steps}):")
+    log(_summary_table(res))
+    return res

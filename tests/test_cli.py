@@ -1,0 +1,128 @@
+"""The training command: end to end, resume, config validation, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from deqkit.__main__ import main
+from deqkit.cli._config import TrainConfig, from_mapping, load_file
+from deqkit.cli._train import load_checkpoint, train
+
+pytest.importorskip("sklearn")
+
+QUICK = dict(model="deq_mlp", data="digits", subset=256, epochs=2, batch_size=64,
+             progress=False, plots=False, max_steps=10, eval_max_steps=15,
+             model_args={"width": 32}, lr=1e-2)
+
+
+def _cfg(tmp_path, name, **kw):
+    return TrainConfig(**{**QUICK, "out": str(tmp_path / name), **kw})
+
+
+def _records(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _strip_times(recs):
+    return [{k: v for k, v in r.items() if "time" not in k} for r in recs]
+
+
+def test_two_epoch_run_end_to_end(tmp_path):
+    summary = train(_cfg(tmp_path, "a", plots=True), log=lambda *_: None)
+    run = tmp_path / "a"
+    assert summary["complete"] and summary["epochs"] == 2
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_acc"] > 0.3
+    recs = _records(run / "metrics.jsonl")
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert recs[0]["train_fwd_steps"] > 0 and "val_acc" in recs[0]
+    for name in ("config.json", "last.pt", "best.pt", "summary.json", "curves.png",
+                 "solver.png", "residual_traces.png"):
+        assert (run / name).is_file(), name
+    ckpt = load_checkpoint(str(run / "last.pt"))  # weights_only=True round trip
+    assert ckpt["epoch"] == 2 and ckpt["config"]["model"] == "deq_mlp"
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train(_cfg(tmp_path, "full", epochs=3), log=lambda *_: None)
+    part = _cfg(tmp_path, "part", epochs=3)
+    train(part, stop_after=1, log=lambda *_: None)  # "killed" after epoch 1
+    assert load_checkpoint(str(tmp_path / "part" / "last.pt"))["epoch"] == 1
+    resumed = train(part, resume=True, log=lambda *_: None)
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["test_loss"] == pytest.approx(full["test_loss"], rel=0, abs=0)
+    a = _strip_times(_records(tmp_path / "full" / "metrics.jsonl"))
+    b = _strip_times(_records(tmp_path / "part" / "metrics.jsonl"))
+    assert a == b
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses SIGKILL")
+def test_kill_mid_run_then_resume(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "deqkit", "train", "--model", "deq_mlp", "--data", "digits",
+           "--subset", "256", "--epochs", "4", "--max-steps", "10", "--lr", "0.01", "--no-progress",
+           "--no-plots", "--model-arg", "width=32", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "last.pt").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # mid-way through epoch 2 (or later)
+    proc.wait()
+    ckpt = load_checkpoint(str(out / "last.pt"))  # never torn
+    assert 1 <= ckpt["epoch"] <= 4
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] == 4
+    assert [r["epoch"] for r in _records(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_eval_command_with_larger_budget(tmp_path, capsys):
+    train(_cfg(tmp_path, "e"), log=lambda *_: None)
+    assert main(["eval", str(tmp_path / "e" / "last.pt"), "--max-steps", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "eval max_steps 30" in out and "| acc" in out and "fwd_steps" in out
+
+
+def test_config_file_and_rejections(tmp_path, capsys):
+    good = tmp_path / "c.toml"
+    good.write_text('model = "deq_mlp"\nepochs = 1\n[model_args]\nwidth = 16\n')
+    assert load_file(str(good))["model_args"] == {"width": 16}
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "deq_mlp"\nepoch = 1\n')
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "unknown key(s) ['epoch']" in capsys.readouterr().err
+    broken = tmp_path / "broken.toml"
+    broken.write_text('model = "deq_mlp\n')
+    assert main(["train", "--config", str(broken)]) == 2
+    assert "could not be parsed" in capsys.readouterr().err
+    for values, match in [({"lr": -1}, "`lr` = -1"), ({"solver": "newton"}, "`solver`"),
+                          ({"epochs": 0}, "`epochs`"), ({"adjoint": "ift"}, "`adjoint`"),
+                          ({"jac_reg_freq": 2.0}, "jac_reg_freq")]:
+        with pytest.raises(ValueError, match=match):
+            from_mapping(values)
+    assert main(["train", "--model", "nope", "--out", str(tmp_path / "n"),
+                 "--no-progress"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume_and_corrupt_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, "r", epochs=1)
+    train(cfg, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, log=lambda *_: None)
+    with pytest.raises(ValueError, match="differs from the checkpoint"):
+        train(_cfg(tmp_path, "r", epochs=1, lr=5e-3), resume=True, log=lambda *_: None)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not be loaded safely"):
+        load_checkpoint(str(bad))
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a deqkit checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
