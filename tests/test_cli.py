@@ -126,3 +126,20 @@ def test_existing_run_needs_resume_and_corrupt_checkpoint(tmp_path):
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a deqkit checkpoint"):
         load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def test_random_shift_rolls_each_sample():
+    from deqkit.cli._train import random_shift
+
+    torch.manual_seed(0)
+    x = torch.arange(10.0).repeat(4, 1, 1)  # (4, 1, 10)
+    y = random_shift(x, 3)
+    for i in range(4):
+        k = int(torch.nonzero(y[i, 0] == 0)[0])  # where the original first element went
+        k = k if k <= 3 else k - 10
+        torch.testing.assert_close(y[i, 0], torch.roll(x[i, 0], k))
+    img = torch.randn(2, 1, 5, 5)
+    out = random_shift(img, 2)
+    assert out.shape == img.shape
+    torch.testing.assert_close(out.sum(dim=(2, 3)), img.sum(dim=(2, 3)))  # a permutation
+    assert random_shift(torch.randn(3, 7), 2).shape == (3, 7)  # vectors untouched

@@ -36,7 +36,9 @@ from .solvers import AbstractFixedPointSolver as AbstractFixedPointSolver
 from .solvers import Anderson as Anderson
 from .solvers import Broyden as Broyden
 from .solvers import FallbackChain as FallbackChain
+from .solvers import HyperAnderson as HyperAnderson
 from .solvers import NewtonKrylov as NewtonKrylov
 from .solvers import Picard as Picard
+from .solvers import train_hyper_solver as train_hyper_solver
 
 __version__ = "0.1.0"

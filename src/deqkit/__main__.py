@@ -108,6 +108,8 @@ _TRAIN_FLAGS = {
     "--optimizer": ("optimizer", str, "adamw | adam | sgd"),
     "--schedule": ("schedule", str, "cosine | constant"),
     "--seed": ("seed", int, "random seed (default 0)"),
+    "--label-smoothing": ("label_smoothing", float, "label smoothing (default 0)"),
+    "--augment-shift": ("augment_shift", int, "random roll of signals/images by up to N"),
     "--threads": ("threads", int, "torch intra-op threads (default 1)"),
     "--solver": ("solver", str, "anderson | picard | broyden | newton_krylov"),
     "--rtol": ("rtol", float, "forward relative tolerance (default 1e-3)"),

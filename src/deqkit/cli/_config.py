@@ -35,6 +35,7 @@ class TrainConfig:
     schedule: str = "cosine"
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
+    augment_shift: int = 0
     seed: int = 0
     threads: int | None = 1
     solver: str = "anderson"
@@ -126,7 +127,7 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("epochs", "batch_size", "max_steps", "eval_max_steps", "backward_max_steps",
                 "phantom_steps"):
         positive_int(key)
-    for key in ("seed", "log_every"):
+    for key in ("seed", "log_every", "augment_shift"):
         positive_int(key, allow_zero=True)
     if cfg.subset is not None:
         positive_int("subset")

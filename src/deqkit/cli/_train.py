@@ -73,6 +73,23 @@ def solver_stats(model: nn.Module) -> dict[str, float]:
     return out
 
 
+def random_shift(x: Tensor, max_shift: int) -> Tensor:
+    """Data augmentation: roll each sample's last axis (and the second last for images) by a
+    random integer in ``[-max_shift, max_shift]`` (torch's global RNG, seeded per epoch)."""
+    if max_shift <= 0 or x.dim() < 3:
+        return x
+    b = x.shape[0]
+    dims = [x.dim() - 1] if x.dim() == 3 else [x.dim() - 2, x.dim() - 1]
+    for d in dims:
+        n = x.shape[d]
+        shift = torch.randint(-max_shift, max_shift + 1, (b,))
+        idx = (torch.arange(n).unsqueeze(0) - shift.unsqueeze(1)) % n  # (B, n)
+        shape = [b] + [1] * (x.dim() - 1)
+        shape[d] = n
+        x = torch.gather(x, d, idx.view(shape).expand_as(x))
+    return x
+
+
 def _loss_and_correct(out: Tensor, y: Tensor, text: bool, smoothing: float) -> tuple[Tensor, int]:
     if text:
         out = out.reshape(-1, out.shape[-1])
@@ -275,6 +292,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         agg: dict[str, float] = {}
         bar = _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
         for x, y in bar:
+            if cfg.augment_shift and not text:
+                x = random_shift(x, cfg.augment_shift)
             out = model(x)
             loss, c = _loss_and_correct(out, y, text, cfg.label_smoothing)
             total = loss

@@ -1,0 +1,656 @@
+r"""HyperDEQ: a learned initialiser and a learned Anderson acceleration for a frozen DEQ.
+
+Bai, Koltun, Kolter, "Neural Deep Equilibrium Solvers", ICLR 2022. A small network predicts
+the initial state :math:`z^{[0]}` from the injected input, and another one, from the recent
+residuals, predicts per-sample Anderson mixing weights and a damping at every step; both are
+trained on the *solver's* quality (residuals along an unrolled solve) with the DEQ frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import (
+    AbstractFixedPointSolver,
+    FlatFn,
+    check_positive_int,
+    check_tolerances,
+    put_slot,
+)
+from .anderson import Anderson
+
+_OWNER = "HyperAnderson"
+
+
+@dataclasses.dataclass
+class _HyperState:
+    F: Tensor  # (W, m, D) past f(z_i)
+    G: Tensor  # (W, m, D) past residuals g_i = f(z_i) - z_i
+    H: Tensor  # (W, m, m) Gram matrix G G^T, float64
+    Q: Tensor  # (W, m, 2p) compressed residuals (mean and RMS of the learned projection)
+    best: Tensor  # (W,) lowest residual norm so far
+    fz_best: Tensor  # (W, D) f at the lowest-residual iterate (the safeguard's fallback step)
+    k: int = dataclasses.field(default=0, metadata={"batch": False})
+    max_steps: int = dataclasses.field(default=50, metadata={"batch": False})
+
+
+class HyperAnderson(nn.Module, AbstractFixedPointSolver):
+    r"""Learnable Anderson acceleration with a learned initialiser (HyperDEQ).
+
+    Bai, Koltun, Kolter, "Neural Deep Equilibrium Solvers", ICLR 2022. Two small networks
+    are attached to a frozen DEQ :math:`z = f(z, x)`:
+
+    * the **initialiser** predicts the initial state from the injected input,
+      :math:`z^{[0]} = h_\phi(x)`: a depthwise 3x3 convolution (spatial states), a
+      pointwise two-layer network (1x1 convolutions, ReLU) from the injection's channels to
+      the state's channels, and optionally a GroupNorm (:meth:`initial_state`);
+    * the **update network** :math:`s_\xi` predicts, per sample and per step, a correction
+      :math:`\Delta\alpha` to the classical Anderson weights and a damping
+      :math:`\beta \in (0, 1)`. With :math:`G = [g_{k-n+1}, \dots, g_k]`,
+      :math:`g_i = f(z_i) - z_i`, the :math:`n \le m` most recent residuals:
+
+    .. math::
+        \alpha^{\text{LS}} = \arg\min_{\mathbf 1^\top\alpha = 1}\|G^\top\alpha\|^2, \qquad
+        (\delta, \beta_k) = s_\xi\big(\phi(G), k\big), \qquad
+        \alpha = \alpha^{\text{LS}} + \delta - \tfrac1n \mathbf 1 \mathbf 1^\top\delta,
+
+    .. math::
+        z_{k+1} = \sum_i \alpha_i f(z_i) - (1 - \beta_k) \sum_i \alpha_i g_i .
+
+    The features :math:`\phi(G)` are scale-free: the cosines between the residuals, the log
+    ratios of their norms to the newest one, :math:`\operatorname{asinh}\alpha^{\text{LS}}`,
+    the log relative residual, the step index, and a learned compression of each residual
+    (a linear projection of its channels to ``features`` channels, then the mean and RMS over
+    the remaining positions, normalised by the newest residual's RMS). The last layer of the
+    update network starts at zero, so an untrained solver is Anderson with damping
+    ``beta_init``; without ``init_groups`` the initialiser starts at zero (the usual zero
+    start).
+
+    **Safeguard** (on by default): a step whose residual :math:`\|g_k\|` is not below
+    ``safeguard`` times the lowest residual seen so far for that sample is rejected and
+    replaced by a plain step from the best iterate, :math:`z_{k+1} = f(z_{\text{best}})`.
+    On an :math:`L`-contraction that step shrinks the best residual by :math:`L`, and with
+    ``safeguard=1`` every accepted step lowers it, so a badly trained network cannot stall
+    or diverge where plain iteration converges.
+
+    Stopping, statistics and batch compaction are the driver's, as for every deqkit solver
+    (per-sample test :math:`\|f(z)-z\| \le \text{atol} + \text{rtol}\|f(z)\|`); the state is
+    batch-first. :meth:`step` is out-of-place differentiable when grad is enabled, so the
+    solver can be unrolled (:class:`~deqkit.UnrolledAdjoint`) and trained with
+    :func:`train_hyper_solver`. The solver is an ``nn.Module``: move it with ``.to()``.
+
+    Args:
+        state_shape: per-sample state shape, channels first, e.g. ``(32, 8, 8)`` for a
+            :class:`~deqkit.zoo.ConvDEQ` on digits or ``(128,)`` for a
+            :class:`~deqkit.zoo.DEQMLP`.
+        in_channels: channels of the injected input given to :meth:`initial_state` (its
+            other dimensions must match the state's). Default: ``state_shape[0]``.
+        rtol: relative tolerance. Default: 1e-5.
+        atol: absolute tolerance. Default: 1e-7.
+        m: memory (number of past iterates mixed). Default: 5.
+        features: channels of the learned residual compression :math:`p`. Default: 2.
+        hidden: width of the update network's hidden layer. Default: 16.
+        init_hidden: hidden channels of the initialiser (``None``: a single linear 1x1 map).
+            Default: 32.
+        init_depthwise: start the initialiser with a depthwise 3x3 convolution (states with
+            spatial dimensions only). Default: True.
+        init_groups: end the initialiser with a GroupNorm of this many groups (matches a
+            GroupNorm-ed state such as ConvDEQ's); ``None``: no norm, and the initialiser
+            starts at zero. Default: None.
+        beta_init: initial damping predicted by the untrained network, in (0, 1).
+            Default: 0.9.
+        safeguard: reject a step whose residual is not below this multiple of the lowest
+            residual so far (>= 1), or ``None`` to disable. Default: 1.0.
+        regularisation: relative Tikhonov regulariser of the least-squares system.
+            Default: 1e-8.
+
+    Example:
+        >>> import torch
+        >>> import deqkit as dk
+        >>> from deqkit.solvers.hyper import HyperAnderson
+        >>> _ = torch.manual_seed(0)
+        >>> W = torch.randn(6, 6)
+        >>> W = 0.8 * W / torch.linalg.matrix_norm(W, 2)
+        >>> x = torch.randn(4, 6)
+        >>> solver = HyperAnderson((6,), rtol=1e-6, atol=0)
+        >>> with torch.no_grad():
+        ...     sol = dk.fixed_point(lambda z, u: torch.tanh(z @ W.T + u),
+        ...                          solver.initial_state(x), solver=solver, args=(x,))
+        >>> sol.result, bool(sol.stats["rel_residual"].max() <= 1e-6)
+        (<RESULTS.successful: 0>, True)
+    """
+
+    supports_unrolled = True
+
+    def __init__(
+        self,
+        state_shape: tuple[int, ...] | int,
+        in_channels: int | None = None,
+        *,
+        rtol: float = 1e-5,
+        atol: float = 1e-7,
+        m: int = 5,
+        features: int = 2,
+        hidden: int = 16,
+        init_hidden: int | None = 32,
+        init_depthwise: bool = True,
+        init_groups: int | None = None,
+        beta_init: float = 0.9,
+        safeguard: float | None = 1.0,
+        regularisation: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        if isinstance(state_shape, int) and not isinstance(state_shape, bool):
+            state_shape = (state_shape,)
+        try:
+            shape = tuple(state_shape)
+        except TypeError:
+            shape = ()
+        if not shape or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
+        ):
+            raise ValueError(
+                f"{_OWNER}: `state_shape` must be the per-sample state shape (channels first), "
+                f"a tuple of positive ints such as (32, 8, 8) or (128,), got {state_shape!r}."
+            )
+        check_tolerances(_OWNER, rtol, atol)
+        check_positive_int(_OWNER, "m", m)
+        check_positive_int(_OWNER, "features", features)
+        check_positive_int(_OWNER, "hidden", hidden)
+        if init_hidden is not None:
+            check_positive_int(_OWNER, "init_hidden", init_hidden)
+        if init_groups is not None:
+            check_positive_int(_OWNER, "init_groups", init_groups)
+            if shape[0] % init_groups:
+                raise ValueError(
+                    f"{_OWNER}: `init_groups` ({init_groups}) must divide the state channels "
+                    f"({shape[0]})."
+                )
+        if len(shape) > 4:
+            raise ValueError(f"{_OWNER}: at most 3 spatial dimensions, got {shape!r}.")
+        if in_channels is None:
+            in_channels = shape[0]
+        check_positive_int(_OWNER, "in_channels", in_channels)
+        if (
+            isinstance(beta_init, bool)
+            or not isinstance(beta_init, (int, float))
+            or not 0 < beta_init < 1
+        ):
+            raise ValueError(f"{_OWNER}: `beta_init` must be in (0, 1), got {beta_init!r}.")
+        if safeguard is not None and (
+            isinstance(safeguard, bool)
+            or not isinstance(safeguard, (int, float))
+            or not 1 <= safeguard < math.inf
+        ):
+            raise ValueError(
+                f"{_OWNER}: `safeguard` must be a finite float >= 1 or None, got {safeguard!r}."
+            )
+        if (
+            isinstance(regularisation, bool)
+            or not isinstance(regularisation, (int, float))
+            or not regularisation >= 0
+        ):
+            raise ValueError(
+                f"{_OWNER}: `regularisation` must be a float >= 0, got {regularisation!r}."
+            )
+        self.state_shape = shape
+        self.channels = shape[0]
+        self.positions = math.prod(shape[1:])
+        self.in_channels = in_channels
+        self.rtol = float(rtol)
+        self.atol = float(atol)
+        self.m = m
+        self.features = features
+        self.beta_init = float(beta_init)
+        self.safeguard = None if safeguard is None else float(safeguard)
+        self.regularisation = float(regularisation)
+
+        # Initialiser on channels-first tensors (vector states are (B, C, 1) signals).
+        conv = (nn.Conv1d, nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(shape) - 1]
+        layers: list[nn.Module] = []
+        if init_depthwise and len(shape) > 1:
+            layers.append(conv(in_channels, in_channels, 3, padding=1, groups=in_channels))
+        if init_hidden is not None:
+            layers += [conv(in_channels, init_hidden, 1), nn.ReLU()]
+        layers.append(conv(init_hidden or in_channels, self.channels, 1))
+        if init_groups is not None:
+            layers.append(nn.GroupNorm(init_groups, self.channels))
+        else:  # zero start until trained
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(layers[-1].bias)
+        self.init_map = nn.Sequential(*layers)
+        # Update network.
+        self.compress = nn.Linear(self.channels, features, bias=False)
+        n_in = m + (m - 1) + m * (m - 1) // 2 + m + 2 * features * m + 2
+        self.update_net = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, m + 1)
+        )
+        out = self.update_net[2]
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        with torch.no_grad():
+            out.bias[m] = math.log(self.beta_init / (1 - self.beta_init))
+        iu = torch.triu_indices(m, m, offset=1)
+        self.register_buffer("_triu", iu, persistent=False)
+
+    # ------------------------------------------------------------------ initialiser
+    def initial_state(self, x: Tensor, *rest: Any) -> Tensor:
+        r"""Predicted initial state :math:`z^{[0]} = h_\phi(x)` from the injected input.
+
+        Args:
+            x: injection, ``(B, in_channels, *spatial)`` with the state's spatial shape.
+            *rest: further DEQ inputs (ignored), so this can stand in for a cell's
+                ``init_state(*inputs)``.
+
+        Returns:
+            ``(B, *state_shape)``, in ``x``'s dtype.
+        """
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{_OWNER}.initial_state: expected an injection of shape "
+                f"(B, {self.in_channels}, ...), got {got}."
+            )
+        w = self.compress.weight
+        h = x.to(w.dtype)
+        h = self.init_map(h.unsqueeze(-1) if h.dim() == 2 else h)
+        z = h.squeeze(-1) if x.dim() == 2 else h
+        if tuple(z.shape[1:]) != self.state_shape:
+            raise ValueError(
+                f"{_OWNER}.initial_state: the injection {tuple(x.shape)} maps to a state "
+                f"{tuple(z.shape[1:])}, not {self.state_shape}; spatial shapes must match."
+            )
+        return z.to(x.dtype)
+
+    def attach(self, deq: nn.Module) -> _Attachment:
+        """Use this solver and its initialiser in a :class:`deqkit.nn.DEQ` layer.
+
+        Sets ``deq.solver`` to this solver and overrides ``deq.init_state`` with
+        :meth:`initial_state`, so ``deq(x)`` (and e.g. ``ConvDEQ.forward``) starts from the
+        predicted state. The solver is *not* registered as a submodule (the model's
+        ``parameters()`` and ``state_dict`` are unchanged). Returns a handle whose
+        ``remove()`` restores the previous solver and initial state; it is also a context
+        manager.
+        """
+        if not hasattr(deq, "solver") or not hasattr(deq, "cell"):
+            raise TypeError(
+                f"{_OWNER}.attach: expected a deqkit.nn.DEQ layer (e.g. model.deq), got "
+                f"{type(deq).__name__}."
+            )
+        return _Attachment(deq, self)
+
+    # ------------------------------------------------------------------ protocol
+    def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> _HyperState:
+        w, d = z.shape
+        if d != self.channels * self.positions:
+            raise ValueError(
+                f"{_OWNER}: the flat state has {d} entries per sample but state_shape "
+                f"{self.state_shape} has {self.channels * self.positions}."
+            )
+        m = self.m
+        return _HyperState(
+            F=z.new_zeros(w, m, d),
+            G=z.new_zeros(w, m, d),
+            H=torch.zeros(w, m, m, dtype=torch.float64, device=z.device),
+            Q=z.new_zeros(w, m, 2 * self.features),
+            best=z.new_full((w,), math.inf),
+            fz_best=fz,
+            k=0,
+            max_steps=max(int(max_steps), 1),
+        )
+
+    def _compress(self, r: Tensor) -> Tensor:
+        """(W, D) -> (W, 2p): mean and RMS over positions of the learned channel projection."""
+        w = self.compress.weight
+        g = r.to(w.dtype).view(r.shape[0], self.channels, self.positions)
+        y = torch.einsum("pc,wcs->wps", w, g)
+        return torch.cat([y.mean(2), y.square().mean(2).add(1e-30).sqrt()], dim=1)
+
+    def step(
+        self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: _HyperState
+    ) -> tuple[Tensor, Tensor | None, _HyperState]:
+        m = self.m
+        k = state.k
+        slot = k % m
+        n = min(k + 1, m)
+        Fb = put_slot(state.F, slot, fz)
+        Gb = put_slot(state.G, slot, r)
+        Qb = put_slot(state.Q, slot, self._compress(r).to(state.Q.dtype))
+        row = torch.linalg.vecdot(Gb[:, :n], r.unsqueeze(1)).to(torch.float64)  # (W, n)
+        H = state.H
+        if torch.is_grad_enabled() and (row.requires_grad or H.requires_grad):
+            H = H.clone()
+        H[:, slot, :n] = row
+        H[:, :n, slot] = row
+
+        absr = torch.linalg.vector_norm(r, dim=1)
+        # Safeguard bookkeeping (per sample): reject a step that raised the residual.
+        if k == 0 or self.safeguard is None:
+            reject = None
+        else:
+            reject = ~(absr < self.safeguard * state.best)  # strict: no stalling
+        improved = absr < state.best
+        best = torch.where(improved, absr, state.best).detach()
+        fz_best = torch.where(improved.unsqueeze(1), fz, state.fz_best)
+
+        # Classical least-squares weights over the n valid slots (float64, detached).
+        Hd = H.detach()
+        A = Hd[:, :n, :n].clone()
+        diag = A.diagonal(dim1=1, dim2=2)
+        diag.add_(diag.mean(dim=1, keepdim=True) * self.regularisation + 1e-300)
+        y = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], n, 1))[0].squeeze(-1)
+        s = y.sum(dim=1, keepdim=True)
+        ok = torch.isfinite(s) & (s != 0) & torch.isfinite(y).all(dim=1, keepdim=True)
+        newest = F.one_hot(torch.tensor(slot, device=z.device), n).to(y.dtype)
+        alpha_ls = torch.where(ok, y / torch.where(ok, s, 1.0), newest)  # (W, n) slot order
+
+        # Features in age order (0 = newest), padded to m.
+        perm = torch.tensor([(slot - j) % m for j in range(n)], device=z.device)
+        feats = self._features(Hd, Qb.detach(), alpha_ls, perm, n, absr, fz, k, state.max_steps)
+        out = self.update_net(feats)  # (W, m + 1)
+        delta = out[:, :n]
+        delta = delta - delta.mean(dim=1, keepdim=True)
+        beta = torch.sigmoid(out[:, m]).to(z.dtype).unsqueeze(1)
+        alpha_age = alpha_ls.index_select(1, perm).to(delta.dtype) + delta  # (W, n)
+        # Back to slot order: slot perm[j] gets age j.
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n, device=z.device)
+        alpha = alpha_age.index_select(1, inv).to(z.dtype)
+        mix_f = torch.bmm(alpha.unsqueeze(1), Fb[:, :n]).squeeze(1)
+        mix_g = torch.bmm(alpha.unsqueeze(1), Gb[:, :n]).squeeze(1)
+        z_next = mix_f - (1.0 - beta) * mix_g
+        if reject is not None:
+            z_next = torch.where(reject.unsqueeze(1), state.fz_best, z_next)
+        new_state = dataclasses.replace(
+            state, F=Fb, G=Gb, H=H, Q=Qb, best=best, fz_best=fz_best, k=k + 1
+        )
+        return z_next, None, new_state
+
+    def _features(
+        self,
+        H: Tensor,
+        Q: Tensor,
+        alpha_ls: Tensor,
+        perm: Tensor,
+        n: int,
+        absr: Tensor,
+        fz: Tensor,
+        k: int,
+        max_steps: int,
+    ) -> Tensor:
+        m = self.m
+        dt = self.compress.weight.dtype
+        W = H.shape[0]
+        Ha = H[:, perm][:, :, perm]  # (W, n, n) age order
+        d = Ha.diagonal(dim1=1, dim2=2).clamp_min(1e-300)  # squared norms
+        sq = d.sqrt()
+        cos = Ha / (sq.unsqueeze(2) * sq.unsqueeze(1))
+        cos_full = H.new_zeros(W, m, m)
+        cos_full[:, :n, :n] = cos
+        cos_f = cos_full[:, self._triu[0], self._triu[1]]  # (W, m(m-1)/2)
+        ratio = H.new_zeros(W, m)
+        ratio[:, :n] = (0.5 * (d.log() - d[:, :1].log())).clamp(-10, 10)
+        al = H.new_zeros(W, m)
+        al[:, :n] = torch.asinh(alpha_ls.index_select(1, perm))
+        mask = H.new_zeros(W, m)
+        mask[:, :n] = 1.0
+        scale = (absr.detach() / math.sqrt(self.channels * self.positions)).to(dt)
+        q = Q.index_select(1, perm).to(dt) / scale.clamp_min(1e-30).view(W, 1, 1)
+        qf = Q.new_zeros(W, m, Q.shape[2]).to(dt)
+        qf[:, :n] = q.clamp(-100, 100)
+        fnorm = torch.linalg.vector_norm(fz.detach(), dim=1)
+        rel = (absr.detach() / fnorm.clamp_min(1e-30)).clamp_min(1e-30)
+        step_f = torch.stack(
+            [torch.full_like(rel, min(k, max_steps) / max_steps), rel.log10().clamp(-12, 2) / 6],
+            dim=1,
+        )
+        small = torch.cat([mask, ratio[:, 1:], cos_f, al], dim=1).to(dt)
+        return torch.cat([small, qf.flatten(1), step_f.to(dt)], dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"state_shape={self.state_shape}, m={self.m}, rtol={self.rtol}, atol={self.atol}, "
+            f"safeguard={self.safeguard}"
+        )
+
+
+class _Attachment:
+    """Handle returned by :meth:`HyperAnderson.attach`; ``remove()`` undoes the attachment."""
+
+    def __init__(self, deq: nn.Module, solver: HyperAnderson) -> None:
+        self.deq = deq
+        self._old_solver = deq.solver
+        self._had_init = "init_state" in deq.__dict__
+        self._old_init = deq.__dict__.get("init_state")
+        # object.__setattr__: do not register the solver as a submodule of the model.
+        object.__setattr__(deq, "solver", solver)
+        object.__setattr__(deq, "init_state", solver.initial_state)
+
+    def remove(self) -> None:
+        object.__setattr__(self.deq, "solver", self._old_solver)
+        if self._had_init:
+            object.__setattr__(self.deq, "init_state", self._old_init)
+        else:
+            self.deq.__dict__.pop("init_state", None)
+
+    def __enter__(self) -> _Attachment:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _as_tuple(batch: Any) -> tuple[Tensor, ...]:
+    if isinstance(batch, Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(b, Tensor) for b in batch):
+        return tuple(batch)
+    raise TypeError(
+        "train_hyper_solver: each item of `inputs` must be the DEQ cell's input tensor (the "
+        f"injection) or a tuple of input tensors, got {type(batch).__name__}."
+    )
+
+
+def train_hyper_solver(
+    deq_layer: Any,
+    inputs: Iterable[Any],
+    solver: HyperAnderson,
+    steps: int = 200,
+    k: int = 10,
+    lr: float = 3e-3,
+    *,
+    loss: str = "relative",
+    init_weight: float = 1.0,
+    target_weight: float = 0.0,
+    target_solver: AbstractFixedPointSolver | None = None,
+    target_max_steps: int = 100,
+    grad_clip: float | None = 1.0,
+    callback: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    r"""Train a :class:`HyperAnderson` on a frozen DEQ (HyperDEQ, Bai et al., ICLR 2022).
+
+    For each batch of cell inputs :math:`x`, the solve is unrolled for ``k`` steps with
+    autograd from the predicted start :math:`z^{[0]} = h_\phi(x)`, and the solver's
+    parameters :math:`(\phi, \xi)` take an Adam step (cosine-decayed learning rate, gradient
+    norm clipped) on
+
+    .. math::
+        \mathcal L = \sum_{i=0}^{k} \ell\Big(\frac{\|f(z^{[i]}) - z^{[i]}\|}
+        {\|f(z^{[i]})\|}\Big)
+        + w_0 \frac{\|z^{[0]} - z^\star\|}{\|z^\star\|}
+        + w_z \sum_{i=1}^{k} \frac{\|z^{[i]} - z^\star\|}{\|z^\star\|},
+
+    averaged over the batch, with :math:`\ell(t) = t` (``loss="relative"``) or
+    :math:`\ell(t) = \log t` (``loss="log"``, which weighs late steps as much as early ones),
+    and :math:`z^\star` a tight reference solve (only computed when :math:`w_0` or
+    :math:`w_z` is non-zero). Only the solver's parameters are differentiated
+    (``torch.autograd.grad``): the DEQ receives no gradient and is unchanged. The cell is put
+    in eval mode during training and restored afterwards.
+
+    Args:
+        deq_layer: a :class:`deqkit.nn.DEQ` (its ``cell`` is used) or a cell
+            ``cell(z, *inputs)``.
+        inputs: an iterable of cell inputs (the injection tensor, or a tuple of tensors), e.g.
+            a list of batches of ``model.stem(x)``; re-iterated when exhausted.
+        solver: the :class:`HyperAnderson` to train (in place).
+        steps: optimisation steps. Default: 200.
+        k: unrolled solver steps per loss. Default: 10.
+        lr: Adam learning rate (cosine-decayed to 10%). Default: 3e-3.
+        loss: ``"relative"`` or ``"log"``. Default: ``"relative"``.
+        init_weight: :math:`w_0`, weight of the initialisation loss. Default: 1.0.
+        target_weight: :math:`w_z`, weight of the per-step distance to :math:`z^\star`.
+            Default: 0.0.
+        target_solver: solver of the reference :math:`z^\star`.
+            Default: ``Anderson(m=5, rtol=1e-6, atol=0)``.
+        target_max_steps: step budget of the reference solve. Default: 100.
+        grad_clip: max gradient norm (``None``: no clipping). Default: 1.0.
+        callback: called as ``callback(step, loss)`` after every step.
+
+    Returns:
+        dict with ``loss`` (per-step losses), ``time_s`` (wall time), ``parameters`` (the
+        solver's parameter count) and ``steps``.
+
+    Example:
+        >>> import torch
+        >>> import deqkit as dk
+        >>> from deqkit.solvers.hyper import HyperAnderson, train_hyper_solver
+        >>> _ = torch.manual_seed(0)
+        >>> lin = torch.nn.Linear(6, 6, bias=False)
+        >>> layer = dk.nn.DEQ(lambda z, u: torch.tanh(0.6 * lin(z) + u))
+        >>> data = [torch.randn(8, 6) for _ in range(2)]
+        >>> solver = HyperAnderson((6,), rtol=1e-5)
+        >>> out = train_hyper_solver(layer, data, solver, steps=3, k=4)
+        >>> len(out["loss"]), lin.weight.grad is None
+        (3, True)
+    """
+    if not isinstance(solver, HyperAnderson):
+        raise TypeError(
+            f"train_hyper_solver: `solver` must be a HyperAnderson, got {type(solver).__name__}."
+        )
+    check_positive_int("train_hyper_solver", "steps", steps)
+    check_positive_int("train_hyper_solver", "k", k)
+    check_positive_int("train_hyper_solver", "target_max_steps", target_max_steps)
+    for name, value, strict in (
+        ("lr", lr, True),
+        ("init_weight", init_weight, False),
+        ("target_weight", target_weight, False),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value < 0
+            or (strict and value == 0)
+        ):
+            raise ValueError(
+                f"train_hyper_solver: `{name}` must be a finite float "
+                f"{'> 0' if strict else '>= 0'}, got {value!r}."
+            )
+    if loss not in ("relative", "log"):
+        raise ValueError(f"train_hyper_solver: `loss` must be 'relative' or 'log', got {loss!r}.")
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+        raise ValueError(f"train_hyper_solver: `grad_clip` must be > 0 or None, got {grad_clip!r}.")
+    cell = deq_layer.cell if isinstance(deq_layer, nn.Module) and hasattr(deq_layer, "cell") else (
+        deq_layer
+    )
+    if not callable(cell):
+        raise TypeError(
+            f"train_hyper_solver: `deq_layer` must be a DEQ layer or a callable cell, got "
+            f"{type(deq_layer).__name__}."
+        )
+    if target_solver is None:
+        target_solver = Anderson(m=5, rtol=1e-6, atol=0)
+    from .._fixed_point import fixed_point  # local: avoid an import cycle
+
+    params = [p for p in solver.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.1 * lr)
+    need_target = init_weight > 0 or target_weight > 0
+    modules = [c for c in (cell, deq_layer) if isinstance(c, nn.Module)]
+    modes = [c.training for c in modules]
+    for c in modules:
+        c.eval()
+    history: list[float] = []
+    t0 = time.perf_counter()
+    it = iter(inputs)
+    try:
+        for step_i in range(steps):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(inputs)
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    raise ValueError("train_hyper_solver: `inputs` is empty.") from None
+            xs = tuple(t.detach() for t in _as_tuple(batch))
+            z0 = solver.initial_state(*xs)
+            shape = z0.shape
+
+            def fn(zf: Tensor, _xs: tuple[Tensor, ...] = xs, _shape: Any = shape) -> Tensor:
+                return cell(zf.view(_shape), *_xs).reshape(_shape[0], -1)
+
+            z_star = None
+            if need_target:
+                with torch.no_grad():
+                    ref = fixed_point(
+                        lambda z, *a: cell(z, *a), torch.zeros_like(z0), solver=target_solver,
+                        max_steps=target_max_steps, args=xs, throw=False,
+                    )
+                z_star = ref.value.reshape(shape[0], -1)
+                zs_norm = torch.linalg.vector_norm(z_star, dim=1).clamp_min(1e-12)
+            z = z0.reshape(shape[0], -1)
+            total = z.new_zeros(())
+            if init_weight > 0:
+                dist = torch.linalg.vector_norm(z - z_star, dim=1) / zs_norm
+                total = total + init_weight * dist.mean()
+            fz = fn(z)
+            state = None
+            for i in range(k + 1):
+                r = fz - z
+                rel = torch.linalg.vector_norm(r, dim=1) / torch.linalg.vector_norm(
+                    fz, dim=1
+                ).clamp_min(1e-12)
+                term = rel.clamp_min(1e-12).log() if loss == "log" else rel
+                total = total + term.mean()
+                if target_weight > 0 and i > 0:
+                    dist = torch.linalg.vector_norm(z - z_star, dim=1) / zs_norm
+                    total = total + target_weight * dist.mean()
+                if i == k:
+                    break
+                if state is None:
+                    state = solver.init(fn, z, fz, r, k)
+                z, fz_next, state = solver.step(fn, z, fz, r, state)
+                fz = fn(z) if fz_next is None else fz_next
+            grads = torch.autograd.grad(total, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else torch.nan_to_num(g)
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            value = float(total.detach())
+            history.append(value)
+            if callback is not None:
+                callback(step_i, value)
+    finally:
+        for c, mode in zip(modules, modes):
+            c.train(mode)
+    return {
+        "loss": history,
+        "time_s": time.perf_counter() - t0,
+        "parameters": sum(p.numel() for p in params),
+        "steps": steps,
+    }
+
+
+__all__ = ["HyperAnderson", "train_hyper_solver"]

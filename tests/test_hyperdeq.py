@@ -1,0 +1,192 @@
+"""Tests for HyperAnderson and train_hyper_solver (deqkit.solvers.hyper)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import deqkit as dk
+from deqkit.solvers.hyper import HyperAnderson, train_hyper_solver
+
+F64 = torch.float64
+
+
+def tanh_map(d=6, scale=0.8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d, d, generator=g, dtype=F64)
+    W = scale * W / torch.linalg.matrix_norm(W, 2)
+    return lambda z, x: torch.tanh(z @ W.T + x)
+
+
+class Cell(nn.Module):
+    def __init__(self, d=6, scale=0.7):
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            self.lin.weight.mul_(scale / torch.linalg.matrix_norm(self.lin.weight, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+class ConvCell(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        nn.init.normal_(self.conv.weight, 0, 0.05)
+
+    def forward(self, z, u):
+        return torch.tanh(self.conv(z) + u)
+
+
+@pytest.mark.parametrize("safeguard", [1.0, None])
+def test_converges_tight_on_contraction(safeguard):
+    f = tanh_map()
+    x = torch.randn(5, 6, dtype=F64)
+    solver = HyperAnderson((6,), rtol=1e-11, atol=0, safeguard=safeguard).double()
+    sol = dk.fixed_point(f, torch.zeros_like(x), solver=solver, args=(x,), max_steps=60)
+    assert sol.result is dk.RESULTS.successful
+    assert torch.allclose(sol.value, f(sol.value, x), atol=1e-9)
+    ref = dk.fixed_point(f, torch.zeros_like(x), solver=dk.Picard(rtol=1e-11, atol=0),
+                         args=(x,), max_steps=300)
+    assert torch.allclose(sol.value, ref.value, atol=1e-9)
+
+
+def test_safeguard_rescues_bad_network():
+    """A sabotaged update network (huge random weights) still converges thanks to the safeguard."""
+    f = tanh_map(scale=0.9)
+    x = torch.randn(4, 6, dtype=F64)
+    solver = HyperAnderson((6,), rtol=1e-9, atol=0).double()
+    with torch.no_grad():
+        for p in solver.update_net.parameters():
+            p.normal_(0, 30.0)
+    sol = dk.fixed_point(f, torch.zeros_like(x), solver=solver, args=(x,), max_steps=300,
+                         divergence_ratio=None)
+    assert sol.result is dk.RESULTS.successful
+
+
+def test_untrained_matches_anderson_damped():
+    f = tanh_map()
+    x = torch.randn(3, 6, dtype=F64)
+    hyp = HyperAnderson((6,), rtol=1e-10, atol=0, beta_init=0.9, safeguard=None).double()
+    a = dk.fixed_point(f, torch.zeros_like(x), solver=hyp, args=(x,), trace=True)
+    b = dk.fixed_point(f, torch.zeros_like(x), solver=dk.Anderson(rtol=1e-10, atol=0, beta=0.9),
+                       args=(x,), trace=True)
+    assert torch.equal(a.stats["nstep"], b.stats["nstep"])
+    assert torch.allclose(a.value, b.value, atol=1e-9)
+
+
+def test_compaction_per_sample_stopping():
+    f = tanh_map()
+    # Very different scales: samples stop at different steps and drop out of the batch.
+    x = torch.randn(8, 6, dtype=F64) * torch.logspace(-3, 0.5, 8, dtype=F64).unsqueeze(1)
+    solver = HyperAnderson((6,), rtol=1e-8, atol=1e-12).double()
+    sol = dk.fixed_point(f, torch.zeros_like(x), solver=solver, args=(x,), compact=True,
+                         compact_ratio=1.0)
+    full = dk.fixed_point(f, torch.zeros_like(x), solver=solver, args=(x,), compact=False)
+    assert sol.result is dk.RESULTS.successful
+    assert len(set(sol.stats["nstep"].tolist())) > 1
+    assert int(sol.stats["nfev_samples"]) < int(full.stats["nfev_samples"])
+    assert torch.equal(sol.stats["nstep"], full.stats["nstep"])
+    assert torch.allclose(sol.value, full.value, atol=1e-12)
+
+
+def test_unrolled_adjoint_and_deq_attach():
+    torch.manual_seed(0)
+    cell = ConvCell()
+    u = torch.randn(3, 4, 5, 5, requires_grad=True)
+    solver = HyperAnderson((4, 5, 5), rtol=1e-6, atol=0, init_groups=None)
+    sol = dk.fixed_point(cell, torch.zeros(3, 4, 5, 5), solver=solver, args=(u,),
+                         adjoint=dk.UnrolledAdjoint(), max_steps=40)
+    sol.value.sum().backward()
+    assert u.grad is not None and torch.isfinite(u.grad).all()
+    assert any(p.grad is not None for p in solver.update_net.parameters())
+
+    layer = dk.nn.DEQ(cell, solver=dk.Anderson(rtol=1e-6))
+    old_solver = layer.solver
+    n_params = len(list(layer.parameters()))
+    with torch.no_grad(), solver.attach(layer):
+        assert layer.solver is solver
+        z = layer(u)
+        assert layer.last_solution.result is dk.RESULTS.successful
+        assert torch.equal(layer.init_state(u), solver.initial_state(u))
+        assert len(list(layer.parameters())) == n_params  # not registered
+    assert layer.solver is old_solver and "init_state" not in layer.__dict__
+    assert z.shape == u.shape
+
+
+def test_training_reduces_loss_and_leaves_deq_untouched():
+    torch.manual_seed(0)
+    cell = Cell(d=6, scale=0.9)
+    layer = dk.nn.DEQ(cell)
+    layer.train()
+    before = copy.deepcopy(cell.state_dict())
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 6, generator=g) for _ in range(2)]
+    solver = HyperAnderson((6,), rtol=1e-5)
+
+    def unrolled_loss() -> float:
+        out = train_hyper_solver(layer, data[:1], copy.deepcopy(solver), steps=1, k=6, lr=1e-12)
+        return out["loss"][0]
+
+    first = unrolled_loss()
+    out = train_hyper_solver(layer, data, solver, steps=30, k=6, lr=1e-2)
+    after = unrolled_loss()
+    assert after < 0.7 * first
+    assert out["parameters"] == sum(p.numel() for p in solver.parameters())
+    assert out["time_s"] > 0 and len(out["loss"]) == 30
+    assert all(p.grad is None for p in cell.parameters())
+    assert all(torch.equal(v, cell.state_dict()[k]) for k, v in before.items())
+    assert layer.training  # mode restored
+
+
+def test_training_log_loss_and_target_weight_run():
+    cell = Cell()
+    solver = HyperAnderson((6,), rtol=1e-5, init_hidden=None)
+    out = train_hyper_solver(cell, [(torch.randn(4, 6),)], solver, steps=2, k=3, loss="log",
+                             target_weight=0.5)
+    assert len(out["loss"]) == 2 and all(torch.isfinite(torch.tensor(out["loss"])))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"state_shape": ()}, "state_shape"),
+        ({"state_shape": (4, 0)}, "state_shape"),
+        ({"state_shape": (4,), "rtol": 0, "atol": 0}, "both 0"),
+        ({"state_shape": (4,), "m": 0}, "`m`"),
+        ({"state_shape": (4,), "beta_init": 1.0}, "beta_init"),
+        ({"state_shape": (4,), "safeguard": 0.5}, "safeguard"),
+        ({"state_shape": (4,), "regularisation": -1.0}, "regularisation"),
+        ({"state_shape": (4,), "init_groups": 3}, "init_groups"),
+        ({"state_shape": (4,), "hidden": 0}, "hidden"),
+    ],
+)
+def test_constructor_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HyperAnderson(**kwargs)
+
+
+def test_runtime_validation():
+    solver = HyperAnderson((4, 3, 3))
+    with pytest.raises(ValueError, match="injection"):
+        solver.initial_state(torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="state"):
+        dk.fixed_point(lambda z: z * 0.5, torch.ones(2, 7), solver=solver)
+    with pytest.raises(TypeError, match="DEQ"):
+        solver.attach(nn.Linear(2, 2))
+    cell = Cell()
+    with pytest.raises(TypeError, match="HyperAnderson"):
+        train_hyper_solver(cell, [torch.randn(2, 6)], dk.Anderson())
+    hyp = HyperAnderson((6,))
+    for kw, match in (({"steps": 0}, "steps"), ({"k": 0}, "`k`"), ({"lr": 0.0}, "lr"),
+                      ({"loss": "l2"}, "loss"), ({"init_weight": -1.0}, "init_weight")):
+        with pytest.raises(ValueError, match=match):
+            train_hyper_solver(cell, [torch.randn(2, 6)], hyp, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        train_hyper_solver(cell, [], hyp, steps=1)
+    with pytest.raises(TypeError, match="input tensor"):
+        train_hyper_solver(cell, ["x"], hyp, steps=1)
