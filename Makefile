@@ -20,7 +20,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 demo: install
-	$(PY) -m deqkit demo
+	$(PY) -m deqkit compare
 
 bench: install
 	$(PIP) -e '.[bench]'

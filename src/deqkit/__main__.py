@@ -1,4 +1,5 @@
-"""Command line: ``deqkit demo``, ``deqkit train``, ``deqkit eval`` (or ``python -m deqkit``)."""
+"""Command line: ``deqkit compare``, ``deqkit train``, ``deqkit eval``, ``deqkit demo``
+(or ``python -m deqkit ...``)."""
 
 from __future__ import annotations
 
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-steps", type=int, default=None, help="test-time step budget")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
     ev.set_defaults(func=_eval_cmd)
+    from .compare import add_compare_parser
+
+    add_compare_parser(sub)
     demo = sub.add_parser("demo", help="solve and differentiate a small DEQ with every solver")
     demo.add_argument("--width", type=int, default=256)
     demo.add_argument("--batch", type=int, default=128)
