@@ -327,3 +327,40 @@ def test_fallback_chain_recovers_what_anderson_fails(use_args):
         dk.FallbackChain(anderson)
     with pytest.raises(ValueError, match="one int per solver"):
         dk.FallbackChain(anderson, anderson, max_steps=(3,))
+
+
+def test_broyden_secant_condition_holds_across_memory_restart():
+    # After every update (including the one that restarts a full memory) the inverse
+    # Jacobian estimate must satisfy the secant condition H y = s for the newest pair.
+    from deqkit.solvers.broyden import _hv
+
+    g = torch.Generator().manual_seed(7)
+    W = contractive_matrix(12, 0.9, gen=g)
+    x = torch.randn(3, 12, dtype=F64, generator=g)
+
+    def f(z):
+        return torch.tanh(z @ W.T + x)
+
+    solver = dk.Broyden(memory=3)
+    z = torch.zeros_like(x)
+    fz = f(z)
+    state = solver.init(f, z, fz, fz - z, 50)
+    with torch.no_grad():
+        for k in range(8):
+            z_new, _, state = solver.step(f, z, fz, fz - z, state)
+            if k > 0:
+                s = z - prev_z
+                y = (fz - z) - prev_r
+                hy = _hv(state.U[:, :state.n], state.V[:, :state.n], y)
+                torch.testing.assert_close(hy, s, rtol=1e-8, atol=1e-10)
+            prev_z, prev_r = z, fz - z
+            z, fz = z_new, f(z_new)
+
+
+def test_newton_krylov_safeguard_when_newton_system_is_singular():
+    # f(z) = sin(z) + 0.1 has J = cos(0) = 1 at z0 = 0, so I - J is singular there: the inner
+    # GMRES cannot solve the Newton system and the solver must fall back to a plain step.
+    f = lambda z: torch.sin(z) + 0.1  # noqa: E731
+    z0 = torch.zeros(2, 3, dtype=F64)
+    sol = dk.fixed_point(f, z0, dk.NewtonKrylov(rtol=1e-12, atol=0), max_steps=40)
+    torch.testing.assert_close(f(sol.value), sol.value, rtol=0, atol=1e-11)

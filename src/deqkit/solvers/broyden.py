@@ -102,6 +102,8 @@ class Broyden(AbstractFixedPointSolver):
         m = state.U.shape[1]
         U, V, n = state.U, state.V, state.n
         if state.k > 0:
+            if n == m:  # memory full: restart from H = -I, then add the newest pair to it
+                n = 0
             s = z - state.z_prev
             y = r - state.g_prev
             Un, Vn = U[:, :n], V[:, :n]
@@ -114,8 +116,6 @@ class Broyden(AbstractFixedPointSolver):
             safe = torch.where(ok, denom, torch.ones_like(denom))
             u = torch.where(ok, (s - hy) / safe, torch.zeros_like(s))
             v = torch.where(ok, sh, torch.zeros_like(sh))
-            if n == m:  # memory full: restart from H = -I (keeps the secant updates consistent)
-                n = 0
             U[:, n].copy_(u)
             V[:, n].copy_(v)
             n += 1

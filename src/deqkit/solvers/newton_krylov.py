@@ -25,7 +25,9 @@ class NewtonKrylov(AbstractFixedPointSolver):
     Quadratic local convergence when the inner solve is tight; the inner tolerance
     (``linear_solver.rtol``) is the forcing term. Each inner iteration costs one JVP, which is
     counted as one evaluation of f in ``stats["nfev"]`` (a JVP costs about 1.5-3 times f).
-    Every op in f must support forward-mode AD.
+    Every op in f must support forward-mode AD. A sample whose inner solve misses its
+    tolerance and reduces the Newton residual by less than half takes a plain fixed-point step
+    instead (safeguard against near-singular :math:`I - J` away from the solution).
 
     Args:
         rtol: relative tolerance. Default: 1e-5.
@@ -71,8 +73,13 @@ class NewtonKrylov(AbstractFixedPointSolver):
             _, jv = torch.func.jvp(fn, (z,), (v,))
             return v - jv
 
-        delta = self.linear_solver.solve(matvec, r).value
-        delta = torch.where(torch.isfinite(delta), delta, r)
+        inner = self.linear_solver.solve(matvec, r)
+        # Where the inner solve made little progress (I - J nearly singular, e.g. far from the
+        # fixed point of a cell that is only locally contractive) its direction is unreliable:
+        # take the fixed-point step delta = r = f(z) - z for that sample instead.
+        rnorm = torch.linalg.vector_norm(r, dim=1)
+        poor = (~inner.converged) & ~(inner.residual <= 0.5 * rnorm)
+        delta = torch.where(poor.unsqueeze(1) | ~torch.isfinite(inner.value), r, inner.value)
         if self.line_search:
             z_next, fz_next = backtrack(fn, z, r, delta, self.max_halvings)
             return z_next, fz_next, state
