@@ -83,23 +83,28 @@ def iterate(
     since_best = torch.zeros(B, dtype=torch.int64, device=device) if patience else None
     state = None
 
+    all_active = True  # no row of the working batch has stopped: cheaper bookkeeping
     for k in range(max_steps + 1):
         r = fz - z
         absr = torch.linalg.vector_norm(r, dim=1)
         fnorm = torch.linalg.vector_norm(fz, dim=1)
-        conv = absr <= fnorm * rtol + atol
+        conv = absr <= (fnorm * rtol + atol if atol else fnorm * rtol)
         # NaN/inf residuals and divergence both fail `absr <= div * best`.
         bad = ~(absr <= best_abs * div) if k > 0 else ~torch.isfinite(absr)
         improved = absr < best_abs
         if since_best is not None:  # oscillation / stagnation: no new lowest residual lately
             since_best = torch.where(improved, 0, since_best + 1)
             bad = bad | (since_best >= patience)
-        stop = (conv | bad) & active
+        stop = conv | bad
+        if not all_active:
+            stop = stop & active
         if trace:
             t = z0.new_full((B,), float("nan"))
             t[gidx] = torch.where(active, absr, torch.nan).detach()
             traces.append(t)
-        flags = torch.stack((stop.any(), (improved | ~active).all())).tolist()
+        flags = torch.stack(
+            (stop.any(), improved.all() if all_active else (improved | ~active).all())
+        ).tolist()
         if flags[1]:  # every unfinished sample improved: no copies (finished rows are unused)
             best_z, best_fn, best_abs = z, fnorm, absr
         else:
@@ -129,6 +134,7 @@ def iterate(
             out_nstep.index_fill_(0, g, k)
             out_status.index_copy_(0, g, code)
             active = active & ~stop
+            all_active = False
             n_active = int(active.sum())
             if n_active == 0:
                 break
@@ -140,6 +146,7 @@ def iterate(
                 if since_best is not None:
                     since_best = since_best[keep]
                 active = active[keep]
+                all_active = True
                 work_args = tuple(a[gidx] if isinstance(a, Tensor) else a for a in args)
                 if state is not None:
                     state = solver.select(state, keep)

@@ -22,8 +22,10 @@ from ._base import (
 class _AndersonState:
     F: Tensor  # (W, m, D) past f(z_i)
     G: Tensor  # (W, m, D) past residuals g_i = f(z_i) - z_i
-    H: Tensor  # (W, m, m) Gram matrix G G^T, float64
+    H: Tensor  # (W, m, m) Gram matrix G G^T (solver dtype; the small solve runs in float64)
     k: int = dataclasses.field(default=0, metadata={"batch": False})
+    # one-hot rows selecting slot s among n, cached by (n, s): the fallback weights
+    onehot: dict = dataclasses.field(default_factory=dict, metadata={"batch": False})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,45 +89,54 @@ class Anderson(AbstractFixedPointSolver):
         w, d = z.shape
         F = z.new_empty(w, m, d)
         G = z.new_empty(w, m, d)
-        H = torch.zeros(w, m, m, dtype=torch.float64, device=z.device)
+        H = z.new_zeros(w, m, m)
         return _AndersonState(F=F, G=G, H=H, k=0)
 
     def step(
         self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: _AndersonState
     ) -> tuple[Tensor, Tensor | None, Any]:
+        # This runs once per solver step, so it is written for few tensor ops: in-place slot
+        # writes and a mutable state unless autograd records the solve (UnrolledAdjoint).
         m = state.F.shape[1]
-        slot = state.k % m
-        n = min(state.k + 1, m)
-        F = put_slot(state.F, slot, fz)
-        G = put_slot(state.G, slot, r)
+        k = state.k
+        slot = k % m
+        n = k + 1 if k < m else m
+        differentiable = torch.is_grad_enabled() and (fz.requires_grad or r.requires_grad)
+        if differentiable:
+            F = put_slot(state.F, slot, fz)
+            G = put_slot(state.G, slot, r)
+        else:
+            F, G = state.F, state.G
+            F[:, slot].copy_(fz)
+            G[:, slot].copy_(r)
         Gn = G[:, :n]
-        row = torch.linalg.vecdot(Gn, r.unsqueeze(1)).to(torch.float64)  # (W, n)
-        H = state.H
-        if torch.is_grad_enabled() and row.requires_grad:
-            H = H.clone()
+        row = torch.matmul(r.unsqueeze(1), Gn.transpose(1, 2)).squeeze(1)  # (W, n) = g_k . g_i
+        H = state.H.clone() if differentiable else state.H
         H[:, slot, :n] = row
         H[:, :n, slot] = row
-        state = dataclasses.replace(state, F=F, G=G, H=H, k=state.k + 1)
+        if differentiable:
+            state = dataclasses.replace(state, F=F, G=G, H=H, k=k + 1)
+        else:
+            state.k = k + 1
         if n == 1:
             if self.beta == 1.0:
                 return fz, None, state
             return torch.lerp(z, fz, self.beta), None, state
-        A = H[:, :n, :n].clone()
+        A = H[:, :n, :n].to(torch.float64, copy=True)
         diag = A.diagonal(dim1=1, dim2=2)
         # Relative Tikhonov term: regularisation * mean(diag H), plus a floor for H = 0.
-        diag.add_(diag.mean(dim=1, keepdim=True) * self.regularisation + 1e-300)
-        ones = A.new_ones(A.shape[0], n, 1)
-        y = torch.linalg.solve_ex(A, ones)[0].squeeze(-1)
+        diag.add_(diag.sum(dim=1, keepdim=True) * (self.regularisation / n) + 1e-300)
+        y = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], n, 1))[0].squeeze(-1)
         s = y.sum(dim=1, keepdim=True)
-        # Singular / non-finite system: plain step for that sample (weight 1 on the newest slot).
-        ok = torch.isfinite(s) & (s != 0)
-        alpha = torch.where(ok, y / s, F.new_zeros(()).to(y.dtype))
-        if not torch.is_grad_enabled():
-            alpha[:, slot].masked_fill_(~ok.squeeze(1), 1.0)
-        else:
-            alpha = alpha + (~ok).to(alpha.dtype) * torch.nn.functional.one_hot(
-                torch.tensor(slot), n).to(alpha)
-        alpha = alpha.to(z.dtype)
+        # Singular / non-finite system (s is then inf or NaN): plain step for that sample,
+        # i.e. weight 1 on the newest slot.
+        key = (n, slot)
+        plain = state.onehot.get(key)
+        if plain is None or plain.device != y.device:
+            plain = torch.zeros(1, n, dtype=y.dtype, device=y.device)
+            plain[0, slot] = 1.0
+            state.onehot[key] = plain
+        alpha = torch.where(torch.isfinite(s), y / s, plain).to(z.dtype)
         z_next = torch.bmm(alpha.unsqueeze(1), F[:, :n]).squeeze(1)
         if self.beta != 1.0:
             z_next = z_next - (1.0 - self.beta) * torch.bmm(alpha.unsqueeze(1), Gn).squeeze(1)
