@@ -345,6 +345,7 @@ def test_broyden_secant_condition_holds_across_memory_restart():
     z = torch.zeros_like(x)
     fz = f(z)
     state = solver.init(f, z, fz, fz - z, 50)
+    prev_z, prev_r = z, fz - z
     with torch.no_grad():
         for k in range(8):
             z_new, _, state = solver.step(f, z, fz, fz - z, state)
