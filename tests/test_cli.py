@@ -143,3 +143,14 @@ def test_random_shift_rolls_each_sample():
     assert out.shape == img.shape
     torch.testing.assert_close(out.sum(dim=(2, 3)), img.sum(dim=(2, 3)))  # a permutation
     assert random_shift(torch.randn(3, 7), 2).shape == (3, 7)  # vectors untouched
+
+
+def test_char_lm_run_reports_bits_per_character(tmp_path):
+    cfg = TrainConfig(model="deq_transformer", data="text", subset=64, epochs=1, batch_size=32,
+                      progress=False, plots=False, out=str(tmp_path / "lm"),
+                      model_args={"d_model": 32, "n_heads": 2, "d_ff": 64})
+    summary = train(cfg, log=lambda *_: None)
+    assert summary["complete"]
+    # bits per character = cross-entropy in nats / ln 2, over every predicted character
+    assert summary["test_bpc"] == pytest.approx(summary["test_loss"] / 0.6931471805599453)
+    assert 0 < summary["test_bpc"] < 10 and 0 <= summary["test_acc"] <= 1
