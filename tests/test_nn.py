@@ -143,3 +143,19 @@ def test_jacobian_regularisation_method_matches_exact_and_trains():
     loss = z.square().mean() + 0.5 * layer.jacobian_regularisation()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in cell.parameters())
+
+
+def test_batchnorm_cell_is_not_compacted():
+    class BNCell(Cell):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, z, x):
+            return 0.5 * torch.tanh(self.bn(self.lin(z))) + self.inj(x)
+
+    layer = dk.nn.DEQ(BNCell(), solver=dk.Picard(rtol=1e-5, atol=0), max_steps=60)
+    x = torch.randn(6, 8) * torch.linspace(0.01, 2, 6).unsqueeze(1)
+    layer(x)
+    st = layer.last_solution.stats
+    assert int(st["nfev_samples"]) == 6 * int(st["nfev"])

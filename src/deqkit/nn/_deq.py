@@ -27,10 +27,15 @@ def _parametrized(module: nn.Module) -> bool:
     return any(parametrize.is_parametrized(m) for m in module.modules())
 
 
-def _has_active_dropout_masks(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, VariationalDropout) and m.training and m.p > 0 for m in module.modules()
-    )
+def _couples_samples(module: nn.Module) -> bool:
+    """Whether slicing the batch would change the cell's output for the remaining samples:
+    live per-sample dropout masks, or batch statistics (BatchNorm in training mode)."""
+    for m in module.modules():
+        if isinstance(m, VariationalDropout) and m.training and m.p > 0:
+            return True
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            return True
+    return False
 
 
 class DEQ(nn.Module):
@@ -42,8 +47,9 @@ class DEQ(nn.Module):
     so samples that converge stop costing compute (``compact=True``); a cell that mixes
     samples (BatchNorm) must be used with ``compact=False``. Parametrized weights of the cell
     (e.g. spectral normalisation) are computed once per forward call, not once per iteration.
-    A cell with :class:`~deqkit.nn.VariationalDropout` in training mode is solved without
-    compaction (its per-sample masks cover the whole batch); call
+    A cell with :class:`~deqkit.nn.VariationalDropout` or BatchNorm in training mode is solved
+    without compaction (per-sample masks / batch statistics cover the whole batch; note that
+    BatchNorm couples the samples, so per-sample stopping is then only approximate); call
     :func:`~deqkit.nn.reset_dropout` before each forward to draw new masks.
 
     Args:
@@ -146,9 +152,9 @@ class DEQ(nn.Module):
                 max_steps=max_steps,
                 args=tuple(inputs),
                 throw=self.throw,
-                # Per-sample dropout masks would have to be sliced with the batch: keep it whole.
+                # Per-sample dropout masks or batch statistics: keep the batch whole.
                 compact=self.compact
-                and not (isinstance(self.cell, nn.Module) and _has_active_dropout_masks(self.cell)),
+                and not (isinstance(self.cell, nn.Module) and _couples_samples(self.cell)),
                 **self.fp_kwargs,
             )
         self.last_solution = sol
