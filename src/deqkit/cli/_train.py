@@ -103,7 +103,16 @@ def _loss_and_correct(out: Tensor, y: Tensor, text: bool, smoothing: float) -> t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool) -> dict[str, float]:
+def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
+             env: Any = None) -> dict[str, float]:
+    """Loss, accuracy (and bpc for text) and mean per-batch solver statistics on ``dataset``.
+
+    With a distributed ``env`` (``deqkit.cli._distributed.DistEnv``) every rank evaluates its
+    chunk of each batch of ``batch_size`` and the numbers are reduced over the ranks; the
+    result (on every rank) is that of one process evaluating the whole set.
+    """
+    if env is not None and env.enabled:
+        return _evaluate_distributed(model, dataset, batch_size, text, env)
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     total, loss_sum, correct = 0, 0.0, 0
@@ -124,6 +133,48 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool) -> dic
         res["bpc"] = res["loss"] / math.log(2)
     for k, v in agg.items():
         res[k] = v / nb
+    return res
+
+
+def _evaluate_distributed(model: nn.Module, dataset: Any, batch_size: int, text: bool,
+                          env: Any) -> dict[str, float]:
+    from . import _distributed as dd
+
+    model = dd.unwrap(model)
+    model.eval()
+    sampler = dd.GlobalBatchSampler(len(dataset), batch_size, env.rank, env.world_size,
+                                    shuffle=False)
+    total, loss_sum, correct = 0, 0.0, 0
+    rows: list[dict[str, float]] = []
+    counts: list[int] = []
+    for idx, _ in sampler.batches():
+        if not idx:  # a short last batch with fewer samples than ranks
+            rows.append({})
+            counts.append(0)
+            continue
+        x, y = dd.fetch(dataset, idx)
+        x, y = x.to(env.device), y.to(env.device)
+        out = model(x)
+        loss, c = _loss_and_correct(out, y, text, 0.0)
+        n = y.numel()
+        loss_sum += float(loss) * n
+        correct += c
+        total += n
+        rows.append(solver_stats(model))
+        counts.append(n)
+    tot = env.all_reduce(torch.tensor([loss_sum, float(correct), float(total)],
+                                      dtype=torch.float64))
+    loss_sum, correct, total = float(tot[0]), round(float(tot[1])), round(float(tot[2]))
+    rows = dd.reduce_batch_stats(env, rows, counts)
+    res = {"loss": loss_sum / max(total, 1), "acc": correct / max(total, 1)}
+    if text:
+        res["bpc"] = res["loss"] / math.log(2)
+    agg: dict[str, float] = {}
+    for row in rows:
+        for k, v in row.items():
+            agg[k] = agg.get(k, 0.0) + v
+    for k, v in agg.items():
+        res[k] = v / max(len(rows), 1)
     return res
 
 
@@ -206,18 +257,30 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     ``stop_after`` ends the run after that many epochs of this invocation (used to test
     resuming); a resumed run continues exactly: per-epoch seeds for shuffling and dropout,
     optimiser and schedule state restored from the checkpoint.
+
+    Started by ``torchrun`` with ``WORLD_SIZE > 1`` the run is data parallel
+    (``DistributedDataParallel``; see ``docs/distributed.md``): each rank trains on its chunk
+    of every global batch of ``batch_size``, metrics are reduced over the ranks, and only
+    rank 0 logs and writes files. Every rank returns the same summary.
     """
-    from ..data import load_dataset
+    from . import _distributed as dd
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    env = dd.detect()
+    try:
+        summary = _train(cfg, env, resume=resume, stop_after=stop_after,
+                         log=log if env.is_main else (lambda *a, **k: None))
+    except BaseException:
+        dd.shutdown(env, barrier=False)  # the other ranks may not reach a barrier
+        raise
+    dd.shutdown(env)
+    return summary
+
+
+def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
+    """Checks of the run folder (rank 0); the checkpoint to resume from, if any."""
     run_dir = cfg.run_dir()
-    os.makedirs(run_dir, exist_ok=True)
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-
-    start_epoch, history, best_val = 0, [], -1.0
-    ckpt = None
+    os.makedirs(run_dir, exist_ok=True)
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt["config"]
@@ -229,15 +292,50 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                 f"--resume: the config differs from the checkpoint's for {sorted(diff)}; "
                 "resume with the same settings (or omit them: they are read from the run)."
             )
-    elif os.path.isfile(ckpt_path):
+        return ckpt
+    if os.path.isfile(ckpt_path):
         raise ValueError(
             f"{run_dir!r} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
             "choose another --out."
         )
+    return None
 
+
+def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
+           log: Any) -> dict[str, Any]:
+    from ..data import load_dataset
+    from . import _distributed as dd
+
+    dist_on, main = env.enabled, env.is_main
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = cfg.run_dir()
+    ckpt_path = os.path.join(run_dir, CHECKPOINT)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if dist_on:
+        local_bs = dd.local_batch_size(cfg.batch_size, env.world_size)
+        # Rank 0 checks the run folder and reads the checkpoint; the others receive it (no
+        # shared file system needed), and a failure on rank 0 is raised on every rank.
+        ckpt, err = None, None
+        if main:
+            try:
+                ckpt = _prepare_run_dir(cfg, resume)
+            except ValueError as e:
+                err = str(e)
+        ckpt, err = env.broadcast_object((ckpt, err))
+        if err is not None:
+            raise ValueError(err)
+    else:
+        ckpt = _prepare_run_dir(cfg, resume)
+
+    start_epoch, history, best_val = 0, [], -1.0
     torch.manual_seed(cfg.seed)
+    if dist_on and not main:
+        env.barrier()  # rank 0 fills any data cache first
     splits = load_dataset(cfg.data, root=cfg.data_root, seed=cfg.seed, subset=cfg.subset,
                           **cfg.data_args)
+    if dist_on and main:
+        env.barrier()
     text = splits.spec.kind == "text"
     model = build_model(cfg, splits.spec)
     decay, no_decay = [], []
@@ -267,9 +365,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt.get("history", []))
         best_val = float(ckpt.get("best_val", -1.0))
-        _truncate_jsonl(metrics_path, start_epoch)
+        if main:
+            _truncate_jsonl(metrics_path, start_epoch)
         log(f"resuming {run_dir} after epoch {start_epoch}")
-    else:
+    elif main:
         if os.path.exists(metrics_path):
             os.remove(metrics_path)
         with open(os.path.join(run_dir, "config.json"), "w") as fh:
@@ -277,29 +376,59 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model} on {cfg.data}: {n_params:,} parameters, {len(splits.train)} train / "
-        f"{len(splits.val)} val / {len(splits.test)} test, {cfg.epochs} epochs -> {run_dir}")
-    deq = getattr(model, "deq", None)
+        f"{len(splits.val)} val / {len(splits.test)} test, {cfg.epochs} epochs -> {run_dir}"
+        + (f" ({env.world_size} processes, {env.backend}, {local_bs} samples per process "
+           "per step)" if dist_on else ""))
+    core = model  # the plain module: checkpoints, solver statistics, regulariser, plots
+    deq = getattr(core, "deq", None)
+    sampler = None
+    if dist_on:
+        model = dd.wrap_model(model, env)
+        sampler = dd.GlobalBatchSampler(len(splits.train), cfg.batch_size, env.rank,
+                                        env.world_size, shuffle=True,
+                                        base_seed=cfg.seed * 100_003)
+        sampler.check_nonempty("training set")
     train_time = float(ckpt.get("train_time", 0.0)) if ckpt is not None else 0.0
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, last_epoch):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        torch.manual_seed(cfg.seed * 100_019 + epoch)
-        loader = torch.utils.data.DataLoader(splits.train, batch_size=cfg.batch_size,
-                                             shuffle=True, generator=gen)
+        coin = None
+        if dist_on:
+            sampler.set_epoch(epoch)
+            # augmentation, dropout masks, Hutchinson probes: independent per rank (rank 0
+            # draws what a single process would); whether the Jacobian regulariser is used
+            # in a step is drawn from a generator shared by all ranks, so they agree.
+            torch.manual_seed(cfg.seed * 100_019 + epoch + 1_000_003 * env.rank)
+            coin = torch.Generator().manual_seed(cfg.seed * 100_043 + epoch)
+            batches: Iterable = ((dd.fetch(splits.train, idx), m)
+                                 for idx, m in sampler.batches())
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            torch.manual_seed(cfg.seed * 100_019 + epoch)
+            loader = torch.utils.data.DataLoader(splits.train, batch_size=cfg.batch_size,
+                                                 shuffle=True, generator=gen)
+            batches = ((xy, None) for xy in loader)
         model.train()
         t0 = time.perf_counter()
         loss_sum, correct, seen, nb = 0.0, 0, 0, 0
-        agg: dict[str, float] = {}
-        bar = _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
-        for x, y in bar:
+        rows: list[dict[str, float]] = []
+        counts: list[int] = []
+        bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
+                        cfg.progress and main)
+        for (x, y), global_n in bar:
+            if dist_on:
+                x, y = x.to(env.device), y.to(env.device)
             if cfg.augment_shift and not text:
                 x = random_shift(x, cfg.augment_shift)
             out = model(x)
             loss, c = _loss_and_correct(out, y, text, cfg.label_smoothing)
             total = loss
             if cfg.jac_reg > 0 and deq is not None and hasattr(deq, "jacobian_regularisation") \
-                    and float(torch.rand(())) < cfg.jac_reg_freq:
+                    and float(torch.rand((), generator=coin)) < cfg.jac_reg_freq:
                 total = total + cfg.jac_reg * deq.jacobian_regularisation()
+            if global_n is not None and global_n != cfg.batch_size:
+                # DDP averages the ranks' gradients with equal weights: weight each rank's
+                # mean by its share of a short last batch so the result is the global mean.
+                total = total * (env.world_size * x.shape[0] / global_n)
             opt.zero_grad(set_to_none=True)
             total.backward()
             if cfg.grad_clip is not None:
@@ -311,9 +440,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
             correct += c
             seen += n
             nb += 1
-            st = solver_stats(model)
-            for k, v in st.items():
-                agg[k] = agg.get(k, 0.0) + v
+            st = solver_stats(core)
+            if dist_on and "bwd_residual" in st:
+                # the rank's loss is a mean over its chunk, world_size times the global mean's
+                # share, and the backward residual is absolute: report it on the global scale
+                st["bwd_residual"] /= env.world_size
+            rows.append(st)
+            counts.append(n)
             if hasattr(bar, "set_postfix"):
                 post = {"loss": f"{loss_sum / seen:.3f}", "acc": f"{correct / seen:.3f}"}
                 if st:
@@ -321,52 +454,80 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
                     post["res"] = f"{st['fwd_rel_res']:.1e}"
                 bar.set_postfix(post)
             if cfg.log_every and nb % cfg.log_every == 0:
-                _append_jsonl(metrics_path, {"epoch": epoch + 1, "step": nb,
-                                             "loss": float(loss.detach()), **st})
+                step_loss = float(loss.detach())
+                if dist_on:  # the global batch's loss and statistics
+                    t = env.all_reduce(torch.tensor([step_loss * n, float(n)],
+                                                    dtype=torch.float64))
+                    step_loss = float(t[0] / t[1])
+                    st = dd.reduce_batch_stats(env, [st], [n])[0]
+                if main:
+                    _append_jsonl(metrics_path, {"epoch": epoch + 1, "step": nb,
+                                                 "loss": step_loss, **st})
+        if dist_on:
+            t = env.all_reduce(torch.tensor([loss_sum, float(correct), float(seen)],
+                                            dtype=torch.float64))
+            loss_sum, correct, seen = float(t[0]), round(float(t[1])), \
+                round(float(t[2]))
+            rows = dd.reduce_batch_stats(env, rows, counts)
+        agg: dict[str, float] = {}
+        for row in rows:
+            for k, v in row.items():
+                agg[k] = agg.get(k, 0.0) + v
         epoch_time = time.perf_counter() - t0
+        if dist_on:  # the slowest rank's time, the same on every rank
+            epoch_time = float(env.all_reduce(torch.tensor([epoch_time], dtype=torch.float64),
+                                              "max")[0])
         train_time += epoch_time
         train_metrics = {"loss": loss_sum / seen, "acc": correct / seen,
                          **{k: v / nb for k, v in agg.items()}}
-        val = evaluate(model, splits.val, cfg.batch_size, text)
+        val = evaluate(core, splits.val, cfg.batch_size, text, env=env)
         record = {"epoch": epoch + 1, "time": epoch_time, "train_time": train_time,
                   **{f"train_{k}": v for k, v in train_metrics.items()},
                   **{f"val_{k}": v for k, v in val.items()}}
         history.append(record)
-        _append_jsonl(metrics_path, record)
         line = (f"epoch {epoch + 1:3d}  loss {record['train_loss']:.4f}  "
                 f"train acc {record['train_acc']:.4f}  val acc {val['acc']:.4f}")
         if "train_fwd_steps" in record:
             line += (f"  steps {record['train_fwd_steps']:.1f}  "
                      f"res {record['train_fwd_rel_res']:.1e}")
         log(line + f"  ({epoch_time:.1f}s)")
-        state = {"config": cfg.to_dict(), "model": model.state_dict(),
-                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "epoch": epoch + 1, "history": history, "train_time": train_time,
-                 "best_val": max(best_val, val["acc"])}
-        _atomic_save(state, ckpt_path)
-        if val["acc"] > best_val:
-            best_val = val["acc"]
-            _atomic_save(state, os.path.join(run_dir, BEST))
-        if cfg.plots:
-            from ._plots import plot_history
+        if main:
+            _append_jsonl(metrics_path, record)
+            state = {"config": cfg.to_dict(), "model": core.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "epoch": epoch + 1, "history": history, "train_time": train_time,
+                     "best_val": max(best_val, val["acc"])}
+            _atomic_save(state, ckpt_path)
+            if val["acc"] > best_val:
+                _atomic_save(state, os.path.join(run_dir, BEST))
+            if cfg.plots:
+                from ._plots import plot_history
 
-            plot_history(history, run_dir)
+                plot_history(history, run_dir)
+        best_val = max(best_val, val["acc"])
+        env.barrier()  # the checkpoint of this epoch is on disk before any rank goes on
 
     done = len(history) >= cfg.epochs
     summary: dict[str, Any] = {"run_dir": run_dir, "epochs": len(history),
                                "train_time": train_time, "complete": done,
                                "parameters": n_params}
     if done:
-        test = evaluate(model, splits.test, cfg.batch_size, text)
+        test = evaluate(core, splits.test, cfg.batch_size, text, env=env)
         summary.update({f"test_{k}": v for k, v in test.items()})
         if history:
             summary["final_val_acc"] = history[-1]["val_acc"]
-        with open(os.path.join(run_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        if cfg.plots and deq is not None:
-            from ._plots import plot_residual_traces
+        if main:
+            with open(os.path.join(run_dir, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
+            if cfg.plots and deq is not None:
+                from ._plots import plot_residual_traces
 
-            plot_residual_traces(model, splits.test, run_dir)
+                plot_model = core
+                if dist_on and env.device.type != "cpu":
+                    import copy
+
+                    plot_model = copy.deepcopy(core).cpu()
+                plot_residual_traces(plot_model, splits.test, run_dir)
         log(_summary_table(summary))
     return summary
 
