@@ -10,6 +10,11 @@ from . import zoo as zoo
 from ._diagnostics import jacobian_spectral_norm as jacobian_spectral_norm
 from ._diagnostics import jacobian_spectral_radius as jacobian_spectral_radius
 from ._diagnostics import lipschitz_upper_bound as lipschitz_upper_bound
+from ._export import FixedStepDEQ as FixedStepDEQ
+from ._export import FixedStepModel as FixedStepModel
+from ._export import export_fixed_steps as export_fixed_steps
+from ._export import residual_at as residual_at
+from ._fixed_point import ToleranceWarning as ToleranceWarning
 from ._fixed_point import fixed_point as fixed_point
 from ._minimise import minimise as minimise
 from ._regularisers import fixed_point_correction_loss as fixed_point_correction_loss

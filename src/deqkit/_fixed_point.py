@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +53,61 @@ def resolve_solver(
             f"{sorted(_SOLVER_NAMES)}, got {type(solver).__name__}."
         )
     return solver
+
+
+def _autocast_split(device_type: str) -> tuple[torch.dtype | None, Any]:
+    """``(dtype, off)``: the active autocast dtype for ``device_type`` (None when autocast is
+    off) and a context manager factory that disables autocast for the solver's own algebra."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = torch.is_autocast_enabled() if device_type == "cuda" else (
+            torch.is_autocast_cpu_enabled())
+    if not enabled:
+        return None, contextlib.nullcontext
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype, lambda: torch.autocast(device_type, enabled=False)
+
+
+class ToleranceWarning(UserWarning):
+    """The solver tolerance is below what the cell's floating-point precision can reach."""
+
+
+def _check_tolerance_precision(
+    solver: Any, layout_dtypes: tuple[torch.dtype, ...], amp_dtype: torch.dtype | None
+) -> None:
+    """Warn when both tolerances are below the unit roundoff of a half-precision (bfloat16,
+    float16) dtype the cell computes in, directly or under autocast.
+
+    The iterates then move on the grid of that dtype: the solve either stalls/cycles until
+    max_steps or stops at a fixed point of the *rounded* map, which is no closer than ~eps to
+    the exact equilibrium, so the tighter tolerance buys no accuracy."""
+    dtypes = [dt for dt in layout_dtypes if dt.is_floating_point]
+    if amp_dtype is not None:
+        dtypes.append(amp_dtype)
+    if not dtypes:
+        return
+    cell_dtype = max(dtypes, key=lambda dt: torch.finfo(dt).eps)  # the least precise one
+    eps = torch.finfo(cell_dtype).eps
+    if eps < 1e-4:
+        # float32/float64: tolerances below eps are a deliberate choice (e.g. forcing a fixed
+        # number of steps); the pitfall this guards against is half precision.
+        return
+    solvers = solver.solvers if isinstance(solver, FallbackChain) else (solver,)
+    for s in solvers:
+        rtol, atol = float(s.rtol), float(s.atol)
+        if max(rtol, atol) < eps:
+            suggest = 10 ** math.ceil(math.log10(eps))
+            warnings.warn(
+                f"{type(s).__name__}(rtol={rtol:g}, atol={atol:g}) is below the precision of a "
+                f"cell computing in {cell_dtype} (eps = {eps:.2g}): the iterates differ from "
+                "the exact equilibrium by about eps whatever the tolerance, and the solve may "
+                f"cycle until max_steps. Use rtol >= {suggest:g} for this dtype, or compute the "
+                "cell in a wider dtype.",
+                ToleranceWarning,
+                stacklevel=3,
+            )
+            return
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -225,6 +283,17 @@ def fixed_point(
     z0f = flatten(layout, z0).detach()
     if not bool(torch.isfinite(z0f).all()):
         raise ValueError("`z0` contains NaN or inf; pass a finite initial guess.")
+    # Under autocast only f runs in reduced precision; the solver's own algebra (Anderson's
+    # Gram matrix and mixing, norms, GMRES) stays in the float32+ solver dtype.
+    amp_dtype, no_autocast = _autocast_split(z0f.device.type)
+    _check_tolerance_precision(solver, layout.dtypes, amp_dtype)
+    if amp_dtype is not None:
+        user_f, device_type = f, z0f.device.type
+
+        def f(z: State, *a: Any) -> State:
+            with torch.autocast(device_type, dtype=amp_dtype):
+                return user_f(z, *a)
+
     fn = flat_fn(layout, f)
 
     first = [True]
@@ -244,7 +313,7 @@ def fixed_point(
         trace=trace,
         patience=patience,
     )
-    with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()), no_autocast():
         if chain:
             loop, solver_index, attempts = _run_chain(
                 checked_fn, z0f, args, solver, max_steps, **loop_kw
@@ -271,7 +340,8 @@ def fixed_point(
     value = loop.value
     sol = Solution(value=None, result=result, stats=stats)
     if not unrolled and torch.is_grad_enabled():
-        value = adjoint.apply(fn, value.detach(), args, sol.backward)
+        with no_autocast():
+            value = adjoint.apply(fn, value.detach(), args, sol.backward)
         stats["nfev"] = stats["nfev"] + adjoint.forward_nfev
         stats["nfev_samples"] = stats["nfev_samples"] + adjoint.forward_nfev * layout.batch
     sol.value = unflatten(layout, value)

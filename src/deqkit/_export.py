@@ -1,0 +1,378 @@
+"""Deployment: DEQ forward passes with a fixed number of solver steps (export-friendly).
+
+:func:`export_fixed_steps` turns a :class:`deqkit.nn.DEQ` layer, or any model containing such
+layers (e.g. :class:`deqkit.zoo.DEQMLP`, :class:`deqkit.zoo.ConvDEQ`), into an ``nn.Module``
+whose solves run exactly ``steps`` updates of plain (damped) iteration or of a graph-friendly
+Anderson acceleration: no stopping test, no data-dependent control flow, no host
+synchronisation, no batch compaction. The result can be traced by :func:`torch.export.export`
+and :func:`torch.onnx.export`. :func:`residual_at` reports the relative residual
+:math:`\\|f(z)-z\\| / \\|f(z)\\|` reached after ``steps`` updates, to choose ``steps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._flatten import flatten, make_layout, unflatten
+from .nn._deq import DEQ, _parametrized
+from .nn._parametrizations import cached_parametrizations
+
+__all__ = ["FixedStepDEQ", "FixedStepModel", "export_fixed_steps", "residual_at"]
+
+_SOLVERS = ("picard", "anderson")
+
+
+def _spd_solve_ones(A: Tensor) -> Tensor:
+    """``A^{-1} 1`` for a batch ``(B, n, n)`` of symmetric positive definite matrices.
+
+    Gaussian elimination without pivoting (safe for SPD), unrolled over the static ``n``: only
+    slicing and elementwise ops, so it exports to ONNX (which has no linear-solve operator).
+    """
+    n = A.shape[-1]
+    rows = [
+        torch.cat((A[:, i], torch.ones_like(A[:, i, :1])), dim=1) for i in range(n)
+    ]  # augmented rows (B, n + 1)
+    for j in range(n):
+        rows[j] = rows[j] / rows[j][:, j : j + 1]
+        for i in range(j + 1, n):
+            rows[i] = rows[i] - rows[i][:, j : j + 1] * rows[j]
+    y: list[Tensor] = [A[:, 0, 0]] * n
+    for i in reversed(range(n)):
+        yi = rows[i][:, n]
+        for j in range(i + 1, n):
+            yi = yi - rows[i][:, j] * y[j]
+        y[i] = yi
+    return torch.stack(y, dim=1)
+
+
+class FixedStepDEQ(nn.Module):
+    r"""A :class:`deqkit.nn.DEQ` evaluated with exactly ``steps`` solver updates.
+
+    Same call signature as the layer it wraps (``layer(*inputs, z0=None)``) and the same
+    parameters (shared, not copied). The state is flattened to ``(B, D)`` in float32 at least,
+    as in :func:`deqkit.fixed_point`, and cast back to the cell's dtype for every cell call.
+    ``steps`` is the number of cell evaluations in the graph; the output is the last iterate
+    :math:`z_K`.
+
+    * ``"picard"``: :math:`z_{k+1} = (1-\lambda) z_k + \lambda f(z_k)`.
+    * ``"anderson"``: type-II Anderson with memory ``m`` over Python lists of past iterates
+      (static shapes), mixing weights from the trace-normalised, Tikhonov-regularised Gram
+      system :math:`(\hat H + \mu I)\,y = \mathbf 1`, :math:`\alpha = y / \mathbf 1^\top y`,
+      solved by unrolled elimination; a non-finite :math:`\alpha` falls back to a plain step
+      with ``torch.where`` (no host sync).
+
+    Args:
+        deq: the :class:`deqkit.nn.DEQ` layer (its ``cell`` and ``init_state`` are used).
+        steps: number of updates (cell evaluations), ``>= 1``.
+        solver: ``"picard"`` or ``"anderson"``. Default: ``"picard"``.
+        m: Anderson memory. Default: 5.
+        beta: Picard damping :math:`\lambda` / Anderson mixing :math:`\beta`, in ``(0, 1]``.
+            Default: 1.0.
+        regularisation: relative Tikhonov term :math:`\mu` of the Anderson system (the Gram
+            matrix is normalised to unit mean diagonal, so float32 suffices). Default: 1e-6.
+        track_residual: also evaluate the cell once more at :math:`z_K` and store the
+            per-sample relative residual in ``last_residual`` (eager use only, not for
+            export). Default: False.
+
+    Attributes:
+        last_residual: ``(B,)`` float32 tensor, :math:`\|f(z_K)-z_K\| / \|f(z_K)\|` of the latest
+            call made with ``track_residual=True`` (else ``None``).
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> layer = dk.nn.DEQ(lambda z, x: torch.tanh(0.3 * lin(z) + x))
+        >>> fixed = FixedStepDEQ(layer, steps=12, solver="anderson")
+        >>> fixed(torch.randn(2, 4)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        deq: DEQ,
+        steps: int,
+        solver: str = "picard",
+        m: int = 5,
+        beta: float = 1.0,
+        regularisation: float = 1e-6,
+        track_residual: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(deq, DEQ):
+            raise TypeError(f"FixedStepDEQ: `deq` must be a dk.nn.DEQ, got {type(deq).__name__}.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"FixedStepDEQ: `steps` must be an int >= 1, got {steps!r}.")
+        if solver not in _SOLVERS:
+            raise ValueError(f"FixedStepDEQ: `solver` must be one of {_SOLVERS}, got {solver!r}.")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"FixedStepDEQ: `m` must be an int >= 1, got {m!r}.")
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta <= 1:
+            raise ValueError(f"FixedStepDEQ: `beta` must be in (0, 1], got {beta!r}.")
+        if not isinstance(regularisation, (int, float)) or not regularisation > 0:
+            raise ValueError(
+                f"FixedStepDEQ: `regularisation` must be a float > 0, got {regularisation!r}."
+            )
+        self.deq = deq
+        self.training = deq.training  # not .train(): that would recurse into the shared cell
+        self.steps = steps
+        self.solver = solver
+        self.m = m
+        self.beta = float(beta)
+        self.regularisation = float(regularisation)
+        self.track_residual = track_residual
+        self.last_residual: Tensor | None = None
+
+    @property
+    def cell(self) -> Any:
+        return self.deq.cell
+
+    def _anderson_weights(self, G: list[Tensor]) -> Tensor:
+        n = len(G)
+        Gs = torch.stack(G, dim=1)  # (B, n, D)
+        H = torch.bmm(Gs, Gs.transpose(1, 2))  # (B, n, n)
+        diag = torch.diagonal(H, dim1=1, dim2=2)
+        scale = diag.sum(dim=1) / n + torch.finfo(H.dtype).tiny  # (B,)
+        eye = torch.eye(n, dtype=H.dtype, device=H.device)
+        A = H / scale[:, None, None] + self.regularisation * eye
+        y = _spd_solve_ones(A)
+        alpha = y / y.sum(dim=1, keepdim=True)
+        # newest slot only: a plain step
+        plain = torch.cat((torch.zeros_like(alpha[:, 1:]), torch.ones_like(alpha[:, :1])), dim=1)
+        ok = torch.isfinite(alpha).all(dim=1, keepdim=True)
+        return torch.where(ok, alpha, plain)
+
+    def _solve(self, fn: Any, z: Tensor) -> Tensor:
+        if self.solver == "picard":
+            for _ in range(self.steps):
+                fz = fn(z)
+                z = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
+            return z
+        F: list[Tensor] = []
+        G: list[Tensor] = []
+        for _ in range(self.steps):
+            fz = fn(z)
+            F.append(fz)
+            G.append(fz - z)
+            F, G = F[-self.m :], G[-self.m :]
+            if len(F) == 1:
+                z = fz if self.beta == 1.0 else torch.lerp(z, fz, self.beta)
+                continue
+            alpha = self._anderson_weights(G).unsqueeze(1)  # (B, 1, n)
+            z = torch.bmm(alpha, torch.stack(F, dim=1)).squeeze(1)
+            if self.beta != 1.0:
+                z = z - (1.0 - self.beta) * torch.bmm(alpha, torch.stack(G, dim=1)).squeeze(1)
+        return z
+
+    def forward(self, *inputs: Any, z0: Any = None) -> Any:
+        if z0 is None:
+            z0 = self.deq.init_state(*inputs)
+        layout = make_layout(z0)
+        cell = self.deq.cell
+
+        def fn(zf: Tensor) -> Tensor:
+            return flatten(layout, cell(unflatten(layout, zf), *inputs))
+
+        cm = (
+            cached_parametrizations(cell)
+            if isinstance(cell, nn.Module) and _parametrized(cell)
+            else contextlib.nullcontext()
+        )
+        with cm:
+            zf = self._solve(fn, flatten(layout, z0))
+            if self.track_residual:
+                with torch.no_grad():
+                    fz = fn(zf)
+                    fz, zd = fz.float(), zf.detach().float()
+                    absr = torch.linalg.vector_norm(fz - zd, dim=1)
+                    fnorm = torch.linalg.vector_norm(fz, dim=1)
+                    self.last_residual = absr / fnorm.clamp_min(torch.finfo(absr.dtype).tiny)
+        return unflatten(layout, zf)
+
+    def extra_repr(self) -> str:
+        extra = f", m={self.m}" if self.solver == "anderson" else ""
+        return f"steps={self.steps}, solver={self.solver!r}{extra}, beta={self.beta}"
+
+
+def _swap_deqs(module: nn.Module, make: Any, found: list[FixedStepDEQ]) -> nn.Module:
+    """A shallow copy of ``module`` with every ``DEQ`` submodule replaced by ``make(deq)``.
+
+    Modules on the path to a DEQ are shallow-copied (own ``_modules`` dict, shared parameters
+    and buffers); the others are reused, so the original model is left untouched.
+    """
+    if isinstance(module, DEQ):
+        fixed = make(module)
+        found.append(fixed)
+        return fixed
+    if not any(isinstance(m, DEQ) for m in module.modules()):
+        return module
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    for name, child in module._modules.items():
+        if child is not None:
+            new._modules[name] = _swap_deqs(child, make, found)
+    return new
+
+
+class FixedStepModel(nn.Module):
+    """A model whose DEQ layers are replaced by :class:`FixedStepDEQ` (see
+    :func:`export_fixed_steps`, which builds it).
+
+    ``forward`` has the signature of the wrapped model. Parameters and buffers are shared with
+    the original model.
+
+    Args:
+        model: the original model, or a :class:`deqkit.nn.DEQ` layer.
+        steps: number of updates per solve, ``>= 1``.
+        solver: ``"picard"`` or ``"anderson"``. Default: ``"picard"``.
+        **kwargs: ``m``, ``beta``, ``regularisation`` of :class:`FixedStepDEQ`.
+
+    Attributes:
+        module: the model with swapped layers (a :class:`FixedStepDEQ` if ``model`` is a DEQ).
+        layers: the :class:`FixedStepDEQ` layers, in ``named_modules`` order.
+        example_residual: max relative residual on ``example_inputs`` when
+            :func:`export_fixed_steps` was given them, else ``None``.
+    """
+
+    def __init__(self, model: nn.Module, steps: int, solver: str = "picard", **kwargs: Any):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"export_fixed_steps: expected an nn.Module, got {type(model).__name__}."
+            )
+        found: list[FixedStepDEQ] = []
+        self.module = _swap_deqs(
+            model, lambda deq: FixedStepDEQ(deq, steps, solver, **kwargs), found
+        )
+        if not found:
+            raise ValueError(
+                f"export_fixed_steps: {type(model).__name__} contains no dk.nn.DEQ layer."
+            )
+        self.training = model.training  # not .train(): it would recurse into shared modules
+        self.layers = found  # plain list: the layers are already registered under `module`
+        self.steps = steps
+        self.solver = solver
+        self.example_residual: float | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def residual(self, *inputs: Any, **kwargs: Any) -> Tensor:
+        """Per-sample relative residual :math:`\\|f(z_K)-z_K\\| / \\|f(z_K)\\|` on ``inputs``.
+
+        Runs the model once (no grad) with one extra cell call per DEQ layer; with several
+        DEQ layers the elementwise maximum over layers is returned. Returns a ``(B,)`` float32
+        tensor.
+        """
+        for layer in self.layers:
+            layer.track_residual, layer.last_residual = True, None
+        try:
+            self.module(*inputs, **kwargs)
+        finally:
+            for layer in self.layers:
+                layer.track_residual = False
+        res = [layer.last_residual for layer in self.layers if layer.last_residual is not None]
+        if not res:
+            raise RuntimeError("residual: no DEQ layer was called by the model's forward.")
+        return torch.stack(res).amax(dim=0)
+
+
+def export_fixed_steps(
+    model_or_deq: nn.Module,
+    steps: int,
+    solver: str = "picard",
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    m: int = 5,
+    beta: float = 1.0,
+    regularisation: float = 1e-6,
+) -> FixedStepModel:
+    r"""An export-friendly copy of a DEQ model whose solves run exactly ``steps`` updates.
+
+    Every :class:`deqkit.nn.DEQ` inside ``model_or_deq`` (or the layer itself) is replaced,
+    in a shallow copy that shares all parameters and buffers, by a :class:`FixedStepDEQ`:
+    ``steps`` cell evaluations of plain/damped iteration (``"picard"``) or of Anderson
+    acceleration with a fixed memory ``m`` (``"anderson"``), with no stopping test, host
+    synchronisation or batch compaction, so that :func:`torch.export.export` and
+    :func:`torch.onnx.export` can trace it. The original model is not modified. Put the model
+    in eval mode first (training-mode spectral normalisation and dropout mutate state).
+
+    Whether ``steps`` suffices is the caller's choice: :meth:`FixedStepModel.residual` (or
+    :func:`residual_at`) gives :math:`\|f(z_K)-z_K\| / \|f(z_K)\|` per sample; with
+    ``example_inputs`` its maximum is stored in ``example_residual``. For a contraction with
+    Lipschitz constant :math:`L` the error in :math:`z` is at most
+    :math:`\text{residual}\cdot\|f(z_K)\|/(1-L)`.
+
+    Args:
+        model_or_deq: a :class:`deqkit.nn.DEQ` or a module containing some.
+        steps: number of updates per solve (cell evaluations), ``>= 1``.
+        solver: ``"picard"`` or ``"anderson"``. Default: ``"picard"``.
+        example_inputs: a tuple of inputs to check the module on and to record
+            ``example_residual``. Default: None.
+        m: Anderson memory. Default: 5.
+        beta: Picard damping / Anderson mixing in ``(0, 1]``. Default: 1.0.
+        regularisation: relative Tikhonov regulariser of Anderson's Gram system. Default: 1e-6.
+
+    Returns:
+        A :class:`FixedStepModel` with the call signature of ``model_or_deq``.
+
+    Raises:
+        ValueError, TypeError: invalid arguments, or no DEQ layer in the model.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> model = dk.zoo.DEQMLP((6,), 3, width=8).eval()
+        >>> x = torch.randn(4, 6)
+        >>> fixed = export_fixed_steps(model, steps=20, solver="anderson", example_inputs=(x,))
+        >>> fixed.example_residual < 1e-4
+        True
+        >>> ep = torch.export.export(fixed, (x,))
+        >>> torch.allclose(ep.module()(x), model(x), atol=1e-4)
+        True
+    """
+    fixed = FixedStepModel(
+        model_or_deq, steps, solver, m=m, beta=beta, regularisation=regularisation
+    )
+    if example_inputs is not None:
+        if not isinstance(example_inputs, tuple):
+            raise TypeError(
+                "export_fixed_steps: `example_inputs` must be a tuple of inputs, got "
+                f"{type(example_inputs).__name__}; e.g. example_inputs=(x,)."
+            )
+        fixed.example_residual = float(fixed.residual(*example_inputs).max())
+    return fixed
+
+
+def residual_at(
+    model_or_deq: nn.Module,
+    steps: int,
+    inputs: tuple[Any, ...],
+    solver: str = "picard",
+    **kwargs: Any,
+) -> Tensor:
+    r"""Per-sample relative residual :math:`\|f(z_K)-z_K\| / \|f(z_K)\|` after ``steps`` updates.
+
+    Args:
+        model_or_deq: a :class:`deqkit.nn.DEQ` or a module containing some.
+        steps: number of updates, ``>= 1``.
+        inputs: tuple of inputs of ``model_or_deq``.
+        solver: ``"picard"`` or ``"anderson"``. Default: ``"picard"``.
+        **kwargs: ``m``, ``beta``, ``regularisation`` of :func:`export_fixed_steps`.
+
+    Returns:
+        A ``(B,)`` float32 tensor (max over DEQ layers when there are several).
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> model = dk.zoo.DEQMLP((6,), 3, width=8).eval()
+        >>> x = torch.randn(4, 6)
+        >>> r5, r20 = (float(residual_at(model, k, (x,)).max()) for k in (5, 20))
+        >>> r20 < r5
+        True
+    """
+    return export_fixed_steps(model_or_deq, steps, solver, **kwargs).residual(*inputs)
