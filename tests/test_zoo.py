@@ -172,6 +172,40 @@ def test_conv_deq_on_signals_and_flatten_head():
     assert model(torch.randn(3, 1, 12)).shape == (3, 4)
 
 
+def test_conv_deq_kernel_dilation_dropout_options():
+    # defaults keep the original architecture (3-tap convs, no dropout modules)
+    base = ConvDEQ((1, 12), 4, channels=4, groups=2)
+    assert base.deq.cell.conv1.kernel_size == (3,) and base.deq.cell.drop is None
+    assert base.head_drop is None and base.stem[0].kernel_size == (3,)
+    model = ConvDEQ((1, 12), 4, channels=4, groups=2, kernel_size=5, dilation=2,
+                    stem_kernel=7, dropout=0.2, head_dropout=0.3)
+    cell = model.deq.cell
+    assert cell.conv1.kernel_size == (5,) and cell.conv1.dilation == (2,)
+    assert cell.conv2.kernel_size == (5,) and model.stem[0].kernel_size == (7,)
+    assert isinstance(cell.drop, dk.nn.VariationalDropout2d) and cell.drop.p == 0.2
+    x = torch.randn(3, 1, 12)
+    out = model(x)
+    assert out.shape == (3, 4)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    mask = cell.drop.mask.clone()
+    model(x)  # a new solve draws a new mask
+    assert not torch.equal(mask, cell.drop.mask)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x))  # eval: deterministic
+    image = ConvDEQ((1, 6, 6), 3, channels=4, groups=2, kernel_size=5, dilation=2, dropout=0.1)
+    assert image(torch.randn(2, 1, 6, 6)).shape == (2, 3)
+    for shape, kernel in (((1, 13), 5), ((1, 12), 3), ((2, 7, 6), 3)):
+        strided = ConvDEQ(shape, 3, channels=4, groups=2, stem_kernel=kernel, stem_stride=2)
+        assert strided(torch.randn(2, *shape)).shape == (2, 3)
+        assert strided.deq.last_solution.value.shape[2:] == tuple((n + 1) // 2 for n in shape[1:])
+    for bad in (dict(kernel_size=4), dict(dilation=0), dict(stem_kernel=2), dict(dropout=1.0),
+                dict(head_dropout=-0.1), dict(stem_stride=0)):
+        with pytest.raises(ValueError):
+            ConvDEQ((1, 12), 4, channels=4, groups=2, **bad)
+
+
 def test_deq_models_use_groupnorm_not_batchnorm():
     for name in DEQ_NAMES:
         model = _build(name)

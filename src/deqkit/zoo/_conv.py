@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn._deq import DEQ
+from ..nn._dropout import VariationalDropout2d, reset_dropout
 from ._common import (
+    check_float,
     check_groups,
     check_in_shape,
     check_input,
@@ -23,6 +25,22 @@ from ._common import (
 
 #: Standard deviation of the (small) initial weights of the cells' convolutions.
 CELL_INIT_STD = 0.01
+
+
+def _same_padding(owner: str, kernel_size: Any, dilation: Any) -> int:
+    """'same' padding of an odd ``kernel_size`` with ``dilation`` (stride 1)."""
+    check_int(owner, "kernel_size", kernel_size)
+    check_int(owner, "dilation", dilation)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{owner}: `kernel_size` must be odd, got {kernel_size!r}.")
+    return dilation * (kernel_size - 1) // 2
+
+
+def _check_p(owner: str, name: str, p: Any) -> float:
+    check_float(owner, name, p, strict=False)
+    if p >= 1:
+        raise ValueError(f"{owner}: `{name}` must be in [0, 1), got {p!r}.")
+    return float(p)
 
 
 def _small_init(conv: nn.Module, std: float = CELL_INIT_STD) -> None:
@@ -76,6 +94,12 @@ class ResidualCell(nn.Module):
         spatial: 1 (signals, ``Conv1d``) or 2 (images, ``Conv2d``).
         hidden: channels between the two convolutions. Default: ``channels``.
         init_std: std of the initial conv weights. Default: 0.01.
+        kernel_size: odd kernel size of both convolutions ('same' padding). Default: 3.
+        dilation: dilation of the first convolution (wider receptive field per step).
+            Default: 1.
+        dropout: channel-wise variational dropout (:class:`~deqkit.nn.VariationalDropout2d`)
+            after :math:`\mathrm{ReLU}(\mathrm{GN}_1(\cdot))`, one mask per solve (call
+            :func:`~deqkit.nn.reset_dropout` before each solve). Default: 0.0 (none).
     """
 
     def __init__(
@@ -85,14 +109,22 @@ class ResidualCell(nn.Module):
         spatial: int = 2,
         hidden: int | None = None,
         init_std: float = CELL_INIT_STD,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         conv = nn.Conv1d if spatial == 1 else nn.Conv2d
         hidden = channels if hidden is None else hidden
         check_groups("ResidualCell", hidden, groups)
-        self.conv1 = conv(channels, hidden, 3, padding=1, bias=False)
+        pad1 = _same_padding("ResidualCell", kernel_size, dilation)
+        pad2 = _same_padding("ResidualCell", kernel_size, 1)
+        dropout = _check_p("ResidualCell", "dropout", dropout)
+        self.conv1 = conv(channels, hidden, kernel_size, padding=pad1, dilation=dilation,
+                          bias=False)
         self.gn1 = nn.GroupNorm(groups, hidden, affine=True)
-        self.conv2 = conv(hidden, channels, 3, padding=1, bias=False)
+        self.drop = VariationalDropout2d(dropout) if dropout > 0 else None
+        self.conv2 = conv(hidden, channels, kernel_size, padding=pad2, bias=False)
         self.gn2 = nn.GroupNorm(groups, channels, affine=True)
         self.gn3 = nn.GroupNorm(groups, channels, affine=True)
         _small_init(self.conv1, init_std)
@@ -100,13 +132,19 @@ class ResidualCell(nn.Module):
 
     def forward(self, z: Tensor, inj: Tensor) -> Tensor:
         y = F.relu(self.gn1(self.conv1(z)))
+        if self.drop is not None:
+            y = self.drop(y)
         y = self.gn2(self.conv2(y) + inj)
         return self.gn3(F.relu(z + y))
 
 
-def _stem(conv: type[nn.Module], c_in: int, channels: int, groups: int) -> nn.Sequential:
+def _stem(
+    conv: type[nn.Module], c_in: int, channels: int, groups: int, kernel_size: int = 3,
+    stride: int = 1,
+) -> nn.Sequential:
     return nn.Sequential(
-        conv(c_in, channels, 3, padding=1, bias=False), nn.GroupNorm(groups, channels)
+        conv(c_in, channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
+        nn.GroupNorm(groups, channels),
     )
 
 
@@ -139,6 +177,14 @@ class ConvDEQ(nn.Module):
         adjoint: gradient. Default: ``dk.ImplicitAdjoint(dk.GMRES(rtol=1e-4, max_steps=20))``.
         max_steps: solver budget in training mode. Default: 15.
         eval_max_steps: solver budget in eval mode. Default: 40.
+        kernel_size: odd kernel size of the cell's convolutions. Default: 3.
+        dilation: dilation of the cell's first convolution. Default: 1.
+        stem_kernel: odd kernel size of the stem (injection) convolution. Default: 3.
+        stem_stride: stride of the stem convolution; 2 halves each spatial size of the state
+            (cheaper solves, fewer flattened features). Default: 1.
+        dropout: channel-wise variational dropout inside the cell (one mask per solve, see
+            :class:`ResidualCell`). Default: 0.0.
+        head_dropout: dropout on the head's features before the linear layer. Default: 0.0.
         **deq_kwargs: further keyword arguments of :class:`deqkit.nn.DEQ`.
 
     Attributes:
@@ -165,6 +211,12 @@ class ConvDEQ(nn.Module):
         adjoint: Any = None,
         max_steps: int = 15,
         eval_max_steps: int | None = 40,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        stem_kernel: int = 3,
+        stem_stride: int = 1,
+        dropout: float = 0.0,
+        head_dropout: float = 0.0,
         **deq_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -176,23 +228,40 @@ class ConvDEQ(nn.Module):
         conv, spatial = conv_cls(owner, len(self.in_shape))
         if head not in ("pool", "flatten"):
             raise ValueError(f"{owner}: `head` must be 'pool' or 'flatten', got {head!r}.")
+        _same_padding(owner, stem_kernel, 1)
+        check_int(owner, "stem_stride", stem_stride)
+        head_dropout = _check_p(owner, "head_dropout", head_dropout)
         solver, adjoint = resolve(solver, adjoint)
-        self.stem = _stem(conv, self.in_shape[0], channels, groups)
+        self.stem = _stem(conv, self.in_shape[0], channels, groups, stem_kernel, stem_stride)
+        # spatial shape of the state after the (possibly strided) stem
+        state_shape = (
+            channels,
+            *((n + 2 * (stem_kernel // 2) - stem_kernel) // stem_stride + 1
+              for n in self.in_shape[1:]),
+        )
         self.deq = DEQ(
-            ResidualCell(channels, groups, spatial, init_std=init_std),
+            ResidualCell(
+                channels, groups, spatial, init_std=init_std, kernel_size=kernel_size,
+                dilation=dilation, dropout=dropout,
+            ),
             solver=solver,
             adjoint=adjoint,
             max_steps=max_steps,
             eval_max_steps=eval_max_steps,
             **deq_kwargs,
         )
-        self.features, n_feat = _features(head, conv, channels, self.in_shape)
+        self.features, n_feat = _features(head, conv, channels, state_shape)
+        self.head_drop = nn.Dropout(head_dropout) if head_dropout > 0 else None
         self.head = nn.Linear(n_feat, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self.in_shape)
-        z = self.deq(self.stem(x))
-        return self.head(self.features(z))
+        if self.deq.cell.drop is not None:
+            reset_dropout(self.deq.cell)  # one variational mask per solve
+        z = self.features(self.deq(self.stem(x)))
+        if self.head_drop is not None:
+            z = self.head_drop(z)
+        return self.head(z)
 
 
 class UnrolledConv(ConvDEQ):
