@@ -1,0 +1,405 @@
+#!/usr/bin/env python
+"""Char-level LM on the shipped corpus: DEQ transformer vs explicit transformers, equal time.
+
+Target (issue): the DEQ transformer matches an explicit transformer of the same per-layer size
+in bits per character at equal training time, using less training memory.
+
+Models (same per-layer size: d_model, n_heads, d_ff; same embeddings and LM head):
+
+* ``DEQ (implicit)``: ``DEQTransformerLM`` with the zoo defaults (Anderson(m=5, rtol=1e-4),
+  ImplicitAdjoint(GMRES), ``--deq-max-steps`` forward steps in training, ``--deq-eval-steps``
+  in evaluation);
+* ``DEQ (JFB)`` / ``DEQ (phantom-5)``: the same with JacobianFreeAdjoint / PhantomAdjoint(5)
+  (cheaper backward, so more steps fit in the budget); ``--extra`` picks them (and
+  ``gmres8``: the implicit adjoint with GMRES restart 8 instead of 20, a smaller up-front
+  Krylov basis; not run by default);
+* ``Transformer L=2, 4`` (``--depths``): ``TransformerLM`` with L untied blocks.
+
+Training: every model gets the same budget of training time (``--budget`` seconds, by default
+process CPU time, ``--clock wall`` for wall-clock), one torch thread, batch 32 of 64-character
+blocks, the same shuffled batch order (seeded), AdamW (lr ``--lr``, weight decay 0.01 on
+matrices only, like ``deqkit train``), gradient clipping at 1.0, a linear warm-up over the
+first ``--warmup`` steps and a cosine decay over the budget measured in *time*: the learning
+rate at a step is ``lr * 0.5 * (1 + cos(pi * t / budget))`` with ``t`` the training time
+used so far, and training stops at the first step that starts after the budget. So every model
+ends its schedule exactly at the budget; the number of steps it reaches depends on its cost
+per step. Everything is deterministic given ``--seed`` except the number of steps done
+(timing). CPU time is the default clock because the machine may be shared: other processes
+then slow the wall clock of every row differently, but hardly the CPU time of a
+single-threaded process.
+
+Evaluation: bits per character = summed cross-entropy / ln 2 / number of predicted characters,
+over all (input, target) blocks of the validation and test splits (model.eval(), the DEQ at
+its eval step budget), plus the DEQ's forward steps and relative residual.
+
+Memory of one training step (forward + loss + backward, same batch, same method for every
+model, measured once at initialisation and once after training, outside the budget), with the
+helpers of ``deqkit.compare._memory``:
+
+* peak live bytes: torch.profiler memory events (every CPU allocation inside the step,
+  parameter gradients and autograd.Function ctx attributes included, parameters and optimiser
+  state excluded, since they exist before the step);
+* saved-for-backward bytes: ``saved_tensors_hooks`` during forward + loss, storages still held
+  by the graph, parameters and the batch excluded (does not see ctx attributes, e.g. z* of
+  the ImplicitAdjoint: one 32 x 64 x d_model tensor).
+
+Usage:  .venv/bin/python benchmarks/bench_lm.py [--quick] [--budget 90] [--depths 2,4,6]
+        [--extra jfb,phantom] [--clock cpu|wall] [--seed 0] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import deqkit as dk
+from _deqbench import RESULTS_DIR, environment, header_lines, md_table
+from deqkit.cli._train import solver_stats
+from deqkit.compare._memory import (
+    PEAK_METHOD,
+    SAVED_METHOD,
+    peak_live_bytes,
+    saved_tensor_bytes,
+    verify_peak_method,
+)
+from deqkit.data import load_dataset
+from deqkit.zoo._transformer import DEQTransformerLM, TransformerLM
+
+MIB = 1024.0 * 1024.0
+LN2 = math.log(2.0)
+EXTRA_ADJOINTS = {
+    "jfb": ("DEQ (JFB)", dk.JacobianFreeAdjoint),
+    "phantom": ("DEQ (phantom-5)", lambda: dk.PhantomAdjoint(steps=5)),
+    # the zoo default with a smaller GMRES restart: GMRES allocates its (B, restart + 1, D)
+    # Krylov basis up front, 21 x 0.5 MiB here, whatever the number of steps it takes
+    "gmres8": ("DEQ (implicit, GMRES restart 8)", lambda: dk.ImplicitAdjoint(
+        dk.GMRES(rtol=1e-4, atol=1e-8, max_steps=20, restart=8), on_failure="ignore")),
+}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build(kind: str, vocab: int, args: argparse.Namespace) -> nn.Module:
+    """A model of the benchmark, initialised from ``args.seed`` (same seed for every model)."""
+    torch.manual_seed(args.seed)
+    size = dict(d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff, block_size=64)
+    if kind.startswith("L="):
+        return TransformerLM(vocab, depth=int(kind[2:]), **size)
+    adjoint = None if kind == "implicit" else EXTRA_ADJOINTS[kind][1]()
+    return DEQTransformerLM(vocab, adjoint=adjoint, max_steps=args.deq_max_steps,
+                            eval_max_steps=args.deq_eval_steps, **size)
+
+
+def label(kind: str) -> str:
+    if kind.startswith("L="):
+        return f"Transformer L={kind[2:]}"
+    return "DEQ (implicit)" if kind == "implicit" else EXTRA_ADJOINTS[kind][0]
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.endswith("bias") else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence the C++ profiler's start/stop lines (file descriptor 2) while profiling."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """Peak live bytes of one training step (forward + loss + backward) and saved bytes."""
+    model.train()
+    params = list(model.parameters())
+
+    def step() -> float:
+        for p in params:
+            p.grad = None
+        loss = lm_loss(model, x, y)
+        loss.backward()
+        return float(loss.detach())
+
+    step()  # warm-up (first-call allocations)
+    with quiet_stderr():
+        peak, _ = peak_live_bytes(step)
+    for p in params:
+        p.grad = None
+    saved, loss = saved_tensor_bytes(lambda: lm_loss(model, x, y), exclude=[*params, x, y])
+    saved_total = int(saved_tensor_bytes.total)  # type: ignore[attr-defined]
+    res: dict[str, Any] = {"peak_bytes": peak, "saved_bytes": saved,
+                           "saved_total_bytes": saved_total}
+    st = solver_stats(model)
+    if st:
+        res["fwd_steps"] = st["fwd_steps"]
+    del loss
+    for p in params:
+        p.grad = None
+    return res
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Clock:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.fn = time.process_time if kind == "cpu" else time.perf_counter
+
+    def __call__(self) -> float:
+        return self.fn()
+
+
+def train(model: nn.Module, data: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Train for ``args.budget`` seconds of ``args.clock`` time; time-based cosine schedule."""
+    opt = make_optimizer(model, args.lr)
+    x_all, y_all = data.tensors
+    n = x_all.shape[0]
+    gen = torch.Generator().manual_seed(args.seed * 100_003 + 1)
+    order = torch.randperm(n, generator=gen)
+    pos = 0
+    clock = Clock(args.clock)
+    budget = float(args.budget)
+    used = 0.0
+    wall = 0.0
+    steps = 0
+    losses: list[float] = []
+    stats: list[dict[str, float]] = []
+    model.train()
+    while used < budget:
+        c0, w0 = clock(), time.perf_counter()
+        if pos + args.batch > n:
+            order = torch.randperm(n, generator=gen)
+            pos = 0
+        idx = order[pos:pos + args.batch]
+        pos += args.batch
+        x, y = x_all[idx], y_all[idx]
+        warm = min(1.0, (steps + 1) / args.warmup)
+        scale = warm * 0.5 * (1.0 + math.cos(math.pi * used / budget))
+        for g in opt.param_groups:
+            g["lr"] = args.lr * scale
+        loss = lm_loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        used += clock() - c0
+        wall += time.perf_counter() - w0
+        steps += 1
+        losses.append(float(loss.detach()))
+        st = solver_stats(model)
+        if st:
+            stats.append(st)
+    tail = max(1, len(losses) // 10)
+    res: dict[str, Any] = {
+        "steps": steps,
+        "train_time": used,
+        "train_wall": wall,
+        "time_per_step": used / max(steps, 1),
+        "wall_per_step": wall / max(steps, 1),
+        "final_train_bpc": sum(losses[-tail:]) / tail / LN2,
+    }
+    if stats:
+        for key in ("fwd_steps", "fwd_rel_res", "fwd_converged", "bwd_steps", "bwd_residual"):
+            if key in stats[0]:
+                res[f"train_{key}"] = sum(s[key] for s in stats) / len(stats)
+                res[f"train_{key}_last10pct"] = sum(s[key] for s in stats[-tail:]) / tail
+    return res
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Any, batch: int) -> dict[str, float]:
+    """Bits per character over every predicted character of ``data``; DEQ solver stats."""
+    model.eval()
+    x_all, y_all = data.tensors
+    nll, count = 0.0, 0
+    agg: dict[str, float] = {}
+    nb = 0
+    for i in range(0, x_all.shape[0], batch):
+        x, y = x_all[i:i + batch], y_all[i:i + batch]
+        out = model(x)
+        nll += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                                     reduction="sum"))
+        count += y.numel()
+        for k, v in solver_stats(model).items():
+            agg[k] = agg.get(k, 0.0) + v
+        nb += 1
+    res = {"bpc": nll / count / LN2, "chars": count}
+    for k in ("fwd_steps", "fwd_steps_max", "fwd_rel_res", "fwd_converged"):
+        if k in agg:
+            res[k] = agg[k] / nb
+    return res
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def mib(n: float) -> str:
+    return f"{n / MIB:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 6 s budget per model, depths 2,4, extra jfb (< 1 min)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="training time per model in seconds (default 90, quick 6)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="budget clock: process CPU time (default) or wall-clock time")
+    ap.add_argument("--depths", default=None, help="explicit depths (default 2,4)")
+    ap.add_argument("--extra", default=None,
+                    help="extra DEQ adjoints, comma-separated from jfb,phantom,gmres8 "
+                         "(default jfb,phantom; quick jfb; 'none' for none)")
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--d-ff", type=int, default=128)
+    ap.add_argument("--deq-max-steps", type=int, default=20)
+    ap.add_argument("--deq-eval-steps", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None,
+                    help="JSON output (default results/bench_lm.json, quick bench_lm_quick.json)")
+    args = ap.parse_args()
+    if args.out is None:
+        args.out = str(RESULTS_DIR / ("bench_lm_quick.json" if args.quick else "bench_lm.json"))
+    if args.budget is None:
+        args.budget = 6.0 if args.quick else 90.0
+    depths = [int(d) for d in (args.depths or "2,4").split(",") if d]
+    extra_s = args.extra or ("jfb" if args.quick else "jfb,phantom")
+    extra = [] if extra_s == "none" else [e for e in extra_s.split(",") if e]
+    for e in extra:
+        if e not in EXTRA_ADJOINTS:
+            ap.error(f"--extra: unknown adjoint {e!r}; choose from {sorted(EXTRA_ADJOINTS)}")
+
+    torch.set_num_threads(1)
+    env = environment()
+    splits = load_dataset("text", block_size=64, seed=args.seed)
+    vocab = splits.spec.num_classes
+    kinds = ["implicit", *extra, *(f"L={d}" for d in depths)]
+    x_mem, y_mem = splits.train.tensors[0][:args.batch], splits.train.tensors[1][:args.batch]
+    with quiet_stderr():
+        check = verify_peak_method()
+
+    print(f"# Char-level LM, equal training time ({args.budget:g} s of {args.clock} time "
+          "per model)\n")
+    for line in header_lines(env)[:2]:  # the third line describes round-robin timing
+        print(line)
+    print(f"- load average at start: {env['loadavg_at_start']} (models train one after the "
+          f"other; the budget clock is {args.clock} time"
+          + (", which load from other processes hardly affects)" if args.clock == "cpu"
+             else ", which load from other processes inflates)"))
+    print(f"- data: shipped corpus, {len(splits.train)} train / {len(splits.val)} val / "
+          f"{len(splits.test)} test blocks of 64 characters, vocabulary {vocab}")
+    print(f"- d_model {args.d_model}, heads {args.n_heads}, d_ff {args.d_ff}, batch "
+          f"{args.batch}, AdamW lr {args.lr:g} (warm-up {args.warmup} steps, cosine over the "
+          f"time budget), grad clip 1.0, seed {args.seed}; DEQ max_steps {args.deq_max_steps} "
+          f"(train) / {args.deq_eval_steps} (eval)")
+    print(f"- peak-method check: {check}\n")
+
+    rows: list[dict[str, Any]] = []
+    for kind in kinds:
+        model = build(kind, vocab, args)
+        n_params = sum(p.numel() for p in model.parameters())
+        t0 = time.perf_counter()
+        mem_init = step_memory(model, x_mem, y_mem)  # no parameter update
+        tr = train(model, splits.train, args)
+        mem_end = step_memory(model, x_mem, y_mem)
+        val = evaluate(model, splits.val, args.batch)
+        test = evaluate(model, splits.test, args.batch)
+        row = {"model": label(kind), "kind": kind, "params": n_params,
+               "param_bytes": 4 * n_params, **tr,
+               "memory_init": mem_init, "memory_end": mem_end, "val": val, "test": test,
+               "seconds_total": time.perf_counter() - t0}
+        rows.append(row)
+        deq = ""
+        if "train_fwd_steps" in tr:
+            deq = (f", fwd steps train {tr['train_fwd_steps']:.1f} (last 10%: "
+                   f"{tr['train_fwd_steps_last10pct']:.1f}), eval {val['fwd_steps']:.1f}, "
+                   f"eval rel res {val['fwd_rel_res']:.1e}")
+        print(f"{row['model']}: {tr['steps']} steps, val bpc {val['bpc']:.3f}, test bpc "
+              f"{test['bpc']:.3f}{deq}  ({row['seconds_total']:.0f} s)", flush=True)
+
+    headers = ["model", "params", "steps", f"{args.clock} time/step", "peak MiB (end / init)",
+               "saved MiB", "val bpc", "test bpc", "DEQ fwd steps (train / eval)",
+               "DEQ eval rel res"]
+    table = []
+    for r in rows:
+        deq_steps = deq_res = "-"
+        if "train_fwd_steps" in r:
+            deq_steps = f"{r['train_fwd_steps_last10pct']:.1f} / {r['val']['fwd_steps']:.1f}"
+            deq_res = f"{r['val']['fwd_rel_res']:.1e}"
+        table.append([
+            r["model"], f"{r['params']:,}", r["steps"], f"{r['time_per_step'] * 1e3:.1f} ms",
+            f"{mib(r['memory_end']['peak_bytes'])} / {mib(r['memory_init']['peak_bytes'])}",
+            mib(r["memory_end"]["saved_bytes"]), f"{r['val']['bpc']:.3f}",
+            f"{r['test']['bpc']:.3f}", deq_steps, deq_res,
+        ])
+    print()
+    print(md_table(headers, table))
+    print(f"\ntime/step: {args.clock} time per training step (budget / steps done); "
+          "peak: peak live bytes of one training step on the same batch after training / at "
+          "initialisation; saved: saved-for-backward bytes after training. DEQ fwd steps: "
+          "mean forward solver steps over the last 10% of training steps / over the "
+          "validation batches; eval rel res: mean relative residual on validation.")
+    print("The peak includes the parameter gradients (allocated in the step) but not the "
+          "parameters and the AdamW state (3 x 4 bytes per parameter, see params).")
+
+    notes = []
+    for d in (r for r in rows if not r["kind"].startswith("L=")):
+        for r in (r for r in rows if r["kind"].startswith("L=")):
+            peak = d["memory_end"]["peak_bytes"] / max(r["memory_end"]["peak_bytes"], 1)
+            saved = d["memory_end"]["saved_bytes"] / max(r["memory_end"]["saved_bytes"], 1)
+            notes.append(
+                f"{d['model']} vs {r['model']}: val bpc {d['val']['bpc'] - r['val']['bpc']:+.3f}, "
+                f"test bpc {d['test']['bpc'] - r['test']['bpc']:+.3f}, training-step peak "
+                f"memory x{peak:.2f}, saved-for-backward x{saved:.2f}")
+    print("\n" + "\n".join(f"- {n}" for n in notes))
+
+    out = {"config": {k: v for k, v in vars(args).items()}, "depths": depths, "extra": extra,
+           "environment": env, "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
+           "vocab_size": vocab, "peak_method": PEAK_METHOD, "saved_method": SAVED_METHOD,
+           "peak_method_check": check, "rows": rows, "table": md_table(headers, table),
+           "comparisons": notes}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(out, fh, indent=2, default=str)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
