@@ -150,8 +150,12 @@ class GMRES(AbstractLinearSolver):
                     w = torch.baddbmm(w.unsqueeze(1), h, basis, alpha=-1.0)
                     # Second pass only when cancellation was severe for some sample (the
                     # DGKS criterion, Daniel et al. 1976): "twice is enough", once is often
-                    # enough, and each pass costs two bandwidth-bound batched products.
-                    if j > 0 and bool((batched_norm(w.squeeze(1)) < 0.7 * wnorm).any()):
+                    # enough, and each pass costs two bandwidth-bound batched products. On
+                    # accelerators the test would cost a host sync: always reorthogonalise.
+                    if j > 0 and (
+                        w.device.type != "cpu"
+                        or bool((batched_norm(w.squeeze(1)) < 0.7 * wnorm).any())
+                    ):
                         h2 = torch.bmm(w, basis.transpose(1, 2))
                         w = torch.baddbmm(w, h2, basis, alpha=-1.0)
                         h = h + h2
