@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import deqkit as dk
-from deqkit.solvers.hyper import HyperAnderson, train_hyper_solver
+from deqkit.solvers.hyper import HyperAnderson, pretrain_initialiser, train_hyper_solver
 
 F64 = torch.float64
 
@@ -163,6 +163,8 @@ def test_training_log_loss_and_target_weight_run():
         ({"state_shape": (4,), "regularisation": -1.0}, "regularisation"),
         ({"state_shape": (4,), "init_groups": 3}, "init_groups"),
         ({"state_shape": (4,), "hidden": 0}, "hidden"),
+        ({"state_shape": (4,), "init_layers": -1}, "init_layers"),
+        ({"state_shape": (4,), "init_layers": 1, "init_hidden": None}, "init_hidden"),
     ],
 )
 def test_constructor_validation(kwargs, match):
@@ -190,3 +192,49 @@ def test_runtime_validation():
         train_hyper_solver(cell, [], hyp, steps=1)
     with pytest.raises(TypeError, match="input tensor"):
         train_hyper_solver(cell, ["x"], hyp, steps=1)
+
+
+def test_conv_initialiser_pretraining_fits_equilibria():
+    """A deeper initialiser (init_layers), fitted alone to z*, gets close and cuts the solve."""
+    torch.manual_seed(0)
+    cell = ConvCell(4).eval()
+    for p in cell.parameters():
+        p.requires_grad_(False)
+    data = [torch.randn(8, 4, 5, 5) for _ in range(3)]
+    solver = HyperAnderson((4, 5, 5), rtol=1e-6, atol=0, init_layers=2, init_hidden=8)
+    assert sum(1 for mod in solver.init_map if isinstance(mod, nn.Conv2d)) == 3
+    u = torch.cat(data)  # fitted on these
+    ref = dk.fixed_point(cell, torch.zeros_like(u), solver=dk.Anderson(rtol=1e-5, atol=0),
+                         args=(u,), max_steps=100).value
+
+    def rel_err():
+        with torch.no_grad():
+            z0 = solver.initial_state(u)
+        return float(((z0 - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).mean())
+
+    e0 = rel_err()
+    pre = pretrain_initialiser(cell, data, solver, steps=150, lr=1e-2)
+    assert len(pre["loss"]) == 150 and pre["loss"][-1] < pre["loss"][0]
+    assert pre["parameters"] == sum(p.numel() for p in solver.init_map.parameters())
+    assert rel_err() < 0.6 * e0
+    assert all(p.grad is None for p in cell.parameters())
+    out = train_hyper_solver(cell, data, solver, steps=2, k=3, init_pretrain_steps=5)
+    assert len(out["pretrain"]["loss"]) == 5 and len(out["loss"]) == 2
+    with pytest.raises(ValueError, match="init_pretrain_steps"):
+        train_hyper_solver(cell, data, solver, steps=1, init_pretrain_steps=-1)
+    with pytest.raises(ValueError, match="empty"):
+        pretrain_initialiser(cell, [], solver, steps=1)
+    with pytest.raises(ValueError, match="cell_steps"):
+        pretrain_initialiser(cell, data, solver, steps=1, cell_steps=-1)
+
+
+def test_pretraining_through_the_cell_fits_the_first_step():
+    """cell_steps=1 fits f(z0) (the solve's first plain step) to z*; the cell gets no grad."""
+    torch.manual_seed(1)
+    cell = ConvCell(4).train()
+    data = [torch.randn(8, 4, 5, 5) for _ in range(2)]
+    solver = HyperAnderson((4, 5, 5), rtol=1e-6, atol=0, init_layers=1, init_hidden=8)
+    pre = pretrain_initialiser(cell, data, solver, steps=80, lr=1e-2, cell_steps=1)
+    assert pre["loss"][-1] < 0.6 * pre["loss"][0]
+    assert all(p.grad is None for p in cell.parameters())
+    assert cell.training  # mode restored

@@ -102,6 +102,11 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             Default: 32.
         init_depthwise: start the initialiser with a depthwise 3x3 convolution (states with
             spatial dimensions only). Default: True.
+        init_layers: if > 0, the initialiser is instead a stack of this many 3x3
+            convolutions (``init_hidden`` channels, each followed by a GroupNorm and a ReLU;
+            1x1 for vector states) and a final 1x1 convolution to the state's channels: more
+            capacity for a better initial state, at a few thousand parameters per layer.
+            Requires ``init_hidden``. Default: 0 (the depthwise + pointwise initialiser).
         init_groups: end the initialiser with a GroupNorm of this many groups (matches a
             GroupNorm-ed state such as ConvDEQ's); ``None``: no norm, and the initialiser
             starts at zero. Default: None.
@@ -142,6 +147,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         hidden: int = 16,
         init_hidden: int | None = 32,
         init_depthwise: bool = True,
+        init_layers: int = 0,
         init_groups: int | None = None,
         beta_init: float = 0.9,
         safeguard: float | None = 1.0,
@@ -167,6 +173,10 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         check_positive_int(_OWNER, "hidden", hidden)
         if init_hidden is not None:
             check_positive_int(_OWNER, "init_hidden", init_hidden)
+        if isinstance(init_layers, bool) or not isinstance(init_layers, int) or init_layers < 0:
+            raise ValueError(f"{_OWNER}: `init_layers` must be an int >= 0, got {init_layers!r}.")
+        if init_layers and init_hidden is None:
+            raise ValueError(f"{_OWNER}: `init_layers` > 0 needs `init_hidden` (the width).")
         if init_groups is not None:
             check_positive_int(_OWNER, "init_groups", init_groups)
             if shape[0] % init_groups:
@@ -216,10 +226,23 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         # Initialiser on channels-first tensors (vector states are (B, C, 1) signals).
         conv = (nn.Conv1d, nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(shape) - 1]
         layers: list[nn.Module] = []
-        if init_depthwise and len(shape) > 1:
-            layers.append(conv(in_channels, in_channels, 3, padding=1, groups=in_channels))
-        if init_hidden is not None:
-            layers += [conv(in_channels, init_hidden, 1), nn.ReLU()]
+        if init_layers:
+            assert init_hidden is not None
+            ks = 3 if len(shape) > 1 else 1
+            hg = math.gcd(init_hidden, init_groups or 8)
+            c_in = in_channels
+            for _ in range(init_layers):
+                layers += [
+                    conv(c_in, init_hidden, ks, padding=ks // 2),
+                    nn.GroupNorm(hg, init_hidden),
+                    nn.ReLU(),
+                ]
+                c_in = init_hidden
+        else:
+            if init_depthwise and len(shape) > 1:
+                layers.append(conv(in_channels, in_channels, 3, padding=1, groups=in_channels))
+            if init_hidden is not None:
+                layers += [conv(in_channels, init_hidden, 1), nn.ReLU()]
         layers.append(conv(init_hidden or in_channels, self.channels, 1))
         if init_groups is not None:
             layers.append(nn.GroupNorm(init_groups, self.channels))
@@ -459,6 +482,145 @@ def _as_tuple(batch: Any) -> tuple[Tensor, ...]:
     )
 
 
+def _cell_of(deq_layer: Any, owner: str) -> Callable[..., Tensor]:
+    cell = deq_layer.cell if isinstance(deq_layer, nn.Module) and hasattr(deq_layer, "cell") else (
+        deq_layer
+    )
+    if not callable(cell):
+        raise TypeError(
+            f"{owner}: `deq_layer` must be a DEQ layer or a callable cell, got "
+            f"{type(deq_layer).__name__}."
+        )
+    return cell
+
+
+def pretrain_initialiser(
+    deq_layer: Any,
+    inputs: Iterable[Any],
+    solver: HyperAnderson,
+    steps: int = 500,
+    lr: float = 3e-3,
+    *,
+    target_solver: AbstractFixedPointSolver | None = None,
+    target_max_steps: int = 100,
+    seed: int = 0,
+    cell_steps: int = 0,
+) -> dict[str, Any]:
+    r"""Fit the initialiser alone to tightly solved equilibria (regression on :math:`z^\star`).
+
+    One pass over ``inputs`` collects the batches and solves each to :math:`z^\star`
+    (``target_solver``, no grad); then ``steps`` Adam steps (cosine-decayed learning rate) on
+    random batches minimise the mean relative distance
+    :math:`\|f^{(c)}(h_\phi(x)) - z^\star\| / \|z^\star\|`, where :math:`f^{(c)}` is
+    ``cell_steps`` plain applications of the cell (``cell_steps=0``: the initial state itself
+    is regressed). With ``cell_steps=1`` the initial state is fitted so that the solver's
+    *first* step (a plain step, which every solve takes and counts) lands near
+    :math:`z^\star`; the initial state itself stays cell-free. Only the initialiser's parameters
+    move; the DEQ is unchanged. Meant to run before :func:`train_hyper_solver` (see its
+    ``init_pretrain_steps``): the unrolled solver loss alone pulls the initial state only
+    weakly toward :math:`z^\star`.
+
+    Args:
+        deq_layer: a :class:`deqkit.nn.DEQ` or a cell ``cell(z, *inputs)``.
+        inputs: an iterable of cell inputs (as for :func:`train_hyper_solver`).
+        solver: the :class:`HyperAnderson` whose ``init_map`` is trained (in place).
+        steps: optimisation steps. Default: 500.
+        lr: Adam learning rate (cosine-decayed to 10%). Default: 3e-3.
+        target_solver: solver of the references. Default: ``Anderson(m=5, rtol=1e-6, atol=0)``.
+        target_max_steps: step budget of the reference solves. Default: 100.
+        seed: seed of the batch order. Default: 0.
+        cell_steps: plain cell applications between the initial state and the regression
+            target (differentiated through, the cell frozen). Default: 0.
+
+    Returns:
+        dict with ``loss`` (per-step mean relative distances), ``time_s`` (including the
+        reference solves), ``parameters`` (the initialiser's) and ``steps``.
+    """
+    if not isinstance(solver, HyperAnderson):
+        raise TypeError(
+            f"pretrain_initialiser: `solver` must be a HyperAnderson, got {type(solver).__name__}."
+        )
+    check_positive_int("pretrain_initialiser", "steps", steps)
+    check_positive_int("pretrain_initialiser", "target_max_steps", target_max_steps)
+    if isinstance(cell_steps, bool) or not isinstance(cell_steps, int) or cell_steps < 0:
+        raise ValueError(
+            f"pretrain_initialiser: `cell_steps` must be an int >= 0, got {cell_steps!r}."
+        )
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+        raise ValueError(f"pretrain_initialiser: `lr` must be a finite float > 0, got {lr!r}.")
+    cell = _cell_of(deq_layer, "pretrain_initialiser")
+    if target_solver is None:
+        target_solver = Anderson(m=5, rtol=1e-6, atol=0)
+    from .._fixed_point import fixed_point  # local: avoid an import cycle
+
+    modules = [c for c in (cell, deq_layer) if isinstance(c, nn.Module)]
+    modes = [c.training for c in modules]
+    for c in modules:
+        c.eval()
+    t0 = time.perf_counter()
+    data: list[tuple[tuple[Tensor, ...], Tensor]] = []
+    try:
+        with torch.no_grad():
+            for batch in inputs:
+                xs = tuple(t.detach() for t in _as_tuple(batch))
+                z0 = solver.initial_state(*xs)
+                ref = fixed_point(
+                    lambda z, *a: cell(z, *a), torch.zeros_like(z0), solver=target_solver,
+                    max_steps=target_max_steps, args=xs, throw=False,
+                )
+                data.append((xs, ref.value.detach()))
+    finally:
+        for c, mode in zip(modules, modes):
+            c.train(mode)
+    if not data:
+        raise ValueError("pretrain_initialiser: `inputs` is empty.")
+    params = [p for p in solver.init_map.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=0.1 * lr)
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    history: list[float] = []
+    for c in modules:
+        c.eval()
+    try:
+        for _ in range(steps):
+            if not order:
+                order = torch.randperm(len(data), generator=gen).tolist()
+            xs, z_star = data[order.pop()]
+            z = solver.initial_state(*xs)
+            for _ in range(cell_steps):
+                z = cell(z, *xs)
+            history.append(_fit_step(z.flatten(1), z_star, params, opt, sched))
+    finally:
+        for c, mode in zip(modules, modes):
+            c.train(mode)
+    opt.zero_grad(set_to_none=True)
+    return {
+        "loss": history,
+        "time_s": time.perf_counter() - t0,
+        "parameters": sum(p.numel() for p in params),
+        "steps": steps,
+    }
+
+
+def _fit_step(z: Tensor, z_star: Tensor, params: list[Tensor], opt: Any, sched: Any) -> float:
+    """One Adam step on the mean relative distance of (W, D) ``z`` to ``z_star``.
+
+    ``torch.autograd.grad`` over ``params`` only: a DEQ cell applied in between gets no grad.
+    """
+    zs = z_star.flatten(1).to(z.dtype)
+    dist = torch.linalg.vector_norm(z - zs, dim=1) / torch.linalg.vector_norm(
+        zs, dim=1
+    ).clamp_min(1e-12)
+    loss = dist.mean()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 def train_hyper_solver(
     deq_layer: Any,
     inputs: Iterable[Any],
@@ -474,6 +636,9 @@ def train_hyper_solver(
     target_max_steps: int = 100,
     grad_clip: float | None = 1.0,
     callback: Callable[[int, float], None] | None = None,
+    init_pretrain_steps: int = 0,
+    init_pretrain_lr: float | None = None,
+    init_pretrain_cell_steps: int = 0,
 ) -> dict[str, Any]:
     r"""Train a :class:`HyperAnderson` on a frozen DEQ (HyperDEQ, Bai et al., ICLR 2022).
 
@@ -513,10 +678,17 @@ def train_hyper_solver(
         target_max_steps: step budget of the reference solve. Default: 100.
         grad_clip: max gradient norm (``None``: no clipping). Default: 1.0.
         callback: called as ``callback(step, loss)`` after every step.
+        init_pretrain_steps: first fit the initialiser alone to :math:`z^\star` for this
+            many steps (:func:`pretrain_initialiser`, one pass of ``inputs`` for the
+            references). Default: 0 (none).
+        init_pretrain_lr: learning rate of that phase. Default: ``lr``.
+        init_pretrain_cell_steps: ``cell_steps`` of that phase (fit the state after this
+            many plain cell steps from the initial state). Default: 0.
 
     Returns:
-        dict with ``loss`` (per-step losses), ``time_s`` (wall time), ``parameters`` (the
-        solver's parameter count) and ``steps``.
+        dict with ``loss`` (per-step losses), ``time_s`` (wall time, pretraining included),
+        ``parameters`` (the solver's parameter count), ``steps`` and, with pretraining,
+        ``pretrain`` (:func:`pretrain_initialiser`'s result).
 
     Example:
         >>> import torch
@@ -558,13 +730,22 @@ def train_hyper_solver(
         raise ValueError(f"train_hyper_solver: `loss` must be 'relative' or 'log', got {loss!r}.")
     if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
         raise ValueError(f"train_hyper_solver: `grad_clip` must be > 0 or None, got {grad_clip!r}.")
-    cell = deq_layer.cell if isinstance(deq_layer, nn.Module) and hasattr(deq_layer, "cell") else (
-        deq_layer
-    )
-    if not callable(cell):
-        raise TypeError(
-            f"train_hyper_solver: `deq_layer` must be a DEQ layer or a callable cell, got "
-            f"{type(deq_layer).__name__}."
+    if isinstance(init_pretrain_steps, bool) or not isinstance(init_pretrain_steps, int) or (
+        init_pretrain_steps < 0
+    ):
+        raise ValueError(
+            f"train_hyper_solver: `init_pretrain_steps` must be an int >= 0, got "
+            f"{init_pretrain_steps!r}."
+        )
+    cell = _cell_of(deq_layer, "train_hyper_solver")
+    t_start = time.perf_counter()
+    pre = None
+    if init_pretrain_steps:
+        pre = pretrain_initialiser(
+            deq_layer, inputs, solver, init_pretrain_steps,
+            lr if init_pretrain_lr is None else init_pretrain_lr,
+            target_solver=target_solver, target_max_steps=target_max_steps,
+            cell_steps=init_pretrain_cell_steps,
         )
     if target_solver is None:
         target_solver = Anderson(m=5, rtol=1e-6, atol=0)
@@ -579,7 +760,6 @@ def train_hyper_solver(
     for c in modules:
         c.eval()
     history: list[float] = []
-    t0 = time.perf_counter()
     it = iter(inputs)
     try:
         for step_i in range(steps):
@@ -645,12 +825,15 @@ def train_hyper_solver(
     finally:
         for c, mode in zip(modules, modes):
             c.train(mode)
-    return {
+    out = {
         "loss": history,
-        "time_s": time.perf_counter() - t0,
+        "time_s": time.perf_counter() - t_start,
         "parameters": sum(p.numel() for p in params),
         "steps": steps,
     }
+    if pre is not None:
+        out["pretrain"] = pre
+    return out
 
 
-__all__ = ["HyperAnderson", "train_hyper_solver"]
+__all__ = ["HyperAnderson", "pretrain_initialiser", "train_hyper_solver"]
