@@ -211,7 +211,7 @@ def test_two_calls_before_one_backward():
     torch.testing.assert_close(g, ga + gb)
 
 
-def _saved_bytes(adjoint, max_steps):
+def _saved_bytes(adjoint, max_steps, solver=None):
     g = torch.Generator().manual_seed(0)
     W = contractive_matrix(32, 0.999, symmetric=True, gen=g).requires_grad_(True)
     x = (1e-2 * torch.randn(8, 32, dtype=F64, generator=g)).requires_grad_(True)
@@ -224,7 +224,7 @@ def _saved_bytes(adjoint, max_steps):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         sol = dk.fixed_point(lambda z, x: torch.tanh(z @ W.T + x), torch.zeros(8, 32, dtype=F64),
-                             dk.Picard(rtol=1e-30, atol=0), adjoint=adjoint, args=(x,),
+                             solver or dk.Picard(rtol=1e-30, atol=0), adjoint=adjoint, args=(x,),
                              max_steps=max_steps, throw=False)
     assert int(sol.stats["nstep"].min()) == max_steps  # every step ran
     return sum(seen.values())
@@ -236,3 +236,14 @@ def test_implicit_memory_constant_in_iterations_unrolled_linear():
     assert imp[0] == imp[1] == imp[2]
     assert unr[2] > 8 * unr[0] > 0
     assert imp[2] * 20 < unr[2]
+
+
+def test_unrolled_anderson_memory_per_step_is_a_few_state_tensors():
+    # The unrolled Anderson keeps its history as the iterates' own tensors: autograd must not
+    # save a copy of the (B, m, D) history buffers at every step.
+    solver = dk.Anderson(rtol=1e-30, atol=0, m=5)
+    a = _saved_bytes(dk.UnrolledAdjoint(), 16, solver)
+    b = _saved_bytes(dk.UnrolledAdjoint(), 48, solver)
+    state_bytes = 8 * 32 * 8  # one (B, D) float64 tensor
+    per_step = (b - a) / 32 / state_bytes
+    assert 1 <= per_step <= 6, per_step  # was 13.5 when the buffers were copied each step

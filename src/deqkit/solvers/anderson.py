@@ -14,7 +14,6 @@ from ._base import (
     check_positive_int,
     check_tolerances,
     check_unit_interval,
-    put_slot,
 )
 
 
@@ -26,6 +25,9 @@ class _AndersonState:
     k: int = dataclasses.field(default=0, metadata={"batch": False})
     # one-hot rows selecting slot s among n, cached by (n, s): the fallback weights
     onehot: dict = dataclasses.field(default_factory=dict, metadata={"batch": False})
+    # differentiable (unrolled) solves keep the history as lists of the iterates' own tensors
+    # instead of writing copies into F and G, so autograd saves no per-step buffer copies
+    history: dict = dataclasses.field(default_factory=dict, metadata={"batch": False})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,19 +105,22 @@ class Anderson(AbstractFixedPointSolver):
         n = k + 1 if k < m else m
         differentiable = torch.is_grad_enabled() and (fz.requires_grad or r.requires_grad)
         if differentiable:
-            F = put_slot(state.F, slot, fz)
-            G = put_slot(state.G, slot, r)
+            Fl = state.history.setdefault("F", [None] * m)
+            Gl = state.history.setdefault("G", [None] * m)
+            Fl[slot], Gl[slot] = fz, r
+            row = torch.stack([torch.linalg.vecdot(g, r) for g in Gl[:n]], dim=1)
+            H = state.H.clone()
         else:
             F, G = state.F, state.G
             F[:, slot].copy_(fz)
             G[:, slot].copy_(r)
-        Gn = G[:, :n]
-        row = torch.matmul(r.unsqueeze(1), Gn.transpose(1, 2)).squeeze(1)  # (W, n) = g_k . g_i
-        H = state.H.clone() if differentiable else state.H
+            Gn = G[:, :n]
+            row = torch.matmul(r.unsqueeze(1), Gn.transpose(1, 2)).squeeze(1)  # g_k . g_i
+            H = state.H
         H[:, slot, :n] = row
         H[:, :n, slot] = row
         if differentiable:
-            state = dataclasses.replace(state, F=F, G=G, H=H, k=k + 1)
+            state = dataclasses.replace(state, H=H, k=k + 1)
         else:
             state.k = k + 1
         if n == 1:
@@ -137,6 +142,13 @@ class Anderson(AbstractFixedPointSolver):
             plain[0, slot] = 1.0
             state.onehot[key] = plain
         alpha = torch.where(torch.isfinite(s), y / s, plain).to(z.dtype)
+        if differentiable:
+            z_next = sum(alpha[:, i : i + 1] * Fl[i] for i in range(n))
+            if self.beta != 1.0:
+                z_next = z_next - (1.0 - self.beta) * sum(
+                    alpha[:, i : i + 1] * Gl[i] for i in range(n)
+                )
+            return z_next, None, state
         z_next = torch.bmm(alpha.unsqueeze(1), F[:, :n]).squeeze(1)
         if self.beta != 1.0:
             z_next = z_next - (1.0 - self.beta) * torch.bmm(alpha.unsqueeze(1), Gn).squeeze(1)
