@@ -102,23 +102,27 @@ def solver_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
 def training_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
     rows = []
     size, batch, ch = (8, 32, 16) if quick else (32, 128, 64)
-    for precision in ("float32", "bf16-autocast"):
+    for precision in ("float32", "bf16-autocast", "fp16-autocast+GradScaler"):
         torch.manual_seed(0)
         model = dk.zoo.ConvDEQ((3, size, size), 10, channels=ch).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
-        amp = precision != "float32"
+        dtype = {"float32": None, "bf16-autocast": torch.bfloat16}.get(precision, torch.float16)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
 
         def step():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # noqa: B023
-                loss = nn.functional.cross_entropy(model(x), y)  # noqa: B023
+            with torch.autocast(device.type, dtype=dtype or torch.float32,  # noqa: B023
+                                enabled=dtype is not None):  # noqa: B023
+                loss = nn.functional.cross_entropy(model(x).float(), y)  # noqa: B023
             opt.zero_grad(set_to_none=True)  # noqa: B023
-            loss.backward()
-            opt.step()  # noqa: B023
+            scaler.scale(loss).backward()  # noqa: B023
+            scaler.step(opt)  # noqa: B023
+            scaler.update()  # noqa: B023
 
-        if amp:
-            model.deq.solver = dk.Anderson(rtol=2e-2, atol=0)  # bf16 cannot reach 1e-4
+        if dtype is not None:  # tolerances above the dtype's eps (bf16 2^-7, fp16 2^-10)
+            model.deq.solver = dk.Anderson(rtol=2e-2 if dtype is torch.bfloat16 else 2e-3,
+                                           atol=0)
         t = _median_time(step, device, repeats)
         st = model.deq.last_solution.stats
         rows.append({"model": f"ConvDEQ {ch}ch {size}x{size}", "precision": precision,

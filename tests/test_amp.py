@@ -132,3 +132,36 @@ def test_tolerance_below_dtype_precision_warns():
     x = torch.randn(2, 4)
     with BF16, pytest.warns(fp.ToleranceWarning, match="bfloat16"):
         _solve(lambda z, a: torch.tanh(0.5 * lin(z) + a), x, rtol=1e-5)
+
+
+def test_grad_scaler_overflow_skips_the_step_without_a_solve():
+    """An overflowed scaled gradient reaches the parameters as inf/NaN (no linear solve, no
+    warning) so ``GradScaler`` skips the optimiser step and lowers its scale; a finite scale
+    then trains normally and the scaled implicit gradient equals the unscaled one."""
+    torch.manual_seed(0)
+    cell = Cell(8)
+    x = torch.randn(4, 8)
+    opt = torch.optim.SGD(cell.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in cell.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # loss * scale overflows fp32
+    adj = dk.ImplicitAdjoint(dk.GMRES(rtol=1e-6), on_failure="raise")
+    sol = dk.fixed_point(cell, torch.zeros(4, 8), solver=dk.Anderson(rtol=1e-6, atol=0),
+                         adjoint=adj, args=(x,), max_steps=60)
+    scaler.scale(sol.value.square().sum() * 4.0).backward()
+    assert sol.backward["nonfinite_grad"] and sol.backward["nmatvec"] == 0
+    assert not all(bool(p.grad.isfinite().all()) for p in cell.parameters())
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(cell.parameters(), before))  # skipped
+    assert scaler.get_scale() == 2.0**126
+
+    def grads(scale):
+        cell.zero_grad()
+        s = dk.fixed_point(cell, torch.zeros(4, 8), solver=dk.Anderson(rtol=1e-6, atol=0),
+                           adjoint=adj, args=(x,), max_steps=60)
+        (s.value.square().sum() * scale).backward()
+        assert not s.backward["nonfinite_grad"]
+        return [p.grad / scale for p in cell.parameters()]
+
+    for g1, g2 in zip(grads(1.0), grads(2.0**16)):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)

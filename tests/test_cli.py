@@ -154,3 +154,32 @@ def test_char_lm_run_reports_bits_per_character(tmp_path):
     # bits per character = cross-entropy in nats / ln 2, over every predicted character
     assert summary["test_bpc"] == pytest.approx(summary["test_loss"] / 0.6931471805599453)
     assert 0 < summary["test_bpc"] < 10 and 0 <= summary["test_acc"] <= 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_run_and_resume(tmp_path, precision):
+    """bf16/fp16 autocast training (fp16 with a GradScaler whose state is checkpointed) learns,
+    and resuming it reproduces the uninterrupted run."""
+    # bf16's eps is 2^-7: a tolerance below it warns (ToleranceWarning), so ask for 1e-2
+    kw = dict(precision=precision, epochs=3, device="cpu",
+              rtol=1e-2 if precision == "bf16" else 1e-3)
+    full = train(_cfg(tmp_path, "full", **kw), log=lambda *_: None)
+    assert full["test_acc"] > 0.5 and all(
+        v == v for v in full.values() if isinstance(v, float))  # no NaN anywhere
+    part = _cfg(tmp_path, "part", **kw)
+    train(part, stop_after=1, log=lambda *_: None)
+    ckpt = load_checkpoint(str(tmp_path / "part" / "last.pt"))
+    assert ckpt["scaler"]["scale"] > 0 if precision == "fp16" else ckpt["scaler"] == {}
+    resumed = train(part, resume=True, log=lambda *_: None)
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["test_loss"] == full["test_loss"]
+
+
+def test_device_and_precision_rejected(tmp_path):
+    with pytest.raises(ValueError, match="config `precision` = 'fp8'"):
+        _cfg(tmp_path, "a", precision="fp8")
+    with pytest.raises(ValueError, match="config `device` = 'gpu'"):
+        _cfg(tmp_path, "a", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            train(_cfg(tmp_path, "b", device="cuda"), log=lambda *_: None)

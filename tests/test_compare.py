@@ -114,7 +114,7 @@ def test_deq_memory_flat_while_unrolled_grows():
     assert [r["steps_used"] for r in d["rows"]] == [2, 4, 8]  # all steps forced
     lo, hi = d["rows"][0]["peak_train_bytes"], d["rows"][-1]["peak_train_bytes"]
     assert abs(hi - lo) <= 0.1 * lo
-    assert u["fit"]["saved_bytes"]["slope"] >= 16 * 16 * 4  # >= one state per step
+    assert u["fit"]["saved_bytes"]["slope"] >= 16 * 16 * 4 * (1 - 1e-9)  # >= a state per step
     assert u["rows"][-1]["saved_bytes"] > u["rows"][0]["saved_bytes"]
     assert u["fit"]["peak_train_bytes"]["r2"] > 0.95
 

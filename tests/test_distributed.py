@@ -121,7 +121,7 @@ def _grad_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    env = dd.detect()  # gloo on CPU
+    env = dd.detect("cpu")  # gloo on CPU, also where GPUs exist
     assert env.enabled and env.backend == "gloo" and env.rank == rank
     x, y = _data()
     h = B // WORLD
@@ -215,8 +215,9 @@ def test_single_process_env(monkeypatch):
 
 QUICK = dict(model="deq_mlp", data="digits", subset=256, epochs=2, batch_size=64,
              progress=False, plots=False, max_steps=10, eval_max_steps=15,
-             model_args={"width": 32}, lr=1e-2)
-FLAGS = ["--model", "deq_mlp", "--data", "digits", "--subset", "256", "--epochs", "2",
+             model_args={"width": 32}, lr=1e-2, device="cpu")
+FLAGS = ["--device", "cpu", "--model", "deq_mlp", "--data", "digits", "--subset", "256",
+         "--epochs", "2",
          "--batch-size", "64", "--max-steps", "10", "--eval-max-steps", "15", "--lr", "0.01",
          "--no-progress", "--no-plots", "--model-arg", "width=32"]
 

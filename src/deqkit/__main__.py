@@ -112,6 +112,8 @@ _TRAIN_FLAGS = {
     "--label-smoothing": ("label_smoothing", float, "label smoothing (default 0)"),
     "--augment-shift": ("augment_shift", int, "random roll of signals/images by up to N"),
     "--threads": ("threads", int, "torch intra-op threads (default 1)"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N (default auto: CUDA if present)"),
+    "--precision": ("precision", str, "fp32 | bf16 | fp16 autocast (fp16 uses a GradScaler)"),
     "--solver": ("solver", str, "anderson | picard | broyden | newton_krylov"),
     "--rtol": ("rtol", float, "forward relative tolerance (default 1e-3)"),
     "--atol": ("atol", float, "forward absolute tolerance (default 0)"),
@@ -161,7 +163,8 @@ def _train_cmd(args: argparse.Namespace) -> int:
 def _eval_cmd(args: argparse.Namespace) -> int:
     from .cli._train import eval_checkpoint
 
-    eval_checkpoint(args.checkpoint, max_steps=args.max_steps, split=args.split)
+    eval_checkpoint(args.checkpoint, max_steps=args.max_steps, split=args.split,
+                    device=args.device)
     return 0
 
 
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("checkpoint")
     ev.add_argument("--max-steps", type=int, default=None, help="test-time step budget")
     ev.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ev.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     ev.set_defaults(func=_eval_cmd)
     from .compare import add_compare_parser
 

@@ -236,6 +236,14 @@ class FixedStepModel(nn.Module):
         layers: the :class:`FixedStepDEQ` layers, in ``named_modules`` order.
         example_residual: max relative residual on ``example_inputs`` when
             :func:`export_fixed_steps` was given them, else ``None``.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> model = dk.zoo.DEQMLP((6,), 3, width=8).eval()
+        >>> fixed = dk.FixedStepModel(model, steps=30)
+        >>> x = torch.randn(2, 6)
+        >>> len(fixed.layers), torch.allclose(fixed(x), model(x), atol=1e-4)
+        (1, True)
     """
 
     def __init__(self, model: nn.Module, steps: int, solver: str = "picard", **kwargs: Any):

@@ -88,10 +88,23 @@ class StabilityReport:
         backward_converged, backward_nstep, backward_residual: per sample, from
             ``sol.backward`` (empty lists when the backward did not run).
         backward_nmatvec: batched matrix-vector products of the backward solve.
-        mean_nstep, max_nstep, frac_max_steps, n_max_steps, n_diverged, n_nonfinite,
-        n_stagnated, rho_max, rho_mean, norm_max, norm_mean, cond_estimate_max,
-        cond_upper_bound_max, n_backward_failed: batch aggregates (NaN entries ignored).
+        mean_nstep, max_nstep, frac_max_steps, n_max_steps: forward steps over the batch
+            (mean, max, fraction and number of samples that used the whole budget).
+        n_diverged, n_nonfinite, n_stagnated, n_backward_failed: numbers of samples.
+        rho_max, rho_mean, norm_max, norm_mean: batch aggregates of ``spectral_radius``
+            and ``spectral_norm`` (NaN entries ignored).
+        cond_estimate_max, cond_upper_bound_max: the largest ``cond_estimate`` and
+            ``cond_upper_bound`` over the batch (NaN entries ignored).
         warnings: human sentences describing problems, each with a remedy; empty when healthy.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> layer = dk.nn.DEQ(lambda z, x: torch.tanh(0.5 * z + x))
+        >>> report = dk.stability_report(layer, torch.randn(3, 4))
+        >>> report.batch_size, report.result, report.warnings, report.rho_max < 0.5 + 1e-6
+        (3, 'successful', [], True)
+        >>> report.to_dict()["nstep"] == report.nstep
+        True
     """
 
     batch_size: int

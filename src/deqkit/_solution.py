@@ -15,6 +15,17 @@ class RESULTS(enum.Enum):
     Per-sample codes are stored in ``sol.stats["status"]`` as ``int64`` using :attr:`code`.
     The batch result is the most severe per-sample code
     (``nonfinite`` > ``diverged`` > ``stagnated`` > ``max_steps_reached`` > ``successful``).
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> sol = dk.fixed_point(lambda z: 2 * z + 1, torch.zeros(3, 1), solver=dk.Picard(),
+        ...                      max_steps=50, throw=False)  # not a contraction
+        >>> sol.result, sol.stats["status"].tolist()
+        (<RESULTS.diverged: 3>, [3, 3, 3])
+        >>> dk.RESULTS.from_code(1), dk.RESULTS.max_steps_reached.code
+        (<RESULTS.max_steps_reached: 1>, 1)
+        >>> dk.RESULTS.diverged.message.split(":")[0]
+        'The residual ||f(z) - z|| grew far above the lowest value seen'
     """
 
     successful = 0
@@ -66,7 +77,17 @@ _MESSAGES = {
 
 
 class SolverError(RuntimeError):
-    """Raised by a solve with ``throw=True`` that did not succeed for every sample."""
+    """Raised by a solve with ``throw=True`` that did not succeed for every sample.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> try:
+        ...     dk.fixed_point(lambda z: 0.99 * z + 1, torch.zeros(2, 1), solver=dk.Picard(),
+        ...                    max_steps=5)
+        ... except dk.SolverError as err:
+        ...     print(err.result)
+        RESULTS.max_steps_reached
+    """
 
     def __init__(self, result: RESULTS, detail: str = "") -> None:
         self.result = result
@@ -94,6 +115,15 @@ class Solution:
             every step (NaN after a sample stopped).
         backward: statistics of the backward pass, filled when it runs (implicit adjoint:
             ``"nstep"``, ``"residual"``, ``"converged"``, ``"nmatvec"``, ``"fallback"``).
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> sol = dk.fixed_point(torch.cos, torch.zeros(4, 1, dtype=torch.float64),
+        ...                      solver=dk.Anderson(rtol=1e-10, atol=0))
+        >>> sol.converged, sol.stats["nstep"].shape, sorted(sol.stats)[:3]
+        (True, torch.Size([4]), ['abs_residual', 'converged', 'nfev'])
+        >>> print(sol.summary())  # doctest: +ELLIPSIS
+        successful: 4/4 converged, steps mean ...
     """
 
     value: Any

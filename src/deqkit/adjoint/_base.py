@@ -20,6 +20,21 @@ class AbstractAdjoint(abc.ABC):
     ``backward_stats`` is a dict the adjoint may fill when its backward pass runs.
     Adjoints with ``unrolled = True`` are not applied: the driver loop itself runs under
     autograd instead.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> class OneStep(dk.AbstractAdjoint):  # Jacobian-free backpropagation, written by hand
+        ...     forward_nfev = 1
+        ...     def apply(self, fn, z_star, args, backward_stats):
+        ...         with torch.enable_grad():
+        ...             fz = fn(z_star, *args)
+        ...         return z_star + (fz - fz.detach())  # value z*, gradient of one f step
+        >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+        >>> sol = dk.fixed_point(lambda z: 0.5 * z + x, torch.zeros(1, 2, dtype=torch.float64),
+        ...                      adjoint=OneStep())
+        >>> sol.value.sum().backward()
+        >>> x.grad  # df/dx = 1; the implicit gradient would be 1 / (1 - 0.5) = 2
+        tensor([[1., 1.]], dtype=torch.float64)
     """
 
     #: When True the forward solve is recorded by autograd (ordinary backprop).

@@ -16,7 +16,21 @@ _ON_FAILURE = ("warn", "raise", "ignore")
 
 
 class BackwardSolveWarning(RuntimeWarning):
-    """The linear solve of an implicit backward pass did not reach its tolerance."""
+    """The linear solve of an implicit backward pass did not reach its tolerance.
+
+    Example:
+        >>> import warnings, torch, deqkit as dk
+        >>> A = torch.diag(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+        >>> x = torch.ones(1, 3, dtype=torch.float64, requires_grad=True)
+        >>> one_step = dk.ImplicitAdjoint(dk.GMRES(rtol=1e-12, max_steps=1))  # too few iterations
+        >>> sol = dk.fixed_point(lambda z: z @ A + x, torch.zeros(1, 3, dtype=torch.float64),
+        ...                      solver=dk.Anderson(rtol=1e-12, atol=0), adjoint=one_step)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     sol.value.sum().backward()
+        >>> [w.category.__name__ for w in caught], sol.backward["converged"].tolist()
+        (['BackwardSolveWarning'], [False])
+    """
 
 
 def _depends_on_more_than(out: Tensor, leaf: Tensor) -> bool:
@@ -58,6 +72,20 @@ class _Implicit(torch.autograd.Function):
                 (vjp,) = torch.autograd.grad(fz, z_req, u, retain_graph=True)
             return u - vjp
 
+        if not bool(torch.isfinite(grad).all()):
+            # An overflowed (e.g. GradScaler-scaled float16) incoming gradient: no linear solve
+            # can give it meaning. Pass it through unsolved so the non-finite values reach the
+            # parameters' gradients, where the scaler sees them and skips the step.
+            n = grad.shape[0]
+            stats.update(
+                nstep=torch.zeros(n, dtype=torch.long, device=grad.device),
+                residual=torch.full((n,), float("inf"), device=grad.device),
+                converged=torch.zeros(n, dtype=torch.bool, device=grad.device),
+                nmatvec=0,
+                fallback=torch.zeros(n, dtype=torch.bool, device=grad.device),
+                nonfinite_grad=True,
+            )
+            return grad, None
         sol = adjoint.linear_solver.solve(matvec, grad)
         u = sol.value
         stats.update(
@@ -66,6 +94,7 @@ class _Implicit(torch.autograd.Function):
             converged=sol.converged,
             nmatvec=sol.nmatvec,
             fallback=torch.zeros_like(sol.converged),
+            nonfinite_grad=False,
         )
         failed = ~sol.converged
         if bool(failed.any()):

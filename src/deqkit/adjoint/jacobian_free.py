@@ -63,6 +63,15 @@ class PhantomAdjoint(AbstractAdjoint):
     Args:
         steps: unrolled steps :math:`k`. Default: 5.
         damping: :math:`\lambda \in (0, 1]`. Default: 0.5.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+        >>> sol = dk.fixed_point(lambda z: 0.5 * z + x, torch.zeros(1, 2, dtype=torch.float64),
+        ...                      adjoint=dk.PhantomAdjoint(steps=5, damping=1.0))
+        >>> sol.value.sum().backward()
+        >>> x.grad  # 1 + 0.5 + ... + 0.5**4; the implicit gradient is 2
+        tensor([[1.9375, 1.9375]], dtype=torch.float64)
     """
 
     steps: int = 5

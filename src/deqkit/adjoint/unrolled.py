@@ -18,6 +18,16 @@ class UnrolledAdjoint(AbstractAdjoint):
     iterate, which depends on the number of iterations and the solver; it tends to the
     implicit gradient as the solve converges. Works with :class:`~deqkit.Picard` and
     :class:`~deqkit.Anderson`; batch compaction is disabled.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+        >>> sol = dk.fixed_point(lambda z: 0.5 * z + x, torch.zeros(1, 2, dtype=torch.float64),
+        ...                      solver=dk.Picard(rtol=1e-30, atol=0), max_steps=3,
+        ...                      adjoint=dk.UnrolledAdjoint(), throw=False)
+        >>> sol.value.sum().backward()
+        >>> x.grad  # z_3 = (1 + 0.5 + 0.25) x; the implicit gradient is 2
+        tensor([[1.7500, 1.7500]], dtype=torch.float64)
     """
 
     unrolled: ClassVar[bool] = True

@@ -14,6 +14,7 @@ ADJOINTS = ("implicit", "jfb", "phantom", "unrolled")
 BACKWARD_SOLVERS = ("gmres", "bicgstab", "neumann", "dense")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclasses.dataclass
@@ -38,6 +39,8 @@ class TrainConfig:
     augment_shift: int = 0
     seed: int = 0
     threads: int | None = 1
+    device: str = "auto"
+    precision: str = "fp32"
     solver: str = "anderson"
     solver_args: dict = dataclasses.field(default_factory=dict)
     rtol: float = 1e-3
@@ -151,9 +154,32 @@ def validate(cfg: TrainConfig) -> None:
     choice("backward_solver", BACKWARD_SOLVERS)
     choice("optimizer", OPTIMIZERS)
     choice("schedule", SCHEDULES)
+    choice("precision", PRECISIONS)
+    if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
+        _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     for key in ("progress", "plots"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "expected true or false")
+
+
+def _valid_device(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda"):
+        return True
+    head, _, idx = name.partition(":")
+    return head == "cuda" and idx.isdigit()
+
+
+def resolve_device(name: str) -> Any:
+    """The ``torch.device`` of a config's ``device`` (``auto``: CUDA when available)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config `device` = {name!r}: no CUDA device is available here; "
+                         "use 'cpu' or 'auto'.")
+    return dev
 
 
 def from_mapping(values: dict[str, Any], source: str = "config") -> TrainConfig:

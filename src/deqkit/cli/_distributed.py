@@ -91,9 +91,14 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer.") from None
 
 
-def detect() -> DistEnv:
+def detect(device: str = "auto") -> DistEnv:
     """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (set by ``torchrun``); initialise the
-    process group when ``WORLD_SIZE > 1`` (idempotent). Single process otherwise."""
+    process group when ``WORLD_SIZE > 1`` (idempotent). Single process otherwise.
+
+    ``device`` is the run's config value: ``"auto"``/``"cuda"`` put rank ``LOCAL_RANK`` on
+    GPU ``LOCAL_RANK`` with NCCL when CUDA is present (one GPU per process: NCCL cannot share
+    a GPU between ranks); ``"cpu"`` uses gloo on the CPU even where GPUs exist.
+    """
     world = _env_int("WORLD_SIZE", 1)
     if world <= 1:
         return DistEnv()
@@ -108,9 +113,20 @@ def detect() -> DistEnv:
             )
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed.")
-    use_cuda = torch.cuda.is_available()
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"config `device` = {device!r}: no CUDA device is available here; use "
+                         "'cpu' (gloo) or 'auto'.")
     if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        local_world = _env_int("LOCAL_WORLD_SIZE", world)
+        if local_world > torch.cuda.device_count():
+            raise ValueError(
+                f"{local_world} processes on this node but {torch.cuda.device_count()} CUDA "
+                f"device(s): NCCL needs one GPU per process. Start torchrun with "
+                f"--nproc_per_node {torch.cuda.device_count()}, or train on the CPU with gloo "
+                "(--device cpu)."
+            )
+        torch.cuda.set_device(local_rank)
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")

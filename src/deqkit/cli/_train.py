@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import json
 import math
@@ -14,7 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._config import TrainConfig, from_mapping
+from ._config import TrainConfig, from_mapping, resolve_device, validate
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+             if f.default is not dataclasses.MISSING}
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
@@ -67,8 +72,11 @@ def solver_stats(model: nn.Module) -> dict[str, float]:
     out["fwd_converged"] = float(st["converged"].float().mean())
     out["nfev"] = float(st["nfev"])
     if sol.backward:
+        overflow = bool(sol.backward.get("nonfinite_grad", False))
+        # a float16 step whose scaled gradient overflowed: the scaler skips it; no solve ran
+        out["bwd_overflow"] = float(overflow)
         out["bwd_steps"] = float(sol.backward["nstep"].float().mean())
-        out["bwd_residual"] = float(sol.backward["residual"].float().mean())
+        out["bwd_residual"] = 0.0 if overflow else float(sol.backward["residual"].float().mean())
         out["bwd_converged"] = float(sol.backward["converged"].float().mean())
     return out
 
@@ -90,6 +98,23 @@ def random_shift(x: Tensor, max_shift: int) -> Tensor:
     return x
 
 
+def autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context of a config's ``precision`` (``fp32``: none) on ``device``.
+
+    The DEQ's solver keeps its state and residual norms in float32 under autocast
+    (see :func:`deqkit.fixed_point`); only the cell's matmuls/convolutions run in low precision.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def _loss_and_correct(out: Tensor, y: Tensor, text: bool, smoothing: float) -> tuple[Tensor, int]:
     if text:
         out = out.reshape(-1, out.shape[-1])
@@ -104,7 +129,7 @@ def _loss_and_correct(out: Tensor, y: Tensor, text: bool, smoothing: float) -> t
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
-             env: Any = None) -> dict[str, float]:
+             env: Any = None, precision: str = "fp32") -> dict[str, float]:
     """Loss, accuracy (and bpc for text) and mean per-batch solver statistics on ``dataset``.
 
     With a distributed ``env`` (``deqkit.cli._distributed.DistEnv``) every rank evaluates its
@@ -112,15 +137,18 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
     result (on every rank) is that of one process evaluating the whole set.
     """
     if env is not None and env.enabled:
-        return _evaluate_distributed(model, dataset, batch_size, text, env)
+        return _evaluate_distributed(model, dataset, batch_size, text, env, precision)
     model.eval()
+    device = _model_device(model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     total, loss_sum, correct = 0, 0.0, 0
     agg: dict[str, float] = {}
     nb = 0
     for x, y in loader:
-        out = model(x)
-        loss, c = _loss_and_correct(out, y, text, 0.0)
+        x, y = x.to(device), y.to(device)
+        with autocast(device, precision):
+            out = model(x)
+        loss, c = _loss_and_correct(out.float(), y, text, 0.0)
         n = y.numel()
         loss_sum += float(loss) * n
         correct += c
@@ -137,7 +165,7 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
 
 
 def _evaluate_distributed(model: nn.Module, dataset: Any, batch_size: int, text: bool,
-                          env: Any) -> dict[str, float]:
+                          env: Any, precision: str = "fp32") -> dict[str, float]:
     from . import _distributed as dd
 
     model = dd.unwrap(model)
@@ -154,8 +182,9 @@ def _evaluate_distributed(model: nn.Module, dataset: Any, batch_size: int, text:
             continue
         x, y = dd.fetch(dataset, idx)
         x, y = x.to(env.device), y.to(env.device)
-        out = model(x)
-        loss, c = _loss_and_correct(out, y, text, 0.0)
+        with autocast(env.device, precision):
+            out = model(x)
+        loss, c = _loss_and_correct(out.float(), y, text, 0.0)
         n = y.numel()
         loss_sum += float(loss) * n
         correct += c
@@ -265,7 +294,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     """
     from . import _distributed as dd
 
-    env = dd.detect()
+    env = dd.detect(cfg.device)
     try:
         summary = _train(cfg, env, resume=resume, stop_after=stop_after,
                          log=log if env.is_main else (lambda *a, **k: None))
@@ -286,7 +315,8 @@ def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
         saved = ckpt["config"]
         mine = cfg.to_dict()
         diff = {k: (saved.get(k), v) for k, v in mine.items()
-                if k not in ("progress", "plots", "out") and saved.get(k) != v}
+                if k not in ("progress", "plots", "out", "device")
+                and saved.get(k, _DEFAULTS.get(k)) != v}
         if diff:
             raise ValueError(
                 f"--resume: the config differs from the checkpoint's for {sorted(diff)}; "
@@ -337,7 +367,9 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
     if dist_on and main:
         env.barrier()
     text = splits.spec.kind == "text"
-    model = build_model(cfg, splits.spec)
+    device = env.device if dist_on else resolve_device(cfg.device)
+    model = build_model(cfg, splits.spec).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -362,6 +394,8 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt.get("history", []))
         best_val = float(ckpt.get("best_val", -1.0))
@@ -415,25 +449,30 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
                         cfg.progress and main)
         for (x, y), global_n in bar:
-            if dist_on:
-                x, y = x.to(env.device), y.to(env.device)
+            x, y = x.to(device), y.to(device)
             if cfg.augment_shift and not text:
                 x = random_shift(x, cfg.augment_shift)
-            out = model(x)
-            loss, c = _loss_and_correct(out, y, text, cfg.label_smoothing)
-            total = loss
-            if cfg.jac_reg > 0 and deq is not None and hasattr(deq, "jacobian_regularisation") \
-                    and float(torch.rand((), generator=coin)) < cfg.jac_reg_freq:
-                total = total + cfg.jac_reg * deq.jacobian_regularisation()
+            with autocast(device, cfg.precision):
+                out = model(x)
+                loss, c = _loss_and_correct(out.float(), y, text, cfg.label_smoothing)
+                total = loss
+                if cfg.jac_reg > 0 and deq is not None \
+                        and hasattr(deq, "jacobian_regularisation") \
+                        and float(torch.rand((), generator=coin)) < cfg.jac_reg_freq:
+                    total = total + cfg.jac_reg * deq.jacobian_regularisation()
             if global_n is not None and global_n != cfg.batch_size:
                 # DDP averages the ranks' gradients with equal weights: weight each rank's
                 # mean by its share of a short last batch so the result is the global mean.
                 total = total * (env.world_size * x.shape[0] / global_n)
             opt.zero_grad(set_to_none=True)
-            total.backward()
+            # fp16: scaled loss; a step whose gradients overflow is skipped by the scaler
+            # (the implicit backward passes non-finite incoming gradients through unsolved)
+            scaler.scale(total).backward()
             if cfg.grad_clip is not None:
+                scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             n = y.numel()
             loss_sum += float(loss.detach()) * n
@@ -480,7 +519,8 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         train_time += epoch_time
         train_metrics = {"loss": loss_sum / seen, "acc": correct / seen,
                          **{k: v / nb for k, v in agg.items()}}
-        val = evaluate(core, splits.val, cfg.batch_size, text, env=env)
+        val = evaluate(core, splits.val, cfg.batch_size, text, env=env,
+                       precision=cfg.precision)
         record = {"epoch": epoch + 1, "time": epoch_time, "train_time": train_time,
                   **{f"train_{k}": v for k, v in train_metrics.items()},
                   **{f"val_{k}": v for k, v in val.items()}}
@@ -496,7 +536,7 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
             state = {"config": cfg.to_dict(), "model": core.state_dict(),
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch + 1, "history": history, "train_time": train_time,
-                     "best_val": max(best_val, val["acc"])}
+                     "best_val": max(best_val, val["acc"]), "scaler": scaler.state_dict()}
             _atomic_save(state, ckpt_path)
             if val["acc"] > best_val:
                 _atomic_save(state, os.path.join(run_dir, BEST))
@@ -512,7 +552,8 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
                                "train_time": train_time, "complete": done,
                                "parameters": n_params}
     if done:
-        test = evaluate(core, splits.test, cfg.batch_size, text, env=env)
+        test = evaluate(core, splits.test, cfg.batch_size, text, env=env,
+                        precision=cfg.precision)
         summary.update({f"test_{k}": v for k, v in test.items()})
         if history:
             summary["final_val_acc"] = history[-1]["val_acc"]
@@ -523,7 +564,7 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
                 from ._plots import plot_residual_traces
 
                 plot_model = core
-                if dist_on and env.device.type != "cpu":
+                if device.type != "cpu":
                     import copy
 
                     plot_model = copy.deepcopy(core).cpu()
@@ -540,7 +581,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
 
 
 def eval_checkpoint(path: str, *, max_steps: int | None = None, split: str = "test",
-                    log: Any = print) -> dict[str, Any]:
+                    device: str | None = None, log: Any = print) -> dict[str, Any]:
     """``deqkit eval``: test metrics and solver statistics of a checkpoint."""
     from ..data import load_dataset
 
@@ -552,14 +593,18 @@ def eval_checkpoint(path: str, *, max_steps: int | None = None, split: str = "te
         torch.set_num_threads(cfg.threads)
     splits = load_dataset(cfg.data, root=cfg.data_root, seed=cfg.seed, subset=cfg.subset,
                           **cfg.data_args)
-    model = build_model(cfg, splits.spec)
+    if device is not None:
+        cfg.device = device
+        validate(cfg)
+    model = build_model(cfg, splits.spec).to(resolve_device(cfg.device))
     model.load_state_dict(ckpt["model"])
     if max_steps is not None and hasattr(getattr(model, "deq", None), "eval_max_steps"):
         model.deq.eval_max_steps = max_steps
     if split not in ("train", "val", "test"):
         raise ValueError(f"`split` must be train, val or test, got {split!r}.")
     t = time.perf_counter()
-    res = evaluate(model, getattr(splits, split), cfg.batch_size, splits.spec.kind == "text")
+    res = evaluate(model, getattr(splits, split), cfg.batch_size, splits.spec.kind == "text",
+                   precision=cfg.precision)
     res["seconds"] = time.perf_counter() - t
     res["epoch"] = int(ckpt["epoch"])
     log(f"{cfg.model} on {cfg.data} ({split}, epoch {res['epoch']}, eval max_steps "

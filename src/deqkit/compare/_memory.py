@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -98,8 +99,11 @@ def peak_live_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     gc.collect(1)  # young generations only: a full collection costs ~0.3 s here
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
+    with warnings.catch_warnings():
+        # some torch versions (2.11) warn about event cycles even for one-shot profiling
+        warnings.filterwarnings("ignore", message=".*Profiler clears events")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
     return peak_from_events(_memory_events(prof)), out
 
 

@@ -222,7 +222,8 @@ def methods(res: dict[str, Any]) -> list[str]:
         "--resnet-width); Neural ODE = deqkit.zoo.NeuralODEClassifier (dz/dt = tanh(Wz + Ux + "
         "b) - z, z(0)=0, T=1, dopri5 rtol 1e-3 atol 1e-4; odeint_adjoint or odeint); DEQ = "
         "deqkit.zoo.DEQMLP (same cell; Anderson m=5 rtol 1e-4, 20 steps in training, 50 in "
-        "evaluation; backward ImplicitAdjoint(GMRES rtol 1e-4, 20 steps), JacobianFreeAdjoint, "
+        "evaluation; backward ImplicitAdjoint(GMRES rtol 1e-4, restart 5, 20 steps), "
+        "JacobianFreeAdjoint, "
         "or PhantomAdjoint(5, 0.5)). Same data split, seed, epochs, AdamW + cosine schedule.",
         "Forward computation: cell evaluations per forward pass on the test set in eval mode "
         "(DEQ and tied: Solution stats nfev, which for the tied net is L + 1: its Picard "
@@ -239,8 +240,8 @@ def methods(res: dict[str, Any]) -> list[str]:
         "Picard can land exactly on a fixed point, so steps_used is reported) with its "
         "Anderson(m=5) solver "
         "('deq_implicit', also JFB/phantom) or dk.Picard ('deq_implicit_picard'), both with the "
-        "trained ImplicitAdjoint(GMRES restart 20) backward whose Krylov basis is a constant "
-        "~(21 x batch x width) workspace, and with Picard + ImplicitAdjoint(Neumann rtol 1e-4) "
+        "trained ImplicitAdjoint(GMRES restart 5) backward whose Krylov basis is a constant "
+        "~(6 x batch x width) workspace, and with Picard + ImplicitAdjoint(Neumann rtol 1e-4) "
         "('deq_neumann_picard', O(1) workspace); fixed RK4 steps "
         "(step_size 1/n) of the trained ODE with odeint (direct) or odeint_adjoint; slopes are "
         "least-squares fits of bytes vs L.",

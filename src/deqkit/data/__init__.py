@@ -44,7 +44,13 @@ _PREFIXED = {"npz": load_npz, "folder": load_folder}
 
 
 def available_datasets() -> list[str]:
-    """Names accepted by :func:`load_dataset` (``PATH`` stands for a file or folder)."""
+    """Names accepted by :func:`load_dataset` (``PATH`` stands for a file or folder).
+
+    Example:
+        >>> from deqkit.data import available_datasets
+        >>> available_datasets()
+        ['digits', 'mnist1d', 'text', 'npz:PATH', 'folder:PATH']
+    """
     return [*_NAMED, *(f"{p}:PATH" for p in _PREFIXED)]
 
 

@@ -184,6 +184,22 @@ def cifar10_to_npz(src_dir: str | Path, out_path: str | Path) -> Path:
     then: ``load_dataset("npz:" + str(out_path))``. Only unpickle files you trust.
     Shell: ``python -c "from deqkit.data import cifar10_to_npz as c;
     c('cifar-10-batches-py', 'cifar10.npz')"``.
+
+    Example:
+        >>> import pickle, tempfile
+        >>> from pathlib import Path
+        >>> import numpy as np
+        >>> from deqkit.data import cifar10_to_npz, load_dataset
+        >>> src = Path(tempfile.mkdtemp())  # a tiny stand-in for cifar-10-batches-py
+        >>> rng = np.random.default_rng(0)
+        >>> for name, n in (("data_batch_1", 40), ("test_batch", 10)):
+        ...     batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        ...              b"labels": list(range(10)) * (n // 10)}
+        ...     _ = (src / name).write_bytes(pickle.dumps(batch))
+        >>> out = cifar10_to_npz(src, src / "cifar10.npz")
+        >>> splits = load_dataset(f"npz:{out}")
+        >>> splits.spec.input_shape, splits.spec.num_classes
+        ((3, 32, 32), 10)
     """
     src = Path(src_dir)
     train_files = sorted(src.glob("data_batch_*"), key=lambda q: (len(q.name), q.name))

@@ -43,6 +43,15 @@ class Splits:
     standardisation statistics, computed on the full training split, before
     ``subset``), and ``train_index`` / ``val_index`` / ``test_index`` (int64 positions
     of each split's samples in the source arrays, where those are meaningful).
+
+    Example:
+        >>> from deqkit.data import load_dataset
+        >>> splits = load_dataset("digits", seed=0)
+        >>> [len(s) for s in (splits.train, splits.val, splits.test)], splits.spec.num_classes
+        ([1297, 250, 250], 10)
+        >>> x, y = splits.train[0]
+        >>> x.shape, y.dtype, sorted(splits.info)[:2]
+        (torch.Size([1, 8, 8]), torch.int64, ['mean', 'std'])
     """
 
     train: TensorDataset

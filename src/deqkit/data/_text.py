@@ -49,7 +49,13 @@ def encode(text: str, vocab: str) -> torch.Tensor:
 
 
 def decode(ids, vocab: str) -> str:
-    """Inverse of :func:`encode`: a 1-D sequence of ids back to a string."""
+    """Inverse of :func:`encode`: a 1-D sequence of ids back to a string.
+
+    Example:
+        >>> from deqkit.data import decode
+        >>> decode([2, 0, 1], "abc")
+        'cab'
+    """
     return "".join(vocab[int(i)] for i in torch.as_tensor(ids).reshape(-1).tolist())
 
 

@@ -32,6 +32,14 @@ class LinearSolution:
         residual: ``(B,)`` true or estimated residual norm ``||r - A x||_2`` per sample.
         nstep: ``(B,)`` int64, iterations each sample used before it stopped.
         nmatvec: total number of batched ``matvec`` calls.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> A = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+        >>> rhs = torch.ones(3, 2, dtype=torch.float64)  # three systems A x = (1, 1)
+        >>> sol = dk.GMRES(rtol=1e-12).solve(lambda v: v @ A.T, rhs)
+        >>> sol.value[0], sol.converged.tolist(), sol.all_converged
+        (tensor([0.5000, 0.2500], dtype=torch.float64), [True, True, True], True)
     """
 
     value: Tensor
@@ -67,6 +75,29 @@ class AbstractLinearSolver(abc.ABC):
 
     Subclasses are small frozen dataclasses holding ``rtol``, ``atol`` and ``max_steps``
     and implement :meth:`solve`.
+
+    Example:
+        >>> import dataclasses, torch, deqkit as dk
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Richardson(dk.AbstractLinearSolver):  # x <- x + (b - A x)
+        ...     rtol: float = 1e-10
+        ...     atol: float = 0.0
+        ...     max_steps: int = 100
+        ...     def solve(self, matvec, rhs, x0=None):
+        ...         x = torch.zeros_like(rhs) if x0 is None else x0
+        ...         for _ in range(self.max_steps):
+        ...             x = x + (rhs - matvec(x))
+        ...         res = torch.linalg.vector_norm(rhs - matvec(x), dim=1)
+        ...         ok = res <= self.atol + self.rtol * torch.linalg.vector_norm(rhs, dim=1)
+        ...         nstep = torch.full(ok.shape, self.max_steps)
+        ...         return dk.LinearSolution(x, ok, res, nstep, self.max_steps + 1)
+        >>> x = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
+        >>> sol = dk.fixed_point(lambda z: 0.5 * z + x, torch.zeros(2, 3, dtype=torch.float64),
+        ...                      adjoint=dk.ImplicitAdjoint(Richardson()))
+        >>> sol.value.sum().backward()
+        >>> x.grad  # (1 - 0.5)^{-1} = 2
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]], dtype=torch.float64)
     """
 
     rtol: float

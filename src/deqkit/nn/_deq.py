@@ -20,7 +20,17 @@ from ._parametrizations import cached_parametrizations
 
 
 class DEQWarning(RuntimeWarning):
-    """A DEQ layer's forward solve produced non-finite values or diverged."""
+    """A DEQ layer's forward solve produced non-finite values or diverged.
+
+    Example:
+        >>> import warnings, torch, deqkit as dk
+        >>> layer = dk.nn.DEQ(lambda z, x: 3 * z + x, solver=dk.Picard(), max_steps=50)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = layer(torch.ones(2, 3))
+        >>> caught[0].category.__name__, layer.last_solution.result
+        ('DEQWarning', <RESULTS.diverged: 3>)
+    """
 
 
 def _parametrized(module: nn.Module) -> bool:

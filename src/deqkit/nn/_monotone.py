@@ -133,6 +133,16 @@ class ForwardBackward:
             :math:`1 \le 2m/L^2`; prefer ``"auto"`` or :class:`PeacemanRachford` otherwise).
         rtol: relative tolerance of the default solver. Default: 1e-6.
         atol: absolute tolerance of the default solver. Default: 1e-8.
+
+    Example:
+        >>> import torch
+        >>> from deqkit.nn import ForwardBackward, MonotoneDEQ
+        >>> _ = torch.manual_seed(0)
+        >>> layer = MonotoneDEQ(3, 5, m=0.5, splitting=ForwardBackward(alpha="auto"),
+        ...                     solver="anderson")  # Anderson-accelerated splitting
+        >>> z = layer(torch.randn(2, 3))
+        >>> z.shape, bool((z >= 0).all()), layer.last_solution.result
+        (torch.Size([2, 5]), True, <RESULTS.successful: 0>)
     """
 
     alpha: float | str = 1.0
@@ -172,6 +182,18 @@ class PeacemanRachford:
         alpha: step size :math:`\alpha > 0`. Default: 1.0.
         rtol: relative tolerance of the default solver (on u). Default: 1e-6.
         atol: absolute tolerance of the default solver (on u). Default: 1e-8.
+
+    Example:
+        >>> import torch
+        >>> from deqkit.nn import ForwardBackward, MonotoneDEQ, PeacemanRachford
+        >>> _ = torch.manual_seed(0)
+        >>> x = torch.randn(2, 3)
+        >>> pr = MonotoneDEQ(3, 5, m=0.5, splitting=PeacemanRachford(alpha=1.0))
+        >>> fb = MonotoneDEQ(3, 5, m=0.5, splitting=ForwardBackward(alpha="auto"))
+        >>> fb.load_state_dict(pr.state_dict())
+        <All keys matched successfully>
+        >>> torch.allclose(pr(x), fb(x), atol=1e-4)  # the same equilibrium
+        True
     """
 
     alpha: float = 1.0

@@ -34,6 +34,19 @@ class AbstractFixedPointSolver(abc.ABC):
     To write your own solver, subclass this, declare ``rtol`` and ``atol`` fields (a frozen
     dataclass is the convention) and implement :meth:`step`; keep per-sample quantities in the
     state with the batch first, so that compaction works.
+
+    Example:
+        >>> import dataclasses, torch, deqkit as dk
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class HalfStep(dk.AbstractFixedPointSolver):
+        ...     rtol: float = 1e-10
+        ...     atol: float = 0.0
+        ...     def step(self, fn, z, fz, r, state):
+        ...         return z + 0.5 * r, None, state  # the driver evaluates f at the new iterate
+        >>> sol = dk.fixed_point(torch.cos, torch.zeros(3, 1, dtype=torch.float64),
+        ...                      solver=HalfStep(), max_steps=100)
+        >>> sol.result, round(float(sol.value[0]), 6)
+        (<RESULTS.successful: 0>, 0.739085)
     """
 
     rtol: float

@@ -21,7 +21,13 @@ DEFAULT_ATOL = 1e-6
 
 
 def default_solver() -> Anderson:
-    """``dk.Anderson(m=5, rtol=1e-4, atol=1e-6)``: the zoo's default forward solver."""
+    """``dk.Anderson(m=5, rtol=1e-4, atol=1e-6)``: the zoo's default forward solver.
+
+    Example:
+        >>> from deqkit.zoo import default_solver
+        >>> default_solver()
+        Anderson(rtol=0.0001, atol=1e-06, m=5, beta=1.0, regularisation=1e-08)
+    """
     return Anderson(m=5, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL)
 
 
@@ -29,7 +35,14 @@ def default_adjoint() -> ImplicitAdjoint:
     """``dk.ImplicitAdjoint(dk.GMRES(rtol=1e-4, atol=1e-8, max_steps=20, restart=20),
     on_failure="ignore")``: the zoo's default backward pass (failures are recorded in
     ``model.deq.last_solution.backward["converged"]`` rather than warned about at every
-    training step)."""
+    training step).
+
+    Example:
+        >>> from deqkit.zoo import default_adjoint
+        >>> adjoint = default_adjoint()
+        >>> adjoint.linear_solver.max_steps, adjoint.on_failure
+        (20, 'ignore')
+    """
     return ImplicitAdjoint(
         GMRES(rtol=1e-4, atol=1e-8, max_steps=20, restart=20), on_failure="ignore"
     )

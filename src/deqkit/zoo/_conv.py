@@ -100,6 +100,17 @@ class ResidualCell(nn.Module):
         dropout: channel-wise variational dropout (:class:`~deqkit.nn.VariationalDropout2d`)
             after :math:`\mathrm{ReLU}(\mathrm{GN}_1(\cdot))`, one mask per solve (call
             :func:`~deqkit.nn.reset_dropout` before each solve). Default: 0.0 (none).
+
+    Example:
+        >>> import torch
+        >>> from deqkit.zoo import ResidualCell
+        >>> cell = ResidualCell(8, groups=2)
+        >>> z, u = torch.randn(2, 8, 6, 6), torch.randn(2, 8, 6, 6)
+        >>> cell(z, u).shape
+        torch.Size([2, 8, 6, 6])
+        >>> cell1d = ResidualCell(8, groups=2, spatial=1)
+        >>> cell1d(torch.randn(2, 8, 10), torch.randn(2, 8, 10)).shape
+        torch.Size([2, 8, 10])
     """
 
     def __init__(
@@ -376,6 +387,14 @@ class MultiscaleCell(nn.Module):
         groups: GroupNorm groups (dividing both).
         spatial: 1 or 2 spatial dimensions.
         init_std: std of the initial conv weights. Default: 0.01.
+
+    Example:
+        >>> import torch
+        >>> from deqkit.zoo import MultiscaleCell
+        >>> cell = MultiscaleCell((8, 16), groups=4)
+        >>> z = (torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4))
+        >>> [t.shape for t in cell(z, *z)]  # state (z0, z1), injections u0, u1
+        [torch.Size([2, 8, 8, 8]), torch.Size([2, 16, 4, 4])]
     """
 
     def __init__(

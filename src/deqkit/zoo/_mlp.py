@@ -32,6 +32,14 @@ class MLPCell(nn.Module):
         spectral_bound: bound on :math:`\|W\|_2` enforced by :func:`deqkit.nn.spectral_norm`
             (``None``: unconstrained). Default: 0.9.
         activation: ``"tanh"``, ``"relu"`` or ``"gelu"``. Default: ``"tanh"``.
+
+    Example:
+        >>> import torch
+        >>> from deqkit.zoo import MLPCell
+        >>> cell = MLPCell(8, spectral_bound=0.9)
+        >>> z, u = torch.zeros(2, 8), torch.randn(2, 8)
+        >>> torch.allclose(cell(z, u), torch.tanh(u))  # f(0, u) = tanh(u)
+        True
     """
 
     def __init__(
