@@ -131,6 +131,36 @@ def training_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]
     return rows
 
 
+def step_rows(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """Where an Anderson step's time goes on this device: the batched small solve (on the
+    device, and copied to the CPU and back), the Gram row, the mixing, one cell call."""
+    w, d, m = (128, 256, 5) if quick else (512, 1024, 5)
+    A = torch.randn(w, m, m, dtype=torch.float64, device=device)
+    A = A @ A.transpose(1, 2) + torch.eye(m, dtype=torch.float64, device=device)
+    ones = torch.ones(w, m, 1, dtype=torch.float64, device=device)
+    G = torch.randn(w, m, d, device=device)
+    r = torch.randn(w, d, device=device)
+    alpha = torch.randn(w, 1, m, device=device)
+
+    def host_solve() -> torch.Tensor:
+        return torch.linalg.solve_ex(A.cpu(), ones.cpu())[0].to(device)
+
+    cases = {
+        "linalg.solve_ex on device (W x 5 x 5, f64)": lambda: torch.linalg.solve_ex(A, ones),
+        "same, via the host (copy, CPU solve, copy back)": host_solve,
+        "Gram row matmul (W x 1 x D @ W x D x 5)":
+            lambda: torch.matmul(r.unsqueeze(1), G.transpose(1, 2)),
+        "mixing bmm (W x 1 x 5 @ W x 5 x D)": lambda: torch.bmm(alpha, G),
+        "host sync (tolist of 2 flags)": lambda: torch.stack(((r > 0).any(),
+                                                              (r > 0).all())).tolist(),
+    }
+    rows = []
+    for name, fn in cases.items():
+        t = _median_time(fn, device, 10 * repeats)
+        rows.append({"op": name, "W": w, "D": d, "time_us": 1e6 * t})
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
     keys = list(rows[0])
     out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -148,16 +178,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu.json"))
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":  # a smoke run: one thread, as every CPU benchmark here
+        torch.set_num_threads(1)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"deqkit {dk.__version__}, torch {torch.__version__}, device {name}\n")
     solves = solver_rows(device, args.quick, args.repeats)
     print(_table(solves), "\n")
     train = training_rows(device, args.quick, args.repeats)
-    print(_table(train))
+    print(_table(train), "\n")
+    steps = step_rows(device, args.quick, args.repeats)
+    print(_table(steps))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"device": name, "torch": torch.__version__, "quick": args.quick,
-                   "solves": solves, "training": train}, fh, indent=2)
+                   "solves": solves, "training": train, "anderson_step_parts": steps}, fh,
+                  indent=2)
     return 0
 
 

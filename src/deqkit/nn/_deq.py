@@ -197,13 +197,17 @@ class DEQ(nn.Module):
         inputs, value = self._last_call
         layout = make_layout(value, "state")
         z = flatten(layout, value).detach().requires_grad_()
+        # The regulariser needs a double backward through the cell, which torch.compile's
+        # AOTAutograd does not support: evaluate the eager cell under a compiled one (same
+        # parameters, same values; the solves and the implicit backward stay compiled).
+        cell = _eager(self.cell)
 
         def f(zf: torch.Tensor) -> torch.Tensor:
-            return flatten(layout, self.cell(unflatten(layout, zf), *inputs))
+            return flatten(layout, cell(unflatten(layout, zf), *inputs))
 
         cm = (
-            cached_parametrizations(self.cell)
-            if isinstance(self.cell, nn.Module) and _parametrized(self.cell)
+            cached_parametrizations(cell)
+            if isinstance(cell, nn.Module) and _parametrized(cell)
             else contextlib.nullcontext()
         )
         with cm:
@@ -214,3 +218,11 @@ class DEQ(nn.Module):
             f"solver={self.solver}, adjoint={self.adjoint}, max_steps={self.max_steps}, "
             f"eval_max_steps={self.eval_max_steps}"
         )
+
+
+def _eager(cell: Any) -> Any:
+    """The eager callable under a ``torch.compile``d module or function (else ``cell``)."""
+    orig = getattr(cell, "_orig_mod", None)  # torch.compile(module) -> OptimizedModule
+    if isinstance(orig, nn.Module):
+        return orig
+    return getattr(cell, "_torchdynamo_orig_callable", cell)  # torch.compile(function)
