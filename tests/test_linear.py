@@ -600,3 +600,26 @@ def test_property_krylov_solvers_on_contractive_systems(B, D, norm, restart, see
         check_solution(sol, A, b)
         assert sol.converged.all()
         assert rel_err(sol.value, ref) < 1e-9
+
+
+def test_gmres_basis_memory_follows_the_iterations_used():
+    """The Krylov basis is allocated as a cycle grows (8 vectors, then doubling): a solve that
+    converges in a few steps with restart=60 holds ~8 state-sized vectors per sample, not 61,
+    and a long cycle still gets its full basis (and the same answer as before)."""
+    from deqkit.compare._memory import peak_live_bytes
+
+    B, D = 8, 4096
+    vec = B * D * 8  # one float64 state-sized vector for the whole batch
+    easy = torch.linspace(1.0, 1.2, D, dtype=torch.float64).expand(B, D)  # 3-4 steps
+    b = torch.ones(B, D, dtype=torch.float64)
+    peak, sol = peak_live_bytes(lambda: GMRES(rtol=1e-6, atol=0, restart=60).solve(
+        lambda v: easy * v, b))
+    assert bool(sol.converged.all()) and int(sol.nstep.max()) <= 7  # one chunk of 8
+    assert peak < 16 * vec  # basis of 8 + ~7 work vectors; restart + 1 alone would be 61
+    hard = torch.logspace(0, 3, D, dtype=torch.float64).expand(B, D)  # needs a long cycle
+    peak, sol = peak_live_bytes(lambda: GMRES(rtol=1e-6, atol=0, restart=40,
+                                                 max_steps=40).solve(lambda v: hard * v, b))
+    assert int(sol.nstep.max()) > 16  # the basis grew past two chunks
+    assert peak >= 40 * vec
+    torch.testing.assert_close(sol.value[sol.converged], (b / hard)[sol.converged],
+                               rtol=1e-5, atol=0)
