@@ -191,6 +191,10 @@ def jacobian_spectral_norm(
         ValueError: bad shape/dtype of ``z``, bad ``n_iter`` or ``tol``, or ``f`` changes the
             shape.
 
+    Reference: power iteration on J^T J with Jacobian-vector and vector-Jacobian products (Golub
+        & Van Loan, "Matrix Computations", 7.3); its use for DEQ stability: Bai, Koltun, Kolter
+        (2021), "Stabilizing Equilibrium Models by Jacobian Regularization".
+
     Example:
         >>> import torch
         >>> A = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
@@ -261,6 +265,11 @@ def jacobian_spectral_radius(
     Raises:
         TypeError: ``f`` not callable or ``z`` not a tensor.
         ValueError: bad ``z``, bad ``krylov_dim``, or ``f`` changes the shape.
+
+    Reference: W. E. Arnoldi (1951), "The principle of minimized iterations in the solution of
+        the matrix eigenvalue problem"; the spectral radius of J at z* as the DEQ's local
+        convergence rate: Bai, Koltun, Kolter (2021), "Stabilizing Equilibrium Models by
+        Jacobian Regularization".
 
     Example:
         >>> import torch
@@ -480,6 +489,10 @@ def lipschitz_upper_bound(
             (all of them are named).
         ValueError: a convolution without ``input_shape``, or an ``input_shape`` the stack
             cannot be run on.
+
+    Reference: the product bound of layer Lipschitz constants, Szegedy et al. (2014),
+        "Intriguing properties of neural networks"; Miyato et al. (2018), "Spectral
+        Normalization for Generative Adversarial Networks".
 
     Example:
         >>> import torch

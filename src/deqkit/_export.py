@@ -332,6 +332,10 @@ def export_fixed_steps(
     Raises:
         ValueError, TypeError: invalid arguments, or no DEQ layer in the model.
 
+    Reference: a fixed number of solver steps as the inference-time DEQ ("fixed-depth"
+        evaluation), cf. Geng et al. (2021), "On Training Implicit Models" and Bai, Kolter,
+        Koltun (2019), "Deep Equilibrium Models".
+
     Example:
         >>> import torch, deqkit as dk
         >>> model = dk.zoo.DEQMLP((6,), 3, width=8).eval()

@@ -95,6 +95,10 @@ def minimise(
         SolverError: with ``throw=True`` when some sample did not converge.
         ValueError: when E does not return shape ``(B,)``, and on invalid arguments.
 
+    References: Amos & Kolter (2017), "OptNet: Differentiable Optimization as a Layer in Neural
+        Networks"; Blondel et al. (2022), "Efficient and Modular Implicit Differentiation"
+        (differentiating the optimality condition grad E(z*) = 0 with Hessian-vector products).
+
     Example (ridge regression per sample, :math:`z^\star = (A^\top A + \lambda I)^{-1} A^\top y`):
 
         >>> import torch, deqkit as dk

@@ -270,6 +270,10 @@ def stability_report(
         A :class:`StabilityReport`; ``print(report)`` for a summary, ``report.warnings`` for
         the problems found, ``report.to_dict()`` for JSON.
 
+    References: Bai, Koltun, Kolter (2021), "Stabilizing Equilibrium Models by Jacobian
+        Regularization" (spectral radius and Jacobian norm as instability signals); Arnoldi
+        (1951) and power iteration for the estimates.
+
     Example:
         >>> import torch, deqkit as dk
         >>> from deqkit._report import stability_report

@@ -118,6 +118,11 @@ def root_find(
         ValueError: when F does not return the structure/shape of ``z``, and on invalid
             arguments (as ``fixed_point``).
 
+    References: Blondel et al. (2022), "Efficient and Modular Implicit Differentiation"
+        (implicit function theorem for F(z*, theta) = 0); Knoll & Keyes (2004), "Jacobian-free
+        Newton-Krylov methods: a survey of approaches and applications"; C. G. Broyden (1965),
+        "A class of methods for solving nonlinear simultaneous equations".
+
     Example (square roots by Newton's method, with the gradient
     :math:`\mathrm d\sqrt a/\mathrm d a = 1/(2\sqrt a)`):
 

@@ -19,6 +19,9 @@ class UnrolledAdjoint(AbstractAdjoint):
     implicit gradient as the solve converges. Works with :class:`~deqkit.Picard` and
     :class:`~deqkit.Anderson`; batch compaction is disabled.
 
+    Reference: backpropagation through the solver iterations, the O(iterations)-memory baseline
+        of Bai, Kolter, Koltun (2019), "Deep Equilibrium Models", section 3.
+
     Example:
         >>> import torch, deqkit as dk
         >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)

@@ -45,6 +45,10 @@ class Dense(AbstractLinearSolver):
         max_size: largest allowed ``D``, default ``4096``; larger systems raise
             :class:`ValueError`.
 
+    Reference: the direct solve of the implicit-function-theorem system (I - J^T) u = g, as in
+        Bai, Kolter, Koltun (2019), "Deep Equilibrium Models"; LU factorisation via
+        torch.linalg.solve (Golub & Van Loan, "Matrix Computations", ch. 3).
+
     Example:
         >>> import torch
         >>> from deqkit.linear import Dense

@@ -78,6 +78,8 @@ class DEQ(nn.Module):
     Attributes:
         last_solution: the :class:`~deqkit.Solution` of the latest forward call.
 
+    Reference: Bai, Kolter, Koltun (2019), "Deep Equilibrium Models", NeurIPS.
+
     Example:
         >>> import torch, deqkit as dk
         >>> class Cell(torch.nn.Module):

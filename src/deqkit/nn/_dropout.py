@@ -48,6 +48,10 @@ class VariationalDropout(nn.Module):
     Raises:
         ValueError: ``p`` outside ``[0, 1)``.
 
+    Reference: Gal & Ghahramani (2016), "A Theoretically Grounded Application of Dropout in
+        Recurrent Neural Networks" (one mask per sequence), used inside DEQ cells by Bai,
+        Kolter, Koltun (2019).
+
     Example:
         >>> import torch
         >>> drop = VariationalDropout(p=0.5)

@@ -154,6 +154,9 @@ class HyperNetwork(nn.Module):
             names a parameter ``target`` does not have, or an invalid hyperparameter.
         TypeError: ``target`` is not an ``nn.Module`` or ``params`` is not a list of str.
 
+    Reference: Ha, Dai, Le (2017), "HyperNetworks", ICLR; von Oswald et al. (2020), "Continual
+        learning with hypernetworks" (chunked weight generation).
+
     Example:
         >>> import torch
         >>> from torch import nn

@@ -58,6 +58,9 @@ class MonotoneLinear(nn.Module):
         width: the dimension :math:`n` of the state (``A`` and ``B`` are ``n x n``).
         m: the monotonicity parameter :math:`m > 0`. Default: 0.05.
 
+    Reference: Winston & Kolter (2020), "Monotone operator equilibrium networks", NeurIPS (the
+        parametrisation W = (1 - m) I - A^T A + B - B^T, section 3).
+
     Example:
         >>> import torch
         >>> lin = MonotoneLinear(3, m=0.1).double()
@@ -134,6 +137,10 @@ class ForwardBackward:
         rtol: relative tolerance of the default solver. Default: 1e-6.
         atol: absolute tolerance of the default solver. Default: 1e-8.
 
+    Reference: Winston & Kolter (2020), "Monotone operator equilibrium networks", NeurIPS
+        (forward-backward splitting, section 4); Ryu & Boyd (2016), "A primer on monotone
+        operator methods".
+
     Example:
         >>> import torch
         >>> from deqkit.nn import ForwardBackward, MonotoneDEQ
@@ -182,6 +189,9 @@ class PeacemanRachford:
         alpha: step size :math:`\alpha > 0`. Default: 1.0.
         rtol: relative tolerance of the default solver (on u). Default: 1e-6.
         atol: absolute tolerance of the default solver (on u). Default: 1e-8.
+
+    Reference: Winston & Kolter (2020), "Monotone operator equilibrium networks", NeurIPS
+        (Peaceman-Rachford splitting, section 4); Peaceman & Rachford (1955).
 
     Example:
         >>> import torch

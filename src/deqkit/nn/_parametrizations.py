@@ -408,6 +408,10 @@ def scale_to_contractive(
         RuntimeError: the estimate did not get below ``target`` within ``max_rounds``
             (``params`` do not control the Jacobian of ``f``).
 
+    Reference: Banach's fixed-point theorem (a map with Lipschitz constant < 1 has a unique
+        fixed point reached by iteration); the small-init recipe for stable DEQs in Bai, Koltun,
+        Kolter (2021), "Stabilizing Equilibrium Models by Jacobian Regularization".
+
     Example:
         >>> import torch
         >>> W = torch.randn(8, 8) * 2.0

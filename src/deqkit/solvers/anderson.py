@@ -140,9 +140,13 @@ class Anderson(AbstractFixedPointSolver):
             F[:, slot] = fz
             G[:, slot] = r
             Gn = G if full else G[:, :n]
-            # (W, 1, n) = g_k^T [g_1 .. g_n]; as a batched vector-matrix product this is ~8x
-            # faster on the CPU than the equal matrix-vector bmm(Gn, g_k)
-            row = torch.matmul(r.unsqueeze(1), Gn.transpose(1, 2))
+            # (W, 1, n) = g_k^T [g_1 .. g_n]. On the CPU the batched vector-matrix product is
+            # ~8x faster than the equal matrix-vector bmm(Gn, g_k); on CUDA the matrix-vector
+            # form avoids a copy of the transposed history (45 us on an H200 at W=512, D=1024)
+            if r.device.type == "cpu":
+                row = torch.matmul(r.unsqueeze(1), Gn.transpose(1, 2))
+            else:
+                row = torch.bmm(Gn, r.unsqueeze(2)).transpose(1, 2)
             if full:  # the steady state: row and column `slot` of H in two ops
                 idx = _const("slot", slot, None, H.device)
                 H.index_copy_(1, idx, row)

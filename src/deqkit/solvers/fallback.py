@@ -26,6 +26,9 @@ class FallbackChain:
         max_steps: an optional per-solver step budget (a tuple of ints, one per solver);
             by default every solver gets the ``max_steps`` of the call.
 
+    Reference: the "fallback solver" practice of robust nonlinear solvers, e.g. the hybrid
+        strategies of Powell (1970), "A hybrid method for nonlinear equations"; here per sample.
+
     Example:
         >>> import torch, deqkit as dk
         >>> chain = dk.FallbackChain(dk.Picard(rtol=1e-8), dk.Anderson(rtol=1e-8),

@@ -26,6 +26,11 @@ class Picard(AbstractFixedPointSolver):
         atol: absolute tolerance. Default: 1e-7.
         damping: :math:`\lambda \in (0, 1]`, the weight on :math:`f(z_k)`. Default: 1.0.
 
+    Reference: S. Banach (1922), "Sur les operations dans les ensembles abstraits et leur
+        application aux equations integrales" (contraction mapping theorem: the error after k
+        steps is at most L^k / (1 - L) times the first step); damped (Krasnosel'skii-Mann)
+        iteration: Krasnosel'skii (1955), Mann (1953).
+
     Example:
         >>> import torch, deqkit as dk
         >>> sol = dk.fixed_point(torch.cos, torch.zeros(1, 1, dtype=torch.float64),

@@ -101,6 +101,10 @@ class ResidualCell(nn.Module):
             after :math:`\mathrm{ReLU}(\mathrm{GN}_1(\cdot))`, one mask per solve (call
             :func:`~deqkit.nn.reset_dropout` before each solve). Default: 0.0 (none).
 
+    Reference: the residual cell of Bai, Koltun, Kolter (2020), "Multiscale Deep Equilibrium
+        Models" (GroupNorm, input injection), after He et al. (2016), "Deep Residual Learning
+        for Image Recognition".
+
     Example:
         >>> import torch
         >>> from deqkit.zoo import ResidualCell
@@ -293,6 +297,9 @@ class UnrolledConv(ConvDEQ):
             ``head``, ``init_std``); ``solver``, ``adjoint``, ``max_steps`` and
             ``eval_max_steps`` are fixed and raise TypeError.
 
+    Reference: Bai, Kolter, Koltun (2019), "Deep Equilibrium Models" (weight-tied unrolled
+        baseline).
+
     Example:
         >>> import torch
         >>> UnrolledConv((1, 6, 6), 3, depth=3, channels=4, groups=2)(torch.randn(2, 1, 6, 6)).shape
@@ -324,6 +331,8 @@ class ResNetConv(nn.Module):
         head: ``"flatten"`` or ``"pool"``. Default: ``"flatten"`` (best on small inputs such
             as 8x8 digits or 40-sample signals; ``"pool"`` for large inputs).
         init_std: std of the blocks' initial conv weights. Default: 0.01.
+
+    Reference: He et al. (2016), "Deep Residual Learning for Image Recognition".
 
     Example:
         >>> import torch

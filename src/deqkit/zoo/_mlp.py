@@ -33,6 +33,9 @@ class MLPCell(nn.Module):
             (``None``: unconstrained). Default: 0.9.
         activation: ``"tanh"``, ``"relu"`` or ``"gelu"``. Default: ``"tanh"``.
 
+    Reference: the fully connected DEQ cell of Bai, Kolter, Koltun (2019), "Deep Equilibrium
+        Models", with a spectral-norm bound (Miyato et al. 2018) to keep it contractive.
+
     Example:
         >>> import torch
         >>> from deqkit.zoo import MLPCell
@@ -150,6 +153,9 @@ class UnrolledMLP(DEQMLP):
             ``spectral_bound``, ``activation``); ``solver``, ``adjoint``, ``max_steps`` and
             ``eval_max_steps`` are fixed and raise TypeError.
 
+    Reference: the weight-tied, unrolled network that a DEQ is the infinite-depth limit of: Bai,
+        Kolter, Koltun (2019), "Deep Equilibrium Models", section 3.
+
     Example:
         >>> import torch
         >>> model = UnrolledMLP((5,), 3, depth=4, width=8)
@@ -178,6 +184,9 @@ class ResNetMLP(nn.Module):
         width: hidden width. Default: 128.
         depth: number of residual blocks :math:`L`. Default: 4.
         activation: ``"tanh"``, ``"relu"`` or ``"gelu"``. Default: ``"relu"``.
+
+    Reference: He et al. (2016), "Deep Residual Learning for Image Recognition" (an explicit
+        depth-L baseline with untied weights).
 
     Example:
         >>> import torch

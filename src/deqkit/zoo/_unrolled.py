@@ -28,6 +28,9 @@ def unrolled(model_cls: type[nn.Module], depth: int, *args: Any, **kwargs: Any) 
         *args: positional arguments of ``model_cls``.
         **kwargs: its other hyperparameters.
 
+    Reference: Bai, Kolter, Koltun (2019), "Deep Equilibrium Models" (weight-tied unrolled
+        baseline).
+
     Example:
         >>> import torch
         >>> from deqkit.zoo import MDEQ
