@@ -385,9 +385,12 @@ def train_step_benchmark(repeats: int, quick: bool) -> dict[str, Any]:
         counted_f[0] += 1
         return f64(z, xx)
 
-    def deqkit_step(tf: float, tb: float, f: Callable = f64) -> Callable[[], dict[str, Any]]:
-        solver = dk.Anderson(rtol=tf, atol=0.0)
-        adjoint = dk.ImplicitAdjoint(dk.GMRES(rtol=tb, atol=0.0, max_steps=200),
+    def deqkit_step(tf: float, tb: float, f: Callable = f64, fwd: str = "anderson",
+                    bwd: str = "gmres") -> Callable[[], dict[str, Any]]:
+        solver = (dk.Anderson(rtol=tf, atol=0.0) if fwd == "anderson"
+                  else dk.Picard(rtol=tf, atol=0.0))
+        lin = {"gmres": dk.GMRES, "neumann": dk.Neumann, "bicgstab": dk.BiCGStab}[bwd]
+        adjoint = dk.ImplicitAdjoint(lin(rtol=tb, atol=0.0, max_steps=200),
                                      on_failure="ignore")
 
         def step() -> dict[str, Any]:
@@ -399,9 +402,9 @@ def train_step_benchmark(repeats: int, quick: bool) -> dict[str, Any]:
 
         return step
 
-    def torchdeq_step(bkey: str, tf: float, tb: float,
-                      f: Callable = f64) -> Callable[[], dict[str, Any]]:
-        deq = torchdeq.get_deq(core="indexing", ift=True, f_solver="anderson", b_solver=bkey,
+    def torchdeq_step(bkey: str, tf: float, tb: float, f: Callable = f64,
+                      fwd: str = "anderson") -> Callable[[], dict[str, Any]]:
+        deq = torchdeq.get_deq(core="indexing", ift=True, f_solver=fwd, b_solver=bkey,
                                f_max_iter=300, b_max_iter=300, f_tol=tf, b_tol=tb,
                                f_stop_mode="rel", b_stop_mode="rel")
 
@@ -417,11 +420,26 @@ def train_step_benchmark(repeats: int, quick: bool) -> dict[str, Any]:
 
         return step
 
+    # Both libraries get their forward and backward choices: on P1 (rho(J*) ~ 0.33) plain
+    # fixed-point iteration converges as fast as Anderson in f evaluations, and GMRES on a
+    # disc-shaped spectrum of radius rho converges like the Neumann series.
     configs: list[tuple[str, str, Callable[..., Callable[[], dict[str, Any]]]]] = [
-        ("deqkit", "Anderson(m=5) / ImplicitAdjoint(GMRES)", deqkit_step)]
+        ("deqkit", "Anderson(m=5) / ImplicitAdjoint(GMRES)", deqkit_step),
+        ("deqkit", "Anderson(m=5) / ImplicitAdjoint(Neumann)",
+         functools.partial(deqkit_step, bwd="neumann")),
+        ("deqkit", "Picard / ImplicitAdjoint(GMRES)",
+         functools.partial(deqkit_step, fwd="picard")),
+        ("deqkit", "Picard / ImplicitAdjoint(Neumann)",
+         functools.partial(deqkit_step, fwd="picard", bwd="neumann")),
+    ]
+    if quick:
+        configs = configs[:2]
     for label, key in b_solvers.items():
         configs.append(("torchdeq", f"anderson(lam=1e-10) / IFT b_solver={label}",
                         functools.partial(torchdeq_step, key)))
+    configs.append(("torchdeq", "fixed_point_iter / IFT b_solver=fixed_point_iter",
+                    functools.partial(torchdeq_step, b_solvers["fixed_point_iter"],
+                                      fwd="fixed_point_iter")))
 
     tols = [1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8, 1e-8, 3e-9, 1e-9, 1e-10, 1e-11]
     if quick:
@@ -540,9 +558,12 @@ def targets_table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
                               "limit": 0.5, "reached": a["reached"]})
     tr = results.get("train_step")
     if tr:
-        dkrow = next((r for r in tr["rows"] if r["lib"] == "deqkit"), None)
-        if dkrow and dkrow.get("ratio_vs_td_best") is not None:
-            items.append({"what": f"training step time deqkit / TorchDEQ best ({tr['td_best']})",
+        dk_rows = [r for r in tr["rows"] if r["lib"] == "deqkit"
+                   and r.get("ratio_vs_td_best") is not None]
+        dkrow = min(dk_rows, key=lambda r: r["ratio_vs_td_best"]) if dk_rows else None
+        if dkrow:
+            items.append({"what": f"training step time deqkit best ({dkrow['config']}) / "
+                                  f"TorchDEQ best ({tr['td_best']})",
                           "value": dkrow["ratio_vs_td_best"],
                           "value_min": dkrow.get("ratio_vs_td_best_min", float("nan")),
                           "limit": 0.6, "reached": True})
