@@ -106,7 +106,9 @@ class Anderson(AbstractFixedPointSolver):
             )
 
     def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> _AndersonState:
-        m = max(1, min(self.m, max_steps))
+        # m slots whatever max_steps: the memory of a solve depends on m alone (a training
+        # step at 4 forward steps and at 64 holds the same history)
+        m = self.m
         w, d = z.shape
         F = z.new_empty(w, m, d)
         G = z.new_empty(w, m, d)
