@@ -365,3 +365,17 @@ def test_newton_krylov_safeguard_when_newton_system_is_singular():
     z0 = torch.zeros(2, 3, dtype=F64)
     sol = dk.fixed_point(f, z0, dk.NewtonKrylov(rtol=1e-12, atol=0), max_steps=40)
     torch.testing.assert_close(f(sol.value), sol.value, rtol=0, atol=1e-11)
+
+
+def test_anderson_gram_row_forms_agree():
+    """The two forms of Anderson's Gram row (vector-matrix on the CPU, matrix-vector on
+    accelerators) give the same inner products, also on a strided slice of the history."""
+    from deqkit.solvers.anderson import _gram_row
+
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(6, 5, 33, dtype=torch.float64, generator=g)
+    r = torch.randn(6, 33, dtype=torch.float64, generator=g)
+    for hist in (G, G[:, :3]):
+        ref = torch.einsum("wd,wnd->wn", r, hist).unsqueeze(1)
+        for matvec in (False, True):
+            torch.testing.assert_close(_gram_row(r, hist, matvec), ref, rtol=1e-12, atol=1e-12)
