@@ -183,3 +183,12 @@ def test_device_and_precision_rejected(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             train(_cfg(tmp_path, "b", device="cuda"), log=lambda *_: None)
+
+
+def test_onestep_adjoint_from_config(tmp_path):
+    import deqkit as dk
+
+    adj = _cfg(tmp_path, "a", adjoint="onestep", residual_weight=0.5).build_adjoint()
+    assert isinstance(adj, dk.OneStepAdjoint) and adj.residual_weight == 0.5
+    with pytest.raises(ValueError, match="config `residual_weight` = -1.0"):
+        _cfg(tmp_path, "a", adjoint="onestep", residual_weight=-1.0)

@@ -238,3 +238,120 @@ def test_pretraining_through_the_cell_fits_the_first_step():
     assert pre["loss"][-1] < 0.6 * pre["loss"][0]
     assert all(p.grad is None for p in cell.parameters())
     assert cell.training  # mode restored
+
+
+# ---------------------------------------------------------------- learned preconditioner
+
+
+def relu_gn_cell(seed=0, channels=8, groups=2):
+    """The ConvDEQ residual block (ReLU then GroupNorm): the preconditioner's target."""
+    torch.manual_seed(seed)
+    return dk.zoo.ResidualCell(channels, groups, 2).eval()
+
+
+def test_active_mask_is_the_relu_pattern():
+    """Entries off the channel's floor are exactly the units whose ReLU is on, for either sign
+    of the GroupNorm weight (floor at the channel's minimum or maximum)."""
+    torch.manual_seed(0)
+    a = torch.randn(5, 4, 6, 6, dtype=F64)
+    weight = torch.tensor([1.5, -0.7, 0.3, -2.0], dtype=F64)
+    bias = torch.randn(4, dtype=F64)
+    fz = torch.nn.functional.group_norm(torch.relu(a), 2, weight, bias)
+    solver = HyperAnderson((4, 6, 6), precondition=0.5).double()
+    act = solver.active(fz.flatten(1))
+    assert act.shape == (5, 4, 36)
+    assert torch.equal(act.bool(), (a > 0).flatten(2))
+    assert not HyperAnderson((6,), precondition=0.5).active(torch.randn(3, 6)).any()  # vectors
+
+
+def test_zero_gain_preconditioner_is_plain_anderson():
+    cell = relu_gn_cell()
+    u = torch.randn(4, 8, 6, 6)
+    hyp = HyperAnderson((8, 6, 6), rtol=1e-5, atol=0, precondition=0.0, beta_init=1.0,
+                        beta_max=2.0, safeguard=None)
+    with torch.no_grad():
+        a = dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,), max_steps=60)
+        b = dk.fixed_point(cell, torch.zeros_like(u), solver=dk.Anderson(rtol=1e-5, atol=0),
+                           args=(u,), max_steps=60)
+    assert torch.equal(a.stats["nstep"], b.stats["nstep"])
+    assert torch.allclose(a.value, b.value, atol=1e-5)
+
+
+def test_preconditioner_cuts_f_evals_on_relu_groupnorm_cell():
+    """Untrained, gain 1/(1 - 0.6) on the active units: fewer f evaluations than Anderson to
+    the same residual, and the same fixed point."""
+    cell = relu_gn_cell()
+    u = torch.randn(6, 8, 6, 6)
+    hyp = HyperAnderson((8, 6, 6), rtol=1e-6, atol=0, precondition=0.6, beta_init=1.0,
+                        beta_max=2.0, safeguard=2.0)
+    with torch.no_grad():
+        a = dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,), max_steps=100)
+        b = dk.fixed_point(cell, torch.zeros_like(u), solver=dk.Anderson(rtol=1e-6, atol=0),
+                           args=(u,), max_steps=100)
+    assert a.result is dk.RESULTS.successful
+    nfev_a = float((a.stats["nstep"] + 1).double().mean())
+    nfev_b = float((b.stats["nstep"] + 1).double().mean())
+    assert nfev_a <= 0.9 * nfev_b
+    assert torch.allclose(a.value, b.value, atol=1e-4)
+
+
+def test_solve_does_not_depend_on_the_step_budget():
+    """The networks' step feature is budget-free: a trained solver behaves the same under
+    ``max_steps=k`` unrolled training and a larger inference budget."""
+    cell = relu_gn_cell()
+    u = torch.randn(3, 8, 6, 6)
+    hyp = HyperAnderson((8, 6, 6), rtol=1e-5, atol=0, precondition=0.5, safeguard=None)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in [*hyp.update_net.parameters(), *hyp.pre_net.parameters()]:
+            p.normal_(0, 0.1)
+        sols = [dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,), max_steps=n)
+                for n in (40, 200)]
+    assert sols[0].result is dk.RESULTS.successful
+    assert torch.equal(sols[0].stats["nstep"], sols[1].stats["nstep"])
+    assert torch.equal(sols[0].value, sols[1].value)
+
+
+def test_tolerance_loss_trains_the_preconditioner():
+    cell = relu_gn_cell()
+    for p in cell.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(8, 8, 6, 6, generator=g) for _ in range(2)]
+    solver = HyperAnderson((8, 6, 6), rtol=1e-5, precondition=0.2, beta_init=1.0,
+                           beta_max=2.0, safeguard=2.0)
+    gain0 = solver.pre_gain.detach().clone()
+
+    def loss_now() -> float:
+        out = train_hyper_solver(cell, data[:1], copy.deepcopy(solver), steps=1, k=10,
+                                 lr=1e-12, loss="tolerance", init_weight=0.0,
+                                 tolerances=(1e-3, 1e-4))
+        return out["loss"][0]
+
+    first = loss_now()
+    out = train_hyper_solver(cell, data, solver, steps=25, k=10, lr=2e-2, loss="tolerance",
+                             init_weight=0.0, tolerances=(1e-3, 1e-4))
+    assert len(out["loss"]) == 25
+    assert loss_now() < 0.9 * first
+    assert not torch.equal(solver.pre_gain.detach(), gain0)
+    hyp = HyperAnderson((6,))
+    for tols in ((), (0.0,), ("a",)):
+        with pytest.raises(ValueError, match="tolerances"):
+            train_hyper_solver(Cell(), [torch.randn(2, 6)], hyp, loss="tolerance",
+                               tolerances=tols)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"precondition": 1.0}, "precondition"),
+        ({"precondition": -0.1}, "precondition"),
+        ({"precondition": True}, "precondition"),
+        ({"precondition_hidden": 0}, "precondition_hidden"),
+        ({"beta_max": 0.0}, "beta_max"),
+        ({"beta_init": 1.5, "beta_max": 1.0}, "beta_init"),
+    ],
+)
+def test_preconditioner_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HyperAnderson((4, 3, 3), **kwargs)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import deqkit as dk
+from deqkit.adjoint import OneStepAdjoint
 from deqkit.zoo import (
     DEQMLP,
     MDEQ,
@@ -13,6 +14,7 @@ from deqkit.zoo import (
     ConvDEQ,
     DEQTransformerLM,
     MonotoneClassifier,
+    TransformerCell,
     build_model,
     hyperparameters,
     unrolled,
@@ -234,6 +236,53 @@ def test_transformer_dropout_trains():
     model = DEQTransformerLM(VOCAB, d_model=8, n_heads=2, d_ff=16, block_size=6, dropout=0.1)
     model(torch.randint(0, VOCAB, (2, 6))).sum().backward()
     assert model.deq.last_solution.result is dk.RESULTS.successful
+
+
+def test_transformer_default_recipe():
+    model = DEQTransformerLM(VOCAB, d_model=8, n_heads=2, d_ff=16, block_size=6)
+    assert isinstance(model.deq.adjoint, OneStepAdjoint)
+    assert isinstance(model.deq.solver, dk.Picard) and model.deq.max_steps == 1
+    with pytest.raises(ValueError, match="residual_weight"):
+        OneStepAdjoint(residual_weight=-1.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.7])
+def test_transformer_one_step_adjoint_matches_manual_step(weight):
+    # value = f(z_hat, u) and the gradient of loss + weight * mean relative residual^2 through
+    # that one application, z_hat (the solver's iterate) held constant
+    torch.manual_seed(0)
+    cell = TransformerCell(8, 2, 16).double()
+    for lin in (cell.attn.qkv, cell.attn.proj, cell.mlp[0], cell.mlp[2]):
+        torch.nn.init.normal_(lin.weight, 0.0, 0.5)  # not the near-constant map of the init
+    u = torch.randn(2, 5, 8, dtype=F64, requires_grad=True)
+    w = torch.randn(2, 5, 8, dtype=F64)
+    params = [u, *cell.parameters()]
+
+    sol = dk.fixed_point(cell, torch.zeros_like(u), solver=dk.Picard(rtol=1e-4, atol=1e-6),
+                         adjoint=OneStepAdjoint(residual_weight=weight), max_steps=1,
+                         args=(u,), throw=False)
+    assert sol.result is dk.RESULTS.max_steps_reached  # a short solve: z_hat != z*
+    got = torch.autograd.grad((sol.value * w).sum(), params)
+
+    z_hat = cell(torch.zeros_like(u), u).detach()  # one Picard step from zero
+    ref = cell(z_hat, u)
+    torch.testing.assert_close(sol.value, ref, rtol=1e-12, atol=1e-12)
+    rel2 = ((ref - z_hat).flatten(1).square().sum(1)
+            / ref.detach().flatten(1).square().sum(1))
+    assert float(rel2.detach().mean()) > 1e-2  # the penalty is not negligible
+    want = torch.autograd.grad((ref * w).sum() + weight * rel2.mean(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_transformer_one_step_adjoint_not_applied_without_grad():
+    model = DEQTransformerLM(VOCAB, d_model=8, n_heads=2, d_ff=16, block_size=6).eval()
+    idx = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        a = model(idx)
+    assert model.deq.last_solution.result is dk.RESULTS.successful
+    b = model(idx)  # with grad: the adjoint adds one application at the converged solution
+    torch.testing.assert_close(a, b.detach(), rtol=1e-3, atol=1e-3)
 
 
 def test_node_counts_evaluations():

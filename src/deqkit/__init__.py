@@ -29,6 +29,7 @@ from .adjoint import AbstractAdjoint as AbstractAdjoint
 from .adjoint import BackwardSolveWarning as BackwardSolveWarning
 from .adjoint import ImplicitAdjoint as ImplicitAdjoint
 from .adjoint import JacobianFreeAdjoint as JacobianFreeAdjoint
+from .adjoint import OneStepAdjoint as OneStepAdjoint
 from .adjoint import PhantomAdjoint as PhantomAdjoint
 from .adjoint import UnrolledAdjoint as UnrolledAdjoint
 from .linear import GMRES as GMRES

@@ -3,4 +3,5 @@ from .implicit import BackwardSolveWarning as BackwardSolveWarning
 from .implicit import ImplicitAdjoint as ImplicitAdjoint
 from .jacobian_free import JacobianFreeAdjoint as JacobianFreeAdjoint
 from .jacobian_free import PhantomAdjoint as PhantomAdjoint
+from .onestep import OneStepAdjoint as OneStepAdjoint
 from .unrolled import UnrolledAdjoint as UnrolledAdjoint

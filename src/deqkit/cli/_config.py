@@ -10,7 +10,7 @@ from typing import Any
 import deqkit as dk
 
 SOLVERS = ("anderson", "picard", "broyden", "newton_krylov")
-ADJOINTS = ("implicit", "jfb", "phantom", "unrolled")
+ADJOINTS = ("implicit", "jfb", "phantom", "unrolled", "onestep")
 BACKWARD_SOLVERS = ("gmres", "bicgstab", "neumann", "dense")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
@@ -53,6 +53,7 @@ class TrainConfig:
     backward_max_steps: int = 20
     phantom_steps: int = 5
     phantom_damping: float = 0.5
+    residual_weight: float = 1.0
     jac_reg: float = 0.0
     jac_reg_freq: float = 1.0
     out: str | None = None
@@ -85,6 +86,8 @@ class TrainConfig:
             return dk.PhantomAdjoint(self.phantom_steps, self.phantom_damping)
         if self.adjoint == "unrolled":
             return dk.UnrolledAdjoint()
+        if self.adjoint == "onestep":
+            return dk.OneStepAdjoint(self.residual_weight)
         lin_cls = {"gmres": dk.GMRES, "bicgstab": dk.BiCGStab, "neumann": dk.Neumann,
                    "dense": dk.Dense}[self.backward_solver]
         if lin_cls is dk.Dense:
@@ -145,6 +148,7 @@ def validate(cfg: TrainConfig) -> None:
         _fail("rtol", cfg.rtol, "rtol and atol cannot both be 0")
     number("backward_rtol", 0.0)
     number("phantom_damping", 0.0, 1.0, open_lo=True)
+    number("residual_weight", 0.0)
     number("jac_reg", 0.0)
     number("jac_reg_freq", 0.0, 1.0, open_lo=True)
     if cfg.grad_clip is not None:

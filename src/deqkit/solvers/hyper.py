@@ -28,6 +28,7 @@ from ._base import (
 from .anderson import Anderson
 
 _OWNER = "HyperAnderson"
+_TAU = 0.25  # smoothing (decades) of the hinge of train_hyper_solver(loss="tolerance")
 
 
 @dataclasses.dataclass
@@ -39,7 +40,6 @@ class _HyperState:
     best: Tensor  # (W,) lowest residual norm so far
     fz_best: Tensor  # (W, D) f at the lowest-residual iterate (the safeguard's fallback step)
     k: int = dataclasses.field(default=0, metadata={"batch": False})
-    max_steps: int = dataclasses.field(default=50, metadata={"batch": False})
 
 
 class HyperAnderson(nn.Module, AbstractFixedPointSolver):
@@ -54,7 +54,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
       the state's channels, and optionally a GroupNorm (:meth:`initial_state`);
     * the **update network** :math:`s_\xi` predicts, per sample and per step, a correction
       :math:`\Delta\alpha` to the classical Anderson weights and a damping
-      :math:`\beta \in (0, 1)`. With :math:`G = [g_{k-n+1}, \dots, g_k]`,
+      :math:`\beta \in (0, \beta_{\max})`. With :math:`G = [g_{k-n+1}, \dots, g_k]`,
       :math:`g_i = f(z_i) - z_i`, the :math:`n \le m` most recent residuals:
 
     .. math::
@@ -74,7 +74,27 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
     ``beta_init``; without ``init_groups`` the initialiser starts at zero (the usual zero
     start).
 
-    **Safeguard** (on by default): a step whose residual :math:`\|g_k\|` is not below
+    **Preconditioner** (optional, ``precondition``; a deqkit extension of the paper): the
+    residuals are rescaled entrywise before they enter the Anderson history,
+
+    .. math::
+        P(g) = \exp\big(a \odot \mathbb 1_{\text{active}} + b\big) \odot g, \qquad
+        (a - a_0, b) = p_\eta\big(\log_{10}\tfrac{\|g\|}{\|f(z)\|}, k,
+        \text{active fraction}\big),
+
+    per channel, with :math:`a_0 = -\log(1 - \kappa)` learned per channel (``precondition``
+    is :math:`\kappa`) and :math:`p_\eta` a small network whose last layer starts at zero,
+    and Anderson runs on :math:`z \mapsto z + P(f(z) - z)` (same fixed points). The active
+    entries (:meth:`active`) are those of :math:`f(z)` away from their channel's floor: for a
+    cell ending in ReLU and GroupNorm (such as :class:`~deqkit.zoo.ConvDEQ`'s), the switched
+    off units sit at the floor and :math:`f` is locally constant in them (zero rows of the
+    Jacobian), while the rest of the Jacobian has eigenvalues near a common :math:`\lambda`
+    (real, 0.6-0.8, on the trained digits ConvDEQ of ``benchmarks/bench_hyperdeq.py``); scaling
+    those residuals by :math:`1/(1 - \kappa)`, :math:`\kappa \approx \lambda`, is a diagonal
+    Newton step. The first step stays a plain step :math:`f(z^{[0]})`. ``precondition=0``
+    starts exactly as plain (learned) Anderson.
+
+    **Safeguard** (on by default): a step whose residual :math:`\|f(z_k) - z_k\|` is not below
     ``safeguard`` times the lowest residual seen so far for that sample is rejected and
     replaced by a plain step from the best iterate, :math:`z_{k+1} = f(z_{\text{best}})`.
     On an :math:`L`-contraction that step shrinks the best residual by :math:`L`, and with
@@ -110,12 +130,19 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         init_groups: end the initialiser with a GroupNorm of this many groups (matches a
             GroupNorm-ed state such as ConvDEQ's); ``None``: no norm, and the initialiser
             starts at zero. Default: None.
-        beta_init: initial damping predicted by the untrained network, in (0, 1).
-            Default: 0.9.
+        beta_init: initial damping predicted by the untrained network, in
+            (0, ``beta_max``). Default: 0.9.
+        beta_max: upper bound of the predicted damping (:math:`\beta = \beta_{\max}
+            \sigma(\cdot)`); with ``beta_max=2`` and ``beta_init=1`` the untrained solver is
+            undamped Anderson and training may move :math:`\beta` either way. Default: 1.0.
         safeguard: reject a step whose residual is not below this multiple of the lowest
             residual so far (>= 1), or ``None`` to disable. Default: 1.0.
         regularisation: relative Tikhonov regulariser of the least-squares system.
             Default: 1e-8.
+        precondition: :math:`\kappa \in [0, 1)`, the initial gain of the learned residual
+            preconditioner (see above), or ``None`` for none. A rejecting ``safeguard`` of 1
+            can cut the preconditioned steps short; 2 works better with it. Default: None.
+        precondition_hidden: hidden width of the preconditioner's network. Default: 8.
 
     Example:
         >>> import torch
@@ -150,8 +177,11 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         init_layers: int = 0,
         init_groups: int | None = None,
         beta_init: float = 0.9,
+        beta_max: float = 1.0,
         safeguard: float | None = 1.0,
         regularisation: float = 1e-8,
+        precondition: float | None = None,
+        precondition_hidden: int = 8,
     ) -> None:
         super().__init__()
         if isinstance(state_shape, int) and not isinstance(state_shape, bool):
@@ -190,11 +220,19 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             in_channels = shape[0]
         check_positive_int(_OWNER, "in_channels", in_channels)
         if (
+            isinstance(beta_max, bool)
+            or not isinstance(beta_max, (int, float))
+            or not 0 < beta_max < math.inf
+        ):
+            raise ValueError(f"{_OWNER}: `beta_max` must be a finite float > 0, got {beta_max!r}.")
+        if (
             isinstance(beta_init, bool)
             or not isinstance(beta_init, (int, float))
-            or not 0 < beta_init < 1
+            or not 0 < beta_init < beta_max
         ):
-            raise ValueError(f"{_OWNER}: `beta_init` must be in (0, 1), got {beta_init!r}.")
+            raise ValueError(
+                f"{_OWNER}: `beta_init` must be in (0, beta_max={beta_max}), got {beta_init!r}."
+            )
         if safeguard is not None and (
             isinstance(safeguard, bool)
             or not isinstance(safeguard, (int, float))
@@ -211,6 +249,16 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             raise ValueError(
                 f"{_OWNER}: `regularisation` must be a float >= 0, got {regularisation!r}."
             )
+        if precondition is not None and (
+            isinstance(precondition, bool)
+            or not isinstance(precondition, (int, float))
+            or not 0 <= precondition < 1
+        ):
+            raise ValueError(
+                f"{_OWNER}: `precondition` must be None or a float in [0, 1), got "
+                f"{precondition!r}."
+            )
+        check_positive_int(_OWNER, "precondition_hidden", precondition_hidden)
         self.state_shape = shape
         self.channels = shape[0]
         self.positions = math.prod(shape[1:])
@@ -220,6 +268,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         self.m = m
         self.features = features
         self.beta_init = float(beta_init)
+        self.beta_max = float(beta_max)
         self.safeguard = None if safeguard is None else float(safeguard)
         self.regularisation = float(regularisation)
 
@@ -260,9 +309,23 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         with torch.no_grad():
-            out.bias[m] = math.log(self.beta_init / (1 - self.beta_init))
+            out.bias[m] = math.log(self.beta_init / (self.beta_max - self.beta_init))
         iu = torch.triu_indices(m, m, offset=1)
         self.register_buffer("_triu", iu, persistent=False)
+        # Learned diagonal preconditioner of the residuals (see the class docstring).
+        self.precondition = None if precondition is None else float(precondition)
+        self.pre_gain: nn.Parameter | None = None
+        self.pre_net: nn.Sequential | None = None
+        if precondition is not None:
+            self.pre_gain = nn.Parameter(
+                torch.full((self.channels,), -math.log1p(-float(precondition)))
+            )
+            self.pre_net = nn.Sequential(
+                nn.Linear(3, precondition_hidden), nn.GELU(),
+                nn.Linear(precondition_hidden, 2 * self.channels),
+            )
+            nn.init.zeros_(self.pre_net[2].weight)
+            nn.init.zeros_(self.pre_net[2].bias)
 
     # ------------------------------------------------------------------ initialiser
     def initial_state(self, x: Tensor, *rest: Any) -> Tensor:
@@ -327,7 +390,6 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             best=z.new_full((w,), math.inf),
             fz_best=fz,
             k=0,
-            max_steps=max(int(max_steps), 1),
         )
 
     def _compress(self, r: Tensor) -> Tensor:
@@ -344,17 +406,23 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         k = state.k
         slot = k % m
         n = min(k + 1, m)
-        Fb = put_slot(state.F, slot, fz)
-        Gb = put_slot(state.G, slot, r)
-        Qb = put_slot(state.Q, slot, self._compress(r).to(state.Q.dtype))
-        row = torch.linalg.vecdot(Gb[:, :n], r.unsqueeze(1)).to(torch.float64)  # (W, n)
+        absr = torch.linalg.vector_norm(r, dim=1)
+        if self.pre_net is not None and k > 0:  # the first step stays a plain step f(z0)
+            g = self._precondition(fz, r, absr, k)
+            fg = z + g
+            absg = torch.linalg.vector_norm(g, dim=1)
+        else:
+            g, fg, absg = r, fz, absr
+        Fb = put_slot(state.F, slot, fg)
+        Gb = put_slot(state.G, slot, g)
+        Qb = put_slot(state.Q, slot, self._compress(g).to(state.Q.dtype))
+        row = torch.linalg.vecdot(Gb[:, :n], g.unsqueeze(1)).to(torch.float64)  # (W, n)
         H = state.H
         if torch.is_grad_enabled() and (row.requires_grad or H.requires_grad):
             H = H.clone()
         H[:, slot, :n] = row
         H[:, :n, slot] = row
 
-        absr = torch.linalg.vector_norm(r, dim=1)
         # Safeguard bookkeeping (per sample): reject a step that raised the residual.
         if k == 0 or self.safeguard is None:
             reject = None
@@ -377,11 +445,11 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
 
         # Features in age order (0 = newest), padded to m.
         perm = torch.tensor([(slot - j) % m for j in range(n)], device=z.device)
-        feats = self._features(Hd, Qb.detach(), alpha_ls, perm, n, absr, fz, k, state.max_steps)
+        feats = self._features(Hd, Qb.detach(), alpha_ls, perm, n, absr, absg, fz, k)
         out = self.update_net(feats)  # (W, m + 1)
         delta = out[:, :n]
         delta = delta - delta.mean(dim=1, keepdim=True)
-        beta = torch.sigmoid(out[:, m]).to(z.dtype).unsqueeze(1)
+        beta = (self.beta_max * torch.sigmoid(out[:, m])).to(z.dtype).unsqueeze(1)
         alpha_age = alpha_ls.index_select(1, perm).to(delta.dtype) + delta  # (W, n)
         # Back to slot order: slot perm[j] gets age j.
         inv = torch.empty_like(perm)
@@ -397,6 +465,44 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         )
         return z_next, None, new_state
 
+    def active(self, fz: Tensor) -> Tensor:
+        """(W, D) -> (W, C, P) float mask of the entries away from their channel's floor.
+
+        Per sample and channel, the *floor* is the end of the channel's range (over the
+        positions) where more entries sit (within ``1e-3`` of the range); an entry of
+        :math:`f(z)` is *active* when it is further than that from the floor. For a cell
+        ending in a ReLU and a GroupNorm, the units whose ReLU is off all sit at the floor
+        (the minimum for a positive GroupNorm weight), so this flags the units where the map
+        is not locally constant. Vector states (one position) have no active entries.
+        """
+        f = fz.detach().view(fz.shape[0], self.channels, self.positions)
+        lo = f.amin(dim=2, keepdim=True)
+        hi = f.amax(dim=2, keepdim=True)
+        eps = 1e-3 * (hi - lo)
+        above = f - lo > eps
+        below = hi - f > eps
+        floor_lo = (~above).sum(dim=2, keepdim=True) >= (~below).sum(dim=2, keepdim=True)
+        return torch.where(floor_lo, above, below).to(f.dtype)
+
+    def _precondition(self, fz: Tensor, r: Tensor, absr: Tensor, k: int) -> Tensor:
+        r"""Scaled residual :math:`P(r) = \exp(a \odot \text{active} + b) \odot r` (W, D)."""
+        assert self.pre_net is not None and self.pre_gain is not None
+        w = self.pre_gain
+        act = self.active(fz).to(w.dtype)  # (W, C, P)
+        fnorm = torch.linalg.vector_norm(fz.detach(), dim=1).clamp_min(1e-30)
+        rel = (absr.detach() / fnorm).clamp_min(1e-30).log10().clamp(-12, 2) / 6
+        feats = torch.stack(
+            [rel.to(w.dtype), torch.full_like(rel, _step_feature(k), dtype=w.dtype),
+             act.mean(dim=(1, 2))],
+            dim=1,
+        )
+        out = self.pre_net(feats)  # (W, 2C)
+        a = w + out[:, : self.channels]
+        b = out[:, self.channels :]
+        log_s = (a.unsqueeze(2) * act + b.unsqueeze(2)).clamp(-4.0, 4.0)
+        s = torch.exp(log_s).to(r.dtype).reshape(r.shape[0], -1)
+        return s * r
+
     def _features(
         self,
         H: Tensor,
@@ -405,9 +511,9 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         perm: Tensor,
         n: int,
         absr: Tensor,
+        absg: Tensor,
         fz: Tensor,
         k: int,
-        max_steps: int,
     ) -> Tensor:
         m = self.m
         dt = self.compress.weight.dtype
@@ -425,14 +531,14 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         al[:, :n] = torch.asinh(alpha_ls.index_select(1, perm))
         mask = H.new_zeros(W, m)
         mask[:, :n] = 1.0
-        scale = (absr.detach() / math.sqrt(self.channels * self.positions)).to(dt)
+        scale = (absg.detach() / math.sqrt(self.channels * self.positions)).to(dt)
         q = Q.index_select(1, perm).to(dt) / scale.clamp_min(1e-30).view(W, 1, 1)
         qf = Q.new_zeros(W, m, Q.shape[2]).to(dt)
         qf[:, :n] = q.clamp(-100, 100)
         fnorm = torch.linalg.vector_norm(fz.detach(), dim=1)
         rel = (absr.detach() / fnorm.clamp_min(1e-30)).clamp_min(1e-30)
         step_f = torch.stack(
-            [torch.full_like(rel, min(k, max_steps) / max_steps), rel.log10().clamp(-12, 2) / 6],
+            [torch.full_like(rel, _step_feature(k)), rel.log10().clamp(-12, 2) / 6],
             dim=1,
         )
         small = torch.cat([mask, ratio[:, 1:], cos_f, al], dim=1).to(dt)
@@ -441,8 +547,14 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
     def extra_repr(self) -> str:
         return (
             f"state_shape={self.state_shape}, m={self.m}, rtol={self.rtol}, atol={self.atol}, "
-            f"safeguard={self.safeguard}"
+            f"safeguard={self.safeguard}, precondition={self.precondition}"
         )
+
+
+def _step_feature(k: int) -> float:
+    """Step index as a feature in [0, 1): ``k / (k + 8)``, independent of the step budget (the
+    same during unrolled training and at inference)."""
+    return k / (k + 8.0)
 
 
 class _Attachment:
@@ -630,6 +742,7 @@ def train_hyper_solver(
     lr: float = 3e-3,
     *,
     loss: str = "relative",
+    tolerances: Iterable[float] = (1e-3, 1e-4),
     init_weight: float = 1.0,
     target_weight: float = 0.0,
     target_solver: AbstractFixedPointSolver | None = None,
@@ -653,8 +766,12 @@ def train_hyper_solver(
         + w_0 \frac{\|z^{[0]} - z^\star\|}{\|z^\star\|}
         + w_z \sum_{i=1}^{k} \frac{\|z^{[i]} - z^\star\|}{\|z^\star\|},
 
-    averaged over the batch, with :math:`\ell(t) = t` (``loss="relative"``) or
-    :math:`\ell(t) = \log t` (``loss="log"``, which weighs late steps as much as early ones),
+    averaged over the batch, with :math:`\ell(t) = t` (``loss="relative"``),
+    :math:`\ell(t) = \log t` (``loss="log"``, which weighs late steps as much as early ones) or
+    :math:`\ell(t) = \sum_{\epsilon} \tau\,\mathrm{softplus}(\log_{10}(t/\epsilon)/\tau)`,
+    :math:`\tau = 0.25` (``loss="tolerance"``: a smooth count of the steps still above each
+    target tolerance :math:`\epsilon` in ``tolerances``, i.e. of the f evaluations a solve
+    stopping there spends; steps already below every tolerance cost nothing),
     and :math:`z^\star` a tight reference solve (only computed when :math:`w_0` or
     :math:`w_z` is non-zero). Only the solver's parameters are differentiated
     (``torch.autograd.grad``): the DEQ receives no gradient and is unchanged. The cell is put
@@ -669,7 +786,9 @@ def train_hyper_solver(
         steps: optimisation steps. Default: 200.
         k: unrolled solver steps per loss. Default: 10.
         lr: Adam learning rate (cosine-decayed to 10%). Default: 3e-3.
-        loss: ``"relative"`` or ``"log"``. Default: ``"relative"``.
+        loss: ``"relative"``, ``"log"`` or ``"tolerance"``. Default: ``"relative"``.
+        tolerances: target relative residuals of ``loss="tolerance"``.
+            Default: ``(1e-3, 1e-4)``.
         init_weight: :math:`w_0`, weight of the initialisation loss. Default: 1.0.
         target_weight: :math:`w_z`, weight of the per-step distance to :math:`z^\star`.
             Default: 0.0.
@@ -726,8 +845,21 @@ def train_hyper_solver(
                 f"train_hyper_solver: `{name}` must be a finite float "
                 f"{'> 0' if strict else '>= 0'}, got {value!r}."
             )
-    if loss not in ("relative", "log"):
-        raise ValueError(f"train_hyper_solver: `loss` must be 'relative' or 'log', got {loss!r}.")
+    if loss not in ("relative", "log", "tolerance"):
+        raise ValueError(
+            "train_hyper_solver: `loss` must be 'relative', 'log' or 'tolerance', got "
+            f"{loss!r}."
+        )
+    try:
+        tols = [float(t) for t in tolerances]
+    except (TypeError, ValueError):
+        tols = []
+    if not tols or not all(0 < t < math.inf for t in tols):
+        raise ValueError(
+            "train_hyper_solver: `tolerances` must be a non-empty sequence of floats > 0, got "
+            f"{tolerances!r}."
+        )
+    log_tols = [math.log10(t) for t in tols]
     if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
         raise ValueError(f"train_hyper_solver: `grad_clip` must be > 0 or None, got {grad_clip!r}.")
     if isinstance(init_pretrain_steps, bool) or not isinstance(init_pretrain_steps, int) or (
@@ -799,7 +931,13 @@ def train_hyper_solver(
                 rel = torch.linalg.vector_norm(r, dim=1) / torch.linalg.vector_norm(
                     fz, dim=1
                 ).clamp_min(1e-12)
-                term = rel.clamp_min(1e-12).log() if loss == "log" else rel
+                if loss == "log":
+                    term = rel.clamp_min(1e-12).log()
+                elif loss == "tolerance":
+                    lr10 = rel.clamp_min(1e-12).log10()
+                    term = sum(_TAU * F.softplus((lr10 - lt) / _TAU) for lt in log_tols)
+                else:
+                    term = rel
                 total = total + term.mean()
                 if target_weight > 0 and i > 0:
                     dist = torch.linalg.vector_norm(z - z_star, dim=1) / zs_norm
