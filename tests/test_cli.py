@@ -190,5 +190,5 @@ def test_onestep_adjoint_from_config(tmp_path):
 
     adj = _cfg(tmp_path, "a", adjoint="onestep", residual_weight=0.5).build_adjoint()
     assert isinstance(adj, dk.OneStepAdjoint) and adj.residual_weight == 0.5
-    with pytest.raises(ValueError, match="config `residual_weight` = -1.0"):
+    with pytest.raises(ValueError, match=r"config `residual_weight` = -1\.0"):
         _cfg(tmp_path, "a", adjoint="onestep", residual_weight=-1.0)
