@@ -192,3 +192,21 @@ def test_onestep_adjoint_from_config(tmp_path):
     assert isinstance(adj, dk.OneStepAdjoint) and adj.residual_weight == 0.5
     with pytest.raises(ValueError, match=r"config `residual_weight` = -1\.0"):
         _cfg(tmp_path, "a", adjoint="onestep", residual_weight=-1.0)
+
+
+def test_model_preset_fills_only_unset_keys(tmp_path, monkeypatch):
+    """`deqkit train --model deq_transformer` gets the LM's training recipe (one Picard step,
+    one-step adjoint, lr 1e-2) unless a flag sets a key; the resolved values are recorded."""
+    seen = {}
+    monkeypatch.setattr("deqkit.cli._train.train",
+                        lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    main(["train", "--model", "deq_transformer", "--data", "text", "--out",
+          str(tmp_path / "a")])
+    cfg = seen.pop("cfg")
+    assert (cfg.solver, cfg.max_steps, cfg.adjoint, cfg.lr) == ("picard", 1, "onestep", 1e-2)
+    main(["train", "--model", "deq_transformer", "--data", "text", "--adjoint", "implicit",
+          "--lr", "3e-3", "--out", str(tmp_path / "b")])
+    cfg = seen.pop("cfg")
+    assert (cfg.adjoint, cfg.lr, cfg.solver) == ("implicit", 3e-3, "picard")
+    main(["train", "--model", "conv_deq", "--out", str(tmp_path / "c")])
+    assert seen.pop("cfg").adjoint == "implicit"  # other models: the plain defaults

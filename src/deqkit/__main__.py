@@ -133,7 +133,7 @@ _TRAIN_FLAGS = {
 
 
 def _train_cmd(args: argparse.Namespace) -> int:
-    from .cli._config import from_mapping, load_file, parse_pairs
+    from .cli._config import from_mapping, load_file, parse_pairs, with_model_preset
     from .cli._train import CHECKPOINT, load_checkpoint, train
 
     values: dict = {}
@@ -157,6 +157,8 @@ def _train_cmd(args: argparse.Namespace) -> int:
         values["progress"] = False
     if args.no_plots:
         values["plots"] = False
+    if not args.resume:  # a resumed run keeps its recorded config
+        values = with_model_preset(values)
     cfg = from_mapping(values, source=args.config or "command line")
     train(cfg, resume=args.resume, stop_after=args.stop_after)
     return 0
