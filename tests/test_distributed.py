@@ -285,3 +285,21 @@ def test_torchrun_two_processes_match_one(tmp_path, monkeypatch):
     assert [r["epoch"] for r in recs3] == [1, 2]
     for a, b in zip(recs1, recs3):
         _assert_close(a, b)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """NCCL cannot share a GPU between ranks: with CUDA present and LOCAL_WORLD_SIZE above the
+    device count, detect() refuses before creating a process group and names both fixes;
+    --device cpu takes gloo instead."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for var, val in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2",
+                         MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(var, val)
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    with pytest.raises(ValueError, match="2 processes on this node but 1 CUDA device"):
+        dd.detect("auto")
+    with pytest.raises(ValueError, match="--device cpu"):
+        dd.detect("cuda")
+    assert not dist.is_initialized()
