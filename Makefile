@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,data,cli,ode,export]'
+	$(PIP) -e '.[dev,data,cli,ode,export,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,7 +20,6 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 docs: install
-	$(PIP) -e '.[docs]'
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 demo: install
