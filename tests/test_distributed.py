@@ -303,3 +303,66 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="--device cpu"):
         dd.detect("cuda")
     assert not dist.is_initialized()
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+FSDP_ADJOINTS = {"implicit": lambda: dk.ImplicitAdjoint(dk.GMRES(rtol=1e-12, atol=0)),
+                 "jfb": dk.JacobianFreeAdjoint}
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 warns that the DEQ's output is a view (an in-place op on it would skip FSDP's
+    # pre-backward hook); the tests never modify it in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        out = {}
+        for name, make in FSDP_ADJOINTS.items():
+            torch.manual_seed(0)
+            model = dk.zoo.DEQMLP((8,), 3, width=16, adjoint=make(),
+                                  solver=dk.Anderson(rtol=1e-12, atol=0)).double()
+            fully_shard(model.deq)
+            fully_shard(model)
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(8, 8, dtype=torch.float64, generator=g)
+            y = torch.randint(0, 3, (8,), generator=g)
+            h = 8 // WORLD
+            sl = slice(rank * h, (rank + 1) * h)
+            nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
+            out[name] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_gradients_equal_single_process(tmp_path):
+    """FSDP2 (``fully_shard`` on the DEQ layer and the model, gloo on the CPU): the sharded
+    parameters are all-gathered for the solve and for the implicit backward's VJPs, and the
+    reduce-scattered gradients equal one process on the whole batch (float64)."""
+    pytest.importorskip("torch.distributed.fsdp", reason="needs FSDP2")
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("torch.distributed.fsdp.fully_shard (FSDP2) needs torch >= 2.6")
+    mp.spawn(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"fsdp{r}.pt", weights_only=False) for r in range(WORLD)]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    for name, make in FSDP_ADJOINTS.items():
+        torch.manual_seed(0)
+        ref = dk.zoo.DEQMLP((8,), 3, width=16, adjoint=make(),
+                            solver=dk.Anderson(rtol=1e-12, atol=0)).double()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        for n, p in ref.named_parameters():
+            assert p.grad.abs().max() > 0, (name, n)
+            for r in range(WORLD):
+                rel = float((ranks[r][name][n] - p.grad).norm() / p.grad.norm())
+                assert rel < 1e-10, (name, n, r, rel)
