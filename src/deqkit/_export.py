@@ -11,7 +11,6 @@ and :func:`torch.onnx.export`. :func:`residual_at` reports the relative residual
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
@@ -19,8 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._flatten import flatten, make_layout, unflatten
-from .nn._deq import DEQ, _parametrized
-from .nn._parametrizations import cached_parametrizations
+from .nn._deq import DEQ, parametrization_cache
 
 __all__ = ["FixedStepDEQ", "FixedStepModel", "export_fixed_steps", "residual_at"]
 
@@ -177,11 +175,7 @@ class FixedStepDEQ(nn.Module):
         def fn(zf: Tensor) -> Tensor:
             return flatten(layout, cell(unflatten(layout, zf), *inputs))
 
-        cm = (
-            cached_parametrizations(cell)
-            if isinstance(cell, nn.Module) and _parametrized(cell)
-            else contextlib.nullcontext()
-        )
+        cm = parametrization_cache(cell)
         with cm:
             zf = self._solve(fn, flatten(layout, z0))
             if self.track_residual:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._flatten import State, check_output, flat_fn, flatten, make_layout, unflatten
+from ._flatten import State, all_finite, check_output, flat_fn, flatten, make_layout, unflatten
 from ._iterate import LoopOutput, iterate
 from ._solution import RESULTS, Solution, SolverError
 from .adjoint._base import AbstractAdjoint
@@ -295,9 +295,7 @@ def fixed_point(
                 "dk.Picard or dk.Anderson with dk.UnrolledAdjoint, or another adjoint."
             )
     z0f = flatten(layout, z0).detach()
-    # one cheap reduction: a sum is finite when every entry is (the full elementwise test,
-    # several passes over z0, runs only when the sum is not, e.g. on overflow)
-    if not bool(torch.isfinite(z0f.sum())) and not bool(torch.isfinite(z0f).all()):
+    if not all_finite(z0f):
         raise ValueError("`z0` contains NaN or inf; pass a finite initial guess.")
     # Under autocast only f runs in reduced precision; the solver's own algebra (Anderson's
     # Gram matrix and mixing, norms, GMRES) stays in the float32+ solver dtype.

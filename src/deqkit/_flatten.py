@@ -128,3 +128,12 @@ def flat_fn(layout: Layout, f: Callable[..., State]) -> Callable[..., Tensor]:
         return flatten(layout, f(unflatten(layout, zf), *args))
 
     return g
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, in one reduction pass plus one host sync.
+
+    A sum is finite when every entry is; the elementwise test (several passes over ``t``) runs
+    only when the sum is not, to tell a non-finite entry from an overflowing sum.
+    """
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

@@ -17,14 +17,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._diagnostics import jacobian_spectral_norm, jacobian_spectral_radius
 from ._solution import RESULTS
 from .adjoint.implicit import ImplicitAdjoint
 from .linear import GMRES, AbstractLinearSolver
-from .nn._deq import DEQ, _parametrized
-from .nn._parametrizations import cached_parametrizations
+from .nn._deq import DEQ, parametrization_cache
 
 __all__ = ["StabilityReport", "stability_report"]
 
@@ -336,11 +335,7 @@ def stability_report(
         # ---- Jacobian diagnostics at z*
         zd = z_star.detach()
         cell = deq.cell
-        cm = (
-            cached_parametrizations(cell)
-            if isinstance(cell, nn.Module) and _parametrized(cell)
-            else contextlib.nullcontext()
-        )
+        cm = parametrization_cache(cell)
 
         def f(z: Tensor) -> Tensor:
             return cell(z, *inputs)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._flatten import all_finite
 from ..linear import GMRES, AbstractLinearSolver, Neumann
 from ._base import AbstractAdjoint, FlatFn
 
@@ -72,7 +73,7 @@ class _Implicit(torch.autograd.Function):
                 (vjp,) = torch.autograd.grad(fz, z_req, u, retain_graph=True)
             return u - vjp
 
-        if not bool(torch.isfinite(grad).all()):
+        if not all_finite(grad):
             # An overflowed (e.g. GradScaler-scaled float16) incoming gradient: no linear solve
             # can give it meaning. Pass it through unsolved so the non-finite values reach the
             # parameters' gradients, where the scaler sees them and skips the step.

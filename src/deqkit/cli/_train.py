@@ -145,12 +145,8 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
     agg: dict[str, float] = {}
     nb = 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, precision):
-            out = model(x)
-        loss, c = _loss_and_correct(out.float(), y, text, 0.0)
-        n = y.numel()
-        loss_sum += float(loss) * n
+        loss, c, n = _eval_batch(model, x, y, device, text, precision)
+        loss_sum += loss * n
         correct += c
         total += n
         for k, v in solver_stats(model).items():
@@ -162,6 +158,16 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
     for k, v in agg.items():
         res[k] = v / nb
     return res
+
+
+def _eval_batch(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, text: bool,
+                precision: str) -> tuple[float, int, int]:
+    """Mean loss, correct predictions and number of targets of one evaluation batch."""
+    x, y = x.to(device), y.to(device)
+    with autocast(device, precision):
+        out = model(x)
+    loss, c = _loss_and_correct(out.float(), y, text, 0.0)
+    return float(loss), c, y.numel()
 
 
 def _evaluate_distributed(model: nn.Module, dataset: Any, batch_size: int, text: bool,
@@ -181,12 +187,8 @@ def _evaluate_distributed(model: nn.Module, dataset: Any, batch_size: int, text:
             counts.append(0)
             continue
         x, y = dd.fetch(dataset, idx)
-        x, y = x.to(env.device), y.to(env.device)
-        with autocast(env.device, precision):
-            out = model(x)
-        loss, c = _loss_and_correct(out.float(), y, text, 0.0)
-        n = y.numel()
-        loss_sum += float(loss) * n
+        loss, c, n = _eval_batch(model, x, y, env.device, text, precision)
+        loss_sum += loss * n
         correct += c
         total += n
         rows.append(solver_stats(model))

@@ -33,8 +33,14 @@ class DEQWarning(RuntimeWarning):
     """
 
 
-def _parametrized(module: nn.Module) -> bool:
-    return any(parametrize.is_parametrized(m) for m in module.modules())
+def parametrization_cache(cell: Any) -> contextlib.AbstractContextManager:
+    """:func:`cached_parametrizations` for a cell module with parametrized submodules (spectral
+    or weight norm computed once per solve); a no-op context for anything else."""
+    if isinstance(cell, nn.Module) and any(
+        parametrize.is_parametrized(m) for m in cell.modules()
+    ):
+        return cached_parametrizations(cell)
+    return contextlib.nullcontext()
 
 
 def _couples_samples(module: nn.Module) -> bool:
@@ -150,11 +156,7 @@ class DEQ(nn.Module):
         if z0 is None:
             z0 = self.init_state(*inputs)
         max_steps = self.max_steps if self.training else self.eval_max_steps
-        cm = (
-            cached_parametrizations(self.cell)
-            if isinstance(self.cell, nn.Module) and _parametrized(self.cell)
-            else contextlib.nullcontext()
-        )
+        cm = parametrization_cache(self.cell)
         with cm:
             sol = fixed_point(
                 self.cell,
@@ -207,11 +209,7 @@ class DEQ(nn.Module):
         def f(zf: torch.Tensor) -> torch.Tensor:
             return flatten(layout, cell(unflatten(layout, zf), *inputs))
 
-        cm = (
-            cached_parametrizations(cell)
-            if isinstance(cell, nn.Module) and _parametrized(cell)
-            else contextlib.nullcontext()
-        )
+        cm = parametrization_cache(cell)
         with cm:
             return jacobian_frobenius_reg(f, z, n_samples=n_samples, generator=generator)
 
