@@ -247,3 +247,85 @@ def test_unrolled_anderson_memory_per_step_is_a_few_state_tensors():
     state_bytes = 8 * 32 * 8  # one (B, D) float64 tensor
     per_step = (b - a) / 32 / state_bytes
     assert 1 <= per_step <= 6, per_step  # was 13.5 when the buffers were copied each step
+
+
+def _without_reuse(adjoint: dk.AbstractAdjoint) -> dk.AbstractAdjoint:
+    """The same adjoint with the reuse of the driver's last evaluation switched off."""
+    import dataclasses
+
+    cls = type("NoReuse" + type(adjoint).__name__, (type(adjoint),), {"reuse_eval": None})
+    return cls(**{fl.name: getattr(adjoint, fl.name) for fl in dataclasses.fields(adjoint)})
+
+
+def _counted_solve(adjoint, solver, max_steps, x, W):
+    calls = [0]
+
+    def f(z, x):
+        calls[0] += 1
+        return torch.tanh(z @ W.T + x)
+
+    W.grad = x.grad = None
+    sol = dk.fixed_point(f, torch.zeros_like(x), solver, adjoint, max_steps=max_steps,
+                         args=(x,), throw=False)
+    sol.value.sin().sum().backward()
+    return calls[0], sol, W.grad.clone(), x.grad.clone()
+
+
+REUSING_ADJOINTS = [
+    dk.OneStepAdjoint(residual_weight=0.5),
+    dk.JacobianFreeAdjoint(),
+    dk.ImplicitAdjoint(dk.GMRES(rtol=1e-12, atol=0.0)),
+]
+
+
+@pytest.mark.parametrize("adjoint", REUSING_ADJOINTS, ids=lambda a: type(a).__name__)
+@pytest.mark.parametrize("max_steps", [0, 1, 3])
+def test_last_evaluation_reused_when_the_budget_is_reached(adjoint, max_steps):
+    # No sample converges within the budget: the driver's evaluation at max_steps (made under
+    # autograd) is the adjoint's evaluation, so f runs once less with the same result.
+    torch.manual_seed(0)
+    W = torch.randn(5, 5, dtype=torch.float64)
+    W = (0.6 * W / torch.linalg.matrix_norm(W, 2)).requires_grad_()
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    solver = dk.Picard(rtol=1e-12, atol=0.0)
+    n1, s1, gw1, gx1 = _counted_solve(adjoint, solver, max_steps, x, W)
+    n2, s2, gw2, gx2 = _counted_solve(_without_reuse(adjoint), solver, max_steps, x, W)
+    assert n1 == max_steps + 1 and n2 == max_steps + 2
+    assert int(s1.stats["nfev"]) == n1 and int(s2.stats["nfev"]) == n2
+    torch.testing.assert_close(s1.value, s2.value, rtol=1e-13, atol=0.0)
+    torch.testing.assert_close(gw1, gw2, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-12, atol=1e-15)
+    assert gx1.abs().sum() > 0
+
+
+@pytest.mark.parametrize("adjoint", REUSING_ADJOINTS, ids=lambda a: type(a).__name__)
+def test_last_evaluation_not_reused_when_a_sample_stops_early(adjoint):
+    # Row 0 (x = 0) is at its fixed point z = 0 from the start and stops at step 0, so not
+    # every returned value is the last iterate: the adjoint evaluates f itself.
+    torch.manual_seed(1)
+    W = torch.randn(5, 5, dtype=torch.float64)
+    W = (0.6 * W / torch.linalg.matrix_norm(W, 2)).requires_grad_()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    x[0] = 0.0
+    x.requires_grad_()
+    solver = dk.Picard(rtol=1e-12, atol=0.0)
+    n1, s1, gw1, gx1 = _counted_solve(adjoint, solver, 3, x, W)
+    n2, _, gw2, gx2 = _counted_solve(_without_reuse(adjoint), solver, 3, x, W)
+    assert int(s1.stats["nstep"][0]) == 0 and int(s1.stats["nstep"][1]) == 3
+    assert n1 == n2 == int(s1.stats["nfev"])
+    torch.testing.assert_close(gw1, gw2, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-12, atol=1e-15)
+
+
+def test_last_evaluation_not_reused_when_the_solver_supplies_f():
+    # Broyden with a line search returns f at its new iterate itself: nothing to reuse.
+    torch.manual_seed(2)
+    W = torch.randn(5, 5, dtype=torch.float64)
+    W = (0.6 * W / torch.linalg.matrix_norm(W, 2)).requires_grad_()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    solver = dk.Broyden(rtol=1e-12, atol=0.0, line_search=True)
+    adjoint = dk.ImplicitAdjoint(dk.GMRES(rtol=1e-12, atol=0.0))
+    n1, s1, gw1, _ = _counted_solve(adjoint, solver, 2, x, W)
+    n2, _, gw2, _ = _counted_solve(_without_reuse(adjoint), solver, 2, x, W)
+    assert n1 == n2 == int(s1.stats["nfev"])
+    torch.testing.assert_close(gw1, gw2, rtol=1e-12, atol=1e-15)

@@ -327,13 +327,15 @@ def fixed_point(
         trace=trace,
         patience=patience,
     )
+    # adjoints that evaluate f once at z* can take the driver's evaluation at the step budget
+    reuse = adjoint.reuse_eval if torch.is_grad_enabled() and not unrolled else None
     with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()), no_autocast():
         if chain:
             loop, solver_index, attempts = _run_chain(
                 checked_fn, z0f, args, solver, max_steps, **loop_kw
             )
         else:
-            loop = iterate(checked_fn, z0f, args, solver, max_steps, **loop_kw)
+            loop = iterate(checked_fn, z0f, args, solver, max_steps, grad_last=reuse, **loop_kw)
     status = loop.status
     worst = int(status.max()) if status.numel() else 0
     result = RESULTS.from_code(worst)
@@ -354,10 +356,13 @@ def fixed_point(
     value = loop.value
     sol = Solution(value=None, result=result, stats=stats)
     if not unrolled and torch.is_grad_enabled():
-        with no_autocast():
-            value = adjoint.apply(fn, value.detach(), args, sol.backward)
-        stats["nfev"] = stats["nfev"] + adjoint.forward_nfev
-        stats["nfev_samples"] = stats["nfev_samples"] + adjoint.forward_nfev * layout.batch
+        if loop.last_eval is not None:  # the driver's last evaluation, made with a graph
+            value = adjoint.apply_evaluated(*loop.last_eval, sol.backward)
+        else:
+            with no_autocast():
+                value = adjoint.apply(fn, value.detach(), args, sol.backward)
+            stats["nfev"] = stats["nfev"] + adjoint.forward_nfev
+            stats["nfev_samples"] = stats["nfev_samples"] + adjoint.forward_nfev * layout.batch
     sol.value = unflatten(layout, value)
     if throw and result is not RESULTS.successful:
         nbad = int((status != RESULTS.successful.code).sum())

@@ -29,6 +29,9 @@ class LoopOutput:
     nfev: int
     nfev_samples: int
     trace: Tensor | None
+    # (z, f(z)) of the last evaluation with an autograd graph when ``grad_last`` was asked and
+    # every returned value is that last iterate (so an adjoint can reuse the evaluation)
+    last_eval: tuple[Tensor, Tensor] | None = None
 
 
 def iterate(
@@ -43,12 +46,19 @@ def iterate(
     divergence_ratio: float | None,
     trace: bool,
     patience: int | None = None,
+    grad_last: str | None = None,
 ) -> LoopOutput:
     """Run ``solver`` on ``z = fn(z, *args)`` from ``z0`` (B, D).
 
     ``args`` are per-sample tensors (batch first) sliced together with the working batch when
     ``compact`` is True; otherwise the full batch is evaluated every step and finished samples
     simply keep their recorded result.
+
+    ``grad_last`` (``"params"`` or ``"z"``): make the last evaluation the step budget allows
+    (the one at ``max_steps``) under autograd, with ``z`` a leaf requiring grad for ``"z"``.
+    When every returned value is that last iterate, ``LoopOutput.last_eval`` carries the
+    evaluation so that the adjoint does not repeat it (training with a step budget that no
+    sample beats, e.g. the one-step recipe, saves one evaluation of f per step).
     """
     B, D = z0.shape
     device = z0.device
@@ -75,8 +85,18 @@ def iterate(
 
     gidx = torch.arange(B, device=device)  # global row of each working row
     active = torch.ones(B, dtype=torch.bool, device=device)
+    last: tuple[Tensor, Tensor] | None = None
+
+    def call_last(z: Tensor) -> Tensor:  # the evaluation at max_steps, kept with its graph
+        nonlocal last
+        zl = z.detach().requires_grad_() if grad_last == "z" else z.detach()
+        with torch.enable_grad():
+            fl = call(zl)
+        last = (zl, fl)
+        return fl.detach()
+
     z = z0
-    fz = call(z)
+    fz = call_last(z) if grad_last and max_steps == 0 else call(z)
     best_z = z
     best_abs = z0.new_full((B,), float("inf"))
     best_fn = z0.new_ones(B)
@@ -84,6 +104,8 @@ def iterate(
     state = None
 
     all_active = True  # no row of the working batch has stopped: cheaper bookkeeping
+    stopped_early = False  # some row stopped before max_steps (no reuse of the last eval)
+    reuse_rows: Tensor | None = None  # rows whose returned value is the last iterate
     for k in range(max_steps + 1):
         r = fz - z
         absr = torch.linalg.vector_norm(r, dim=1)
@@ -105,6 +127,9 @@ def iterate(
         flags = torch.stack(
             (stop.any(), improved.all() if all_active else (improved | ~active).all())
         ).tolist()
+        if last is not None and k == max_steps and not stopped_early:
+            # returned value == z for rows that converge here or whose best iterate is z
+            reuse_rows = conv | improved
         if flags[1]:  # every unfinished sample improved: no copies (finished rows are unused)
             best_z, best_fn, best_abs = z, fnorm, absr
         else:
@@ -135,6 +160,7 @@ def iterate(
             out_status.index_copy_(0, g, code)
             active = active & ~stop
             all_active = False
+            stopped_early = stopped_early or k < max_steps
             n_active = int(active.sum())
             if n_active == 0:
                 break
@@ -156,7 +182,12 @@ def iterate(
             state = solver.init(call, z, fz, r, max_steps)
         z_next, fz_next, state = solver.step(call, z, fz, r, state)
         z = z_next
-        fz = call(z) if fz_next is None else fz_next
+        if fz_next is not None:
+            fz = fz_next
+        elif grad_last and k + 1 == max_steps:
+            fz = call_last(z)
+        else:
+            fz = call(z)
 
     # Samples still active ran out of steps: return their lowest-residual iterate.
     rem = active.nonzero().squeeze(1)
@@ -174,6 +205,9 @@ def iterate(
             out_status.index_copy_(
                 0, g, torch.where(bad_rem, RESULTS.nonfinite.code, RESULTS.max_steps_reached.code)
             )
+    last_eval = None
+    if last is not None and reuse_rows is not None and bool(reuse_rows.all()):
+        last_eval = last
     return LoopOutput(
         value=out_value,
         abs_residual=out_abs,
@@ -183,4 +217,5 @@ def iterate(
         nfev=counters["nfev"],
         nfev_samples=counters["rows"],
         trace=torch.stack(traces) if trace else None,
+        last_eval=last_eval,
     )

@@ -41,9 +41,23 @@ class AbstractAdjoint(abc.ABC):
     unrolled: bool = False
     #: Extra evaluations of f made by :meth:`apply` (counted in ``stats["nfev"]``).
     forward_nfev: int = 0
+    #: Adjoints whose :meth:`apply` is one evaluation of ``f`` at ``z_star`` with a graph
+    #: followed by :meth:`apply_evaluated` set this to ``"params"`` (graph into what ``f``
+    #: closes over) or ``"z"`` (``z_star`` also a leaf requiring grad). The driver then makes
+    #: its evaluation at the step budget under autograd, and when every returned value is that
+    #: last iterate :meth:`apply_evaluated` receives it instead of ``f`` being evaluated again.
+    reuse_eval: str | None = None
 
     @abc.abstractmethod
     def apply(
         self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
     ) -> Tensor:
         """Attach the gradient to ``z_star``."""
+
+    def apply_evaluated(
+        self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]
+    ) -> Tensor:
+        """:meth:`apply` given ``fz = f(z_in)`` already evaluated with a graph at
+        ``z_in`` (equal in value to ``z_star``; a leaf requiring grad when
+        ``reuse_eval == "z"``). Only called on adjoints that set :attr:`reuse_eval`."""
+        raise NotImplementedError(f"{type(self).__name__} does not set `reuse_eval`.")

@@ -170,6 +170,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     fallback_steps: int = 5
     fallback_damping: float = 0.5
     forward_nfev: ClassVar[int] = 1
+    reuse_eval: ClassVar[str] = "z"
 
     def __post_init__(self) -> None:
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -194,8 +195,11 @@ class ImplicitAdjoint(AbstractAdjoint):
         z_req = z_star.detach().requires_grad_()
         with torch.enable_grad():
             fz = fn(z_req, *args)
-        if not _depends_on_more_than(fz, z_req):  # nothing else f uses requires grad
+        return self.apply_evaluated(z_req, fz, backward_stats)
+
+    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+        z_star = z_in.detach()
+        if not _depends_on_more_than(fz, z_in):  # nothing else f uses requires grad
             return z_star
-        payload = {"z_star": z_star.detach(), "z_req": z_req, "adjoint": self,
-                   "stats": backward_stats}
+        payload = {"z_star": z_star, "z_req": z_in, "adjoint": self, "stats": backward_stats}
         return _Implicit.apply(fz, payload)

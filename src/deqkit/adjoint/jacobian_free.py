@@ -36,6 +36,7 @@ class JacobianFreeAdjoint(AbstractAdjoint):
     """
 
     forward_nfev: ClassVar[int] = 1
+    reuse_eval: ClassVar[str] = "params"
 
     def apply(
         self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
@@ -43,7 +44,10 @@ class JacobianFreeAdjoint(AbstractAdjoint):
         z = z_star.detach()
         with torch.enable_grad():
             fz = fn(z, *args)
-        return z + (fz - fz.detach())
+        return self.apply_evaluated(z, fz, backward_stats)
+
+    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+        return z_in.detach() + (fz - fz.detach())
 
 
 @dataclasses.dataclass(frozen=True)

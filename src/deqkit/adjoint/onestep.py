@@ -40,7 +40,10 @@ class OneStepAdjoint(AbstractAdjoint):
     gradient of :math:`f(\hat z)`, the value and the gradient belong to the same function, so
     the gradient is exact for what the loss sees even when the training solve is short and
     :math:`\hat z` is only near the equilibrium. At an equilibrium both coincide. Memory: one
-    graph of ``f``; cost: one differentiable evaluation of ``f``.
+    graph of ``f``; cost: one differentiable evaluation of ``f``, none when the solve runs to
+    its step budget and returns its last iterate (the typical short training solve): the
+    driver then evaluates :math:`f(\hat z)` under autograd once, for its residual check and
+    for this adjoint alike.
 
     ``residual_weight`` :math:`\lambda > 0` adds :math:`\lambda\,\overline{r^2}` to the
     objective, with :math:`r_b = \|f(\hat z_b) - \hat z_b\| / \|f(\hat z_b)\|` the relative
@@ -72,6 +75,7 @@ class OneStepAdjoint(AbstractAdjoint):
 
     residual_weight: float = 1.0
     forward_nfev: ClassVar[int] = 1
+    reuse_eval: ClassVar[str] = "params"
 
     def __post_init__(self) -> None:
         w = self.residual_weight
@@ -86,6 +90,10 @@ class OneStepAdjoint(AbstractAdjoint):
         z = z_star.detach()
         with torch.enable_grad():
             fz = fn(z, *args)
+        return self.apply_evaluated(z, fz, backward_stats)
+
+    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+        z = z_in.detach()
         if self.residual_weight > 0 and fz.requires_grad:
             tiny = torch.finfo(fz.dtype).tiny
             rel2 = (fz - z).square().sum(1) / fz.detach().square().sum(1).clamp_min(tiny)
