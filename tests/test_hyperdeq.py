@@ -79,6 +79,32 @@ def test_untrained_matches_anderson_damped():
     assert torch.allclose(a.value, b.value, atol=1e-9)
 
 
+def test_no_update_network_is_anderson_without_parameters():
+    """hidden=None: no update network (fewer parameters), exactly the least-squares weights
+    with damping beta_init, so the same steps as dk.Anderson; it still trains (the
+    initialiser) and converges tightly."""
+    f = tanh_map()
+    x = torch.randn(3, 6, dtype=F64)
+    hyp = HyperAnderson((6,), rtol=1e-10, atol=0, beta_init=0.7, hidden=None,
+                        safeguard=None).double()
+    full = HyperAnderson((6,), rtol=1e-10, atol=0, beta_init=0.7)
+    assert hyp.update_net is None and hyp.compress is None
+    n_upd = sum(p.numel() for p in [*full.update_net.parameters(), *full.compress.parameters()])
+    assert sum(p.numel() for p in hyp.parameters()) == (
+        sum(p.numel() for p in full.parameters()) - n_upd
+    )
+    a = dk.fixed_point(f, torch.zeros_like(x), solver=hyp, args=(x,))
+    b = dk.fixed_point(f, torch.zeros_like(x), solver=dk.Anderson(rtol=1e-10, atol=0, beta=0.7),
+                       args=(x,))
+    assert a.result is dk.RESULTS.successful
+    assert torch.equal(a.stats["nstep"], b.stats["nstep"])
+    assert torch.allclose(a.value, b.value, atol=1e-9)
+    cell = Cell()
+    solver = HyperAnderson((6,), rtol=1e-5, hidden=None)
+    out = train_hyper_solver(cell, [torch.randn(8, 6)], solver, steps=2, k=3)
+    assert out["parameters"] == sum(p.numel() for p in solver.init_map.parameters())
+
+
 def test_compaction_per_sample_stopping():
     f = tanh_map()
     # Very different scales: samples stop at different steps and drop out of the batch.
@@ -228,6 +254,39 @@ def test_conv_initialiser_pretraining_fits_equilibria():
         pretrain_initialiser(cell, data, solver, steps=1, cell_steps=-1)
 
 
+def test_separable_initialiser_is_small_and_fits():
+    """init_separable: depthwise 3x3 + 1x1 per layer (a fraction of the full 3x3's
+    parameters), and pretraining still fits the equilibria."""
+    torch.manual_seed(0)
+    cell = ConvCell(4).eval()
+    data = [torch.randn(8, 4, 5, 5) for _ in range(2)]
+    kw = {"init_layers": 2, "init_hidden": 8, "init_groups": 2}
+    sep = HyperAnderson((4, 5, 5), rtol=1e-6, atol=0, init_separable=True, **kw)
+    full = HyperAnderson((4, 5, 5), rtol=1e-6, atol=0, **kw)
+    convs = [mod for mod in sep.init_map if isinstance(mod, nn.Conv2d)]
+    assert [c.groups for c in convs] == [4, 1, 8, 1, 1]
+    assert [c.kernel_size for c in convs] == [(3, 3), (1, 1), (3, 3), (1, 1), (1, 1)]
+    n_sep = sum(p.numel() for p in sep.init_map.parameters())
+    n_full = sum(p.numel() for p in full.init_map.parameters())
+    # depthwise 4*9+4, 4->8 (40), GN 16; depthwise 8*9+8, 8->8 (72), GN 16; 8->4 (36), GN 8
+    assert n_sep == 40 + 40 + 16 + 80 + 72 + 16 + 36 + 8 < n_full / 2
+    u = torch.cat(data)
+    with torch.no_grad():
+        ref = dk.fixed_point(cell, torch.zeros_like(u), solver=dk.Anderson(rtol=1e-5, atol=0),
+                             args=(u,), max_steps=100).value
+
+    def rel_err():
+        with torch.no_grad():
+            z1 = cell(sep.initial_state(u), u)
+        return float(((z1 - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).mean())
+
+    e0 = rel_err()
+    pretrain_initialiser(cell, data, sep, steps=80, lr=1e-2, cell_steps=1)
+    assert rel_err() < 0.6 * e0
+    vec = HyperAnderson((6,), init_layers=1, init_hidden=4, init_separable=True)
+    assert [mod.kernel_size for mod in vec.init_map if isinstance(mod, nn.Conv1d)] == [(1,), (1,)]
+
+
 def test_pretraining_through_the_cell_fits_the_first_step():
     """cell_steps=1 fits f(z0) (the solve's first plain step) to z*; the cell gets no grad."""
     torch.manual_seed(1)
@@ -295,6 +354,64 @@ def test_preconditioner_cuts_f_evals_on_relu_groupnorm_cell():
     assert torch.allclose(a.value, b.value, atol=1e-4)
 
 
+def test_groupnorm_projection_spares_the_floor_distance_direction():
+    """precondition_groups: per group, the residual along the distance-from-floor h passes
+    unscaled, the active part orthogonal to it gets the gain 1/(1 - kappa), the inactive
+    part is unchanged; without groups every active entry gets the gain."""
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, 5, 5, dtype=F64)
+    weight = torch.tensor([1.5, -0.7, 0.3, -2.0], dtype=F64)
+    fz = torch.nn.functional.group_norm(torch.relu(a), 2, weight, torch.randn(4, dtype=F64))
+    fz = fz.flatten(1)
+    kappa = 0.6
+    proj = HyperAnderson((4, 5, 5), precondition=kappa, precondition_groups=2).double()
+    plain = HyperAnderson((4, 5, 5), precondition=kappa).double()
+    act, h = proj._floor_distance(fz)
+    assert torch.equal(act.bool(), (a > 0).flatten(2))
+    y = torch.relu(a).flatten(2)  # h = |gamma_c| y / sigma_group (GroupNorm eps 1e-5)
+    sigma = y.reshape(3, 2, -1).var(2, unbiased=False).add(1e-5).sqrt()
+    assert torch.allclose(
+        h, y * weight.abs().view(1, 4, 1) / sigma.repeat_interleave(2, 1).unsqueeze(2),
+        atol=1e-9,
+    )
+    r = torch.randn_like(fz)
+    absr = r.norm(dim=1)
+    hg = h.reshape(3, 2, -1)
+    x = (act * r.view(3, 4, 25)).reshape(3, 2, -1)
+    coef = (x * hg).sum(2, keepdim=True) / (hg * hg).sum(2, keepdim=True)
+    ortho = (x - coef * hg).reshape(3, -1)
+    along = (coef * hg).reshape(3, -1)
+    rest = r - ortho - along  # inactive part
+    with torch.no_grad():
+        out = proj._precondition(fz, r, absr, 3)
+        out_plain = plain._precondition(fz, r, absr, 3)
+    gain = 1 / (1 - kappa)
+    assert torch.allclose(out, rest + along + gain * ortho, atol=1e-9)
+    assert torch.allclose(out_plain, rest + gain * (along + ortho), atol=1e-9)
+    with torch.no_grad():  # the h direction itself is a fixed point of the scaling
+        hr = h.reshape(3, -1)
+        assert torch.allclose(proj._precondition(fz, hr, hr.norm(dim=1), 3), hr, atol=1e-9)
+
+
+def test_groupnorm_projection_cuts_f_evals_on_relu_groupnorm_cell():
+    """On the ConvDEQ block (ReLU then GroupNorm) the projection needs fewer f evaluations
+    than the plain gain, and reaches the same fixed point."""
+    cell = relu_gn_cell()
+    u = torch.randn(6, 8, 6, 6)
+    out = {}
+    for groups in (None, 2):
+        hyp = HyperAnderson((8, 6, 6), rtol=1e-6, atol=0, precondition=0.6, beta_init=1.0,
+                            beta_max=2.0, safeguard=2.0, hidden=None,
+                            precondition_groups=groups)
+        with torch.no_grad():
+            out[groups] = dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,),
+                                         max_steps=100)
+        assert out[groups].result is dk.RESULTS.successful
+    nfev = {g: float((o.stats["nstep"] + 1).double().mean()) for g, o in out.items()}
+    assert nfev[2] <= 0.9 * nfev[None]
+    assert torch.allclose(out[2].value, out[None].value, atol=1e-4)
+
+
 def test_solve_does_not_depend_on_the_step_budget():
     """The networks' step feature is budget-free: a trained solver behaves the same under
     ``max_steps=k`` unrolled training and a larger inference budget."""
@@ -348,6 +465,8 @@ def test_tolerance_loss_trains_the_preconditioner():
         ({"precondition": -0.1}, "precondition"),
         ({"precondition": True}, "precondition"),
         ({"precondition_hidden": 0}, "precondition_hidden"),
+        ({"precondition": 0.5, "precondition_groups": 3}, "precondition_groups"),
+        ({"precondition": 0.5, "precondition_groups": 0}, "precondition_groups"),
         ({"beta_max": 0.0}, "beta_max"),
         ({"beta_init": 1.5, "beta_max": 1.0}, "beta_init"),
     ],
