@@ -210,3 +210,91 @@ def test_model_preset_fills_only_unset_keys(tmp_path, monkeypatch):
     assert (cfg.adjoint, cfg.lr, cfg.solver) == ("implicit", 3e-3, "picard")
     main(["train", "--model", "conv_deq", "--out", str(tmp_path / "c")])
     assert seen.pop("cfg").adjoint == "implicit"  # other models: the plain defaults
+
+
+def test_ema_weights_are_evaluated_and_equal_the_hand_computed_average(tmp_path, monkeypatch):
+    """`ema=d`: after optimiser step t the average is w_1 (t = 1), then d*avg + (1-d)*w_t;
+    validation and test run on the average, training goes on from the raw weights, and the
+    checkpoint holds both (so `deqkit eval` scores the average)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import deqkit.cli._train as tr
+
+    decay = 0.5  # far from 1, so the average differs clearly from the last weights
+    steps: list[dict[int, torch.Tensor]] = []  # raw parameters after every optimiser step
+    handle = register_optimizer_step_post_hook(
+        lambda opt, args, kwargs: steps.append(
+            {id(p): p.detach().clone().double() for g in opt.param_groups for p in g["params"]}))
+    seen = []  # (optimiser steps so far, parameters the evaluation saw)
+    real_evaluate = tr.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen.append((len(steps), {n: (id(p), p.detach().clone().double())
+                                  for n, p in model.named_parameters()}))
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(tr, "evaluate", spy)
+    try:
+        summary = train(_cfg(tmp_path, "ema", ema=decay), log=lambda *_: None)
+    finally:
+        handle.remove()
+    assert len(steps) == 8  # 256 samples / batch 64 x 2 epochs
+    assert [n for n, _ in seen] == [4, 8, 8]  # val after each epoch, then test
+
+    def average(t):
+        avg = dict(steps[0])
+        for w in steps[1:t]:
+            avg = {k: decay * avg[k] + (1 - decay) * w[k] for k in avg}
+        return avg
+
+    for t, params in seen:
+        avg = average(t)
+        for name, (pid, value) in params.items():
+            torch.testing.assert_close(value, avg[pid], rtol=0, atol=1e-6, msg=name)
+        # the average, not the last weights
+        assert max(float((v - steps[t - 1][pid]).abs().max()) for pid, v in params.values()) \
+            > 1e-3
+    ckpt = load_checkpoint(str(tmp_path / "ema" / "last.pt"))
+    assert ckpt["ema"]["n_averaged"] == 8 and ckpt["ema"]["decay"] == decay
+    last = seen[-1][1]
+    for name, value in ckpt["model"].items():  # raw weights restored after evaluation
+        if name in last:
+            torch.testing.assert_close(value.double(), steps[-1][last[name][0]], rtol=0, atol=0)
+            torch.testing.assert_close(ckpt["ema"]["params"][name].double(), last[name][1],
+                                       rtol=0, atol=1e-6)
+    monkeypatch.setattr(tr, "evaluate", real_evaluate)
+    assert tr.eval_checkpoint(str(tmp_path / "ema" / "last.pt"),
+                              log=lambda *_: None)["acc"] == summary["test_acc"]
+    assert summary["train_cpu_time"] > 0 and "train_cpu_time" in ckpt["history"][0]
+
+
+def test_ema_resume_equals_uninterrupted(tmp_path):
+    kw = dict(epochs=3, ema=0.9)
+    full = train(_cfg(tmp_path, "full", **kw), log=lambda *_: None)
+    part = _cfg(tmp_path, "part", **kw)
+    train(part, stop_after=1, log=lambda *_: None)
+    assert load_checkpoint(str(tmp_path / "part" / "last.pt"))["ema"]["n_averaged"] == 4
+    resumed = train(part, resume=True, log=lambda *_: None)
+    assert resumed["test_acc"] == full["test_acc"]
+    assert resumed["test_loss"] == full["test_loss"]
+    assert _strip_times(_records(tmp_path / "full" / "metrics.jsonl")) == \
+        _strip_times(_records(tmp_path / "part" / "metrics.jsonl"))
+    a = load_checkpoint(str(tmp_path / "full" / "last.pt"))["ema"]
+    b = load_checkpoint(str(tmp_path / "part" / "last.pt"))["ema"]
+    assert a["n_averaged"] == b["n_averaged"] == 12
+    for name, value in a["params"].items():
+        torch.testing.assert_close(b["params"][name], value, rtol=0, atol=0)
+
+
+def test_ema_rejected_values(tmp_path, capsys):
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"config `ema` = {bad!r} is invalid: .*--ema"):
+            _cfg(tmp_path, "a", ema=bad)
+    with pytest.raises(ValueError, match="`ema` = 'x'"):
+        _cfg(tmp_path, "a", ema="x")
+    assert main(["train", "--ema", "1", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "`ema` = 1.0 is invalid" in err and "[0, 1)" in err
+    cfg = tmp_path / "e.toml"
+    cfg.write_text("ema = 0.995\n")
+    assert from_mapping(load_file(str(cfg))).ema == 0.995

@@ -111,6 +111,9 @@ _TRAIN_FLAGS = {
     "--seed": ("seed", int, "random seed (default 0)"),
     "--label-smoothing": ("label_smoothing", float, "label smoothing (default 0)"),
     "--augment-shift": ("augment_shift", int, "random roll of signals/images by up to N"),
+    "--ema": ("ema", float, "exponential moving average of the weights with this decay "
+              "(e.g. 0.99), updated after every optimiser step and used for validation, test, "
+              "best.pt and `deqkit eval`; 0 = off (default)"),
     "--threads": ("threads", int, "torch intra-op threads (default 1)"),
     "--device": ("device", str, "auto | cpu | cuda | cuda:N (default auto: CUDA if present)"),
     "--precision": ("precision", str, "fp32 | bf16 | fp16 autocast (fp16 uses a GradScaler)"),

@@ -37,6 +37,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
     augment_shift: int = 0
+    ema: float = 0.0
     seed: int = 0
     threads: int | None = 1
     device: str = "auto"
@@ -142,6 +143,11 @@ def validate(cfg: TrainConfig) -> None:
     number("lr", 0.0, open_lo=True)
     number("weight_decay", 0.0)
     number("label_smoothing", 0.0, 1.0)
+    if isinstance(cfg.ema, (int, float)) and not isinstance(cfg.ema, bool) \
+            and not 0.0 <= cfg.ema < 1.0:
+        _fail("ema", cfg.ema, "expected a decay in [0, 1) (flag --ema), e.g. 0.99 (an average "
+              "over about 1/(1 - decay) = 100 optimiser steps), or 0 for no weight averaging")
+    number("ema", 0.0, 1.0)
     number("rtol", 0.0)
     number("atol", 0.0)
     if cfg.rtol == 0 and cfg.atol == 0:

@@ -209,6 +209,83 @@ def _evaluate_distributed(model: nn.Module, dataset: Any, batch_size: int, text:
     return res
 
 
+# ----------------------------------------------------------------------------- weight EMA
+
+
+class WeightEMA:
+    r"""Exponential moving average of a model's floating-point parameters.
+
+    After the ``t``-th :meth:`update` (one per optimiser step) the average is
+
+    .. math:: \bar w_1 = w_1, \qquad \bar w_t = d\,\bar w_{t-1} + (1 - d)\,w_t,
+
+    the rule of ``torch.optim.swa_utils.AveragedModel`` with ``get_ema_multi_avg_fn(d)`` (whose
+    update function is used here). Unlike ``AveragedModel`` no copy of the module is kept:
+    only the averaged tensors, by parameter name, and :meth:`applied` swaps them into the
+    model for evaluation. So buffers (dropout masks, spectral-norm vectors) stay the model's
+    own, and the averaged tensors go into checkpoints as plain tensors
+    (:meth:`state_dict`), which makes ``--resume`` continue the average exactly.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        self.decay = float(decay)
+        self.names = [n for n, p in model.named_parameters() if p.is_floating_point()]
+        self.params = {n: p.detach().clone() for n, p in model.named_parameters()
+                       if n in self.names}
+        self.n_averaged = 0
+        self._avg = get_ema_multi_avg_fn(self.decay)
+
+    def _model_params(self, model: nn.Module) -> list[Tensor]:
+        named = dict(model.named_parameters())
+        return [named[n].detach() for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold the model's current parameters into the average (the first call copies)."""
+        current = self._model_params(model)
+        avg = [self.params[n] for n in self.names]
+        if self.n_averaged == 0:
+            torch._foreach_copy_(avg, current)
+        else:
+            self._avg(avg, current, self.n_averaged)
+        self.n_averaged += 1
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module) -> Any:
+        """Within the block the model holds the averaged parameters (restored afterwards)."""
+        if self.n_averaged == 0:
+            yield model
+            return
+        current = self._model_params(model)
+        saved = [p.clone() for p in current]
+        with torch.no_grad():
+            torch._foreach_copy_(current, [self.params[n] for n in self.names])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(current, saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "n_averaged": self.n_averaged,
+                "params": {n: t.clone() for n, t in self.params.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.names) - set(state["params"])
+        if missing:
+            raise ValueError(f"the checkpoint's weight average lacks {sorted(missing)}.")
+        with torch.no_grad():
+            for n in self.names:
+                self.params[n].copy_(state["params"][n])
+        self.n_averaged = int(state["n_averaged"])
+
+
+def _maybe_ema(ema: WeightEMA | None, model: nn.Module) -> Any:
+    return ema.applied(model) if ema is not None else contextlib.nullcontext(model)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -392,8 +469,11 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
+    ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
@@ -425,6 +505,9 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
                                         base_seed=cfg.seed * 100_003)
         sampler.check_nonempty("training set")
     train_time = float(ckpt.get("train_time", 0.0)) if ckpt is not None else 0.0
+    # process CPU seconds of the training epochs: unlike the wall-clock train_time it is
+    # not inflated when other processes compete for the cores
+    train_cpu_time = float(ckpt.get("train_cpu_time", 0.0)) if ckpt is not None else 0.0
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     for epoch in range(start_epoch, last_epoch):
         coin = None
@@ -444,7 +527,7 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
                                                  shuffle=True, generator=gen)
             batches = ((xy, None) for xy in loader)
         model.train()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_sum, correct, seen, nb = 0.0, 0, 0, 0
         rows: list[dict[str, float]] = []
         counts: list[int] = []
@@ -476,6 +559,8 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
             scaler.step(opt)
             scaler.update()
             sched.step()
+            if ema is not None:
+                ema.update(core)
             n = y.numel()
             loss_sum += float(loss.detach()) * n
             correct += c
@@ -515,15 +600,19 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
             for k, v in row.items():
                 agg[k] = agg.get(k, 0.0) + v
         epoch_time = time.perf_counter() - t0
-        if dist_on:  # the slowest rank's time, the same on every rank
-            epoch_time = float(env.all_reduce(torch.tensor([epoch_time], dtype=torch.float64),
-                                              "max")[0])
+        epoch_cpu = time.process_time() - c0
+        if dist_on:  # the slowest rank's times, the same on every rank
+            t = env.all_reduce(torch.tensor([epoch_time, epoch_cpu], dtype=torch.float64), "max")
+            epoch_time, epoch_cpu = float(t[0]), float(t[1])
         train_time += epoch_time
+        train_cpu_time += epoch_cpu
         train_metrics = {"loss": loss_sum / seen, "acc": correct / seen,
                          **{k: v / nb for k, v in agg.items()}}
-        val = evaluate(core, splits.val, cfg.batch_size, text, env=env,
-                       precision=cfg.precision)
+        with _maybe_ema(ema, core):
+            val = evaluate(core, splits.val, cfg.batch_size, text, env=env,
+                           precision=cfg.precision)
         record = {"epoch": epoch + 1, "time": epoch_time, "train_time": train_time,
+                  "cpu_time": epoch_cpu, "train_cpu_time": train_cpu_time,
                   **{f"train_{k}": v for k, v in train_metrics.items()},
                   **{f"val_{k}": v for k, v in val.items()}}
         history.append(record)
@@ -538,7 +627,10 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
             state = {"config": cfg.to_dict(), "model": core.state_dict(),
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch + 1, "history": history, "train_time": train_time,
+                     "train_cpu_time": train_cpu_time,
                      "best_val": max(best_val, val["acc"]), "scaler": scaler.state_dict()}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
             _atomic_save(state, ckpt_path)
             if val["acc"] > best_val:
                 _atomic_save(state, os.path.join(run_dir, BEST))
@@ -551,11 +643,13 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
 
     done = len(history) >= cfg.epochs
     summary: dict[str, Any] = {"run_dir": run_dir, "epochs": len(history),
-                               "train_time": train_time, "complete": done,
+                               "train_time": train_time, "train_cpu_time": train_cpu_time,
+                               "complete": done,
                                "parameters": n_params}
     if done:
-        test = evaluate(core, splits.test, cfg.batch_size, text, env=env,
-                        precision=cfg.precision)
+        with _maybe_ema(ema, core):
+            test = evaluate(core, splits.test, cfg.batch_size, text, env=env,
+                            precision=cfg.precision)
         summary.update({f"test_{k}": v for k, v in test.items()})
         if history:
             summary["final_val_acc"] = history[-1]["val_acc"]
@@ -565,12 +659,13 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
             if cfg.plots and deq is not None:
                 from ._plots import plot_residual_traces
 
-                plot_model = core
-                if device.type != "cpu":
-                    import copy
+                with _maybe_ema(ema, core):
+                    plot_model = core
+                    if device.type != "cpu":
+                        import copy
 
-                    plot_model = copy.deepcopy(core).cpu()
-                plot_residual_traces(plot_model, splits.test, run_dir)
+                        plot_model = copy.deepcopy(core).cpu()
+                    plot_residual_traces(plot_model, splits.test, run_dir)
         log(_summary_table(summary))
     return summary
 
@@ -600,6 +695,13 @@ def eval_checkpoint(path: str, *, max_steps: int | None = None, split: str = "te
         validate(cfg)
     model = build_model(cfg, splits.spec).to(resolve_device(cfg.device))
     model.load_state_dict(ckpt["model"])
+    if "ema" in ckpt:  # a run trained with --ema is evaluated with its averaged weights
+        ema = WeightEMA(model, float(ckpt["ema"]["decay"]))
+        ema.load_state_dict(ckpt["ema"])
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for n, t in ema.params.items():
+                named[n].copy_(t)
     if max_steps is not None and hasattr(getattr(model, "deq", None), "eval_max_steps"):
         model.deq.eval_max_steps = max_steps
     if split not in ("train", "val", "test"):
