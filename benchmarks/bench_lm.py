@@ -43,16 +43,19 @@ with short training solves made the cell non-contractive (relative residual near
 ``--deq-lr`` defaults to 1e-2.
 
 Where it stands (``benchmarks/results/bench_lm.json``, seed 0; seed 1 in brackets, test bpc):
-DEQ (one-step) 2.518 [2.515], explicit L=1 2.445 [2.440], L=2 2.404 [2.433], L=4 2.427 [2.409].
-The DEQ is 0.08 to 0.11 bpc behind every explicit depth at equal CPU time, so the bpc half of
-the target is NOT met; the memory half is: saved-for-backward 0.60x (L=2) and 0.32x (L=4),
-training-step peak 0.66x / 0.37x (the L=1 block, same parameters, needs 0.94x / 0.90x of the
-DEQ's). Earlier recipe (Anderson 20 steps, implicit GMRES adjoint, lr 3e-3): 3.24 test bpc at
-0.57x / 1.54x of L=2's saved / peak memory. Why the gap remains: at this budget (~3,000 steps)
-depth barely pays (L=1 is within 0.04 bpc of L=2 and L=4), the contractive DEQ cell (needed so
-that a one-step training solve matches the evaluated fixed point) learns per step about like one
-block, and a DEQ step costs 1.4-1.5x an L=1 step (two cell evaluations without graph, one with;
-one of the two is the driver's residual check of the last iterate).
+DEQ (one-step) 2.469 [2.476], explicit L=1 2.441 [2.437], L=2 2.414 [2.438], L=4 2.400 [2.412].
+The DEQ is 0.03-0.04 bpc behind L=1 (validation: 0.01-0.03) and 0.04-0.07 behind L=2 and L=4 at
+equal CPU time, so the bpc half of the target is NOT met; the memory half is: saved-for-backward
+0.60x (L=2) and 0.32x (L=4), training-step peak 0.66x / 0.36x (the L=1 block, same parameters,
+needs 0.91x the DEQ's peak and 0.95x its saved bytes). Before the driver passed its last
+evaluation to the adjoint (one cell evaluation less per step: 25.1 -> 21.1 ms per step, 3587 ->
+4272 steps in the budget) the DEQ was at 2.518 [2.515]; the earlier recipe (Anderson 20 steps,
+implicit GMRES adjoint, lr 3e-3) at 3.24. Why the gap remains: at this budget (~3,000- 6,000
+steps) depth barely pays (L=1 is within 0.03-0.04 bpc of L=2 and L=4), the contractive DEQ cell
+(needed so that a one-step training solve matches the evaluated fixed point) learns per step
+about like one block, and a DEQ step still costs 1.2-1.4x an L=1 step (one cell evaluation
+without graph from z = 0, then the one-step adjoint's evaluation with graph, which is also the
+driver's residual check).
 
 Evaluation: bits per character = summed cross-entropy / ln 2 / number of predicted characters,
 over all (input, target) blocks of the validation and test splits (model.eval(), the DEQ at
