@@ -50,7 +50,7 @@ equal CPU time, so the bpc half of the target is NOT met; the memory half is: sa
 needs 0.91x the DEQ's peak and 0.95x its saved bytes). Before the driver passed its last
 evaluation to the adjoint (one cell evaluation less per step: 25.1 -> 21.1 ms per step, 3587 ->
 4272 steps in the budget) the DEQ was at 2.518 [2.515]; the earlier recipe (Anderson 20 steps,
-implicit GMRES adjoint, lr 3e-3) at 3.24. Why the gap remains: at this budget (~3,000- 6,000
+implicit GMRES adjoint, lr 3e-3) at 3.24. Why the gap remains: at this budget (~3,000-6,000
 steps) depth barely pays (L=1 is within 0.03-0.04 bpc of L=2 and L=4), the contractive DEQ cell
 (needed so that a one-step training solve matches the evaluated fixed point) learns per step
 about like one block, and a DEQ step still costs 1.2-1.4x an L=1 step (one cell evaluation
