@@ -15,7 +15,11 @@ Two measurements:
    weak reference to each saved storage, which gives both the total saved during the forward
    pass and the part still held when backward starts (the main table). It does not see
    tensors an autograd.Function keeps as plain ``ctx`` attributes (deqkit's ImplicitAdjoint
-   keeps z* that way: one (B, D) tensor, 128 KiB here).
+   keeps z* that way: one (B, D) tensor, 128 KiB here). The implicit, JFB and one-step
+   adjoints take the graph of the driver's evaluation at ``max_steps`` when every returned
+   value is that last iterate; here, from 16 steps on, some samples' lowest residual (float32
+   plateau) is not at the last step, so that graph is dropped and the adjoint evaluates f
+   again: a second, transient graph in the "all storages" table (the held table is flat).
 2. Peak RSS delta (noisy): each configuration runs in a fresh subprocess with
    MALLOC_MMAP_THRESHOLD_=65536 (large blocks go back to the OS when freed); after a warm-up
    step the peak (VmHWM) is reset through /proc/self/clear_refs, and the reported value is

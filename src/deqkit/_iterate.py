@@ -184,7 +184,9 @@ def iterate(
         z = z_next
         if fz_next is not None:
             fz = fz_next
-        elif grad_last and k + 1 == max_steps:
+        elif grad_last and k + 1 == max_steps and not stopped_early:
+            # (after an early stop the adjoint evaluates f itself anyway: no graph here). The
+            # graph saves what f's intermediates take during any step: no new memory peak.
             fz = call_last(z)
         else:
             fz = call(z)
