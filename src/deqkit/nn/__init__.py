@@ -1,5 +1,6 @@
 """Neural-network modules built on the deqkit core."""
 
+from ._cache import FixedPointCache as FixedPointCache
 from ._deq import DEQ as DEQ
 from ._deq import DEQWarning as DEQWarning
 from ._dropout import VariationalDropout as VariationalDropout
