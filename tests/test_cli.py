@@ -298,3 +298,33 @@ def test_ema_rejected_values(tmp_path, capsys):
     cfg = tmp_path / "e.toml"
     cfg.write_text("ema = 0.995\n")
     assert from_mapping(load_file(str(cfg))).ema == 0.995
+
+
+def test_warm_start_fewer_steps_and_exact_resume(tmp_path):
+    # deq_mlp at a tight tolerance so that the training solves take many steps from zero
+    kw = dict(epochs=3, warm_start=True, rtol=1e-5, max_steps=30, lr=1e-3)
+    full = train(_cfg(tmp_path, "full", **kw), log=lambda *_: None)
+    cold = train(_cfg(tmp_path, "cold", **{**kw, "warm_start": False}), log=lambda *_: None)
+    warm_recs = _records(tmp_path / "full" / "metrics.jsonl")
+    cold_recs = _records(tmp_path / "cold" / "metrics.jsonl")
+    # epoch 1 starts cold either way; later epochs start from the stored equilibria
+    # (8.3 vs 11.1 steps per sample here)
+    assert warm_recs[2]["train_fwd_steps"] < 0.85 * cold_recs[2]["train_fwd_steps"]
+    ckpt = load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    assert int(ckpt["warm_start"]["seen"].sum()) > 0
+    assert "warm_start" not in load_checkpoint(str(tmp_path / "full" / "best.pt"))
+    part = _cfg(tmp_path, "part", **kw)
+    train(part, stop_after=1, log=lambda *_: None)
+    resumed = train(part, resume=True, log=lambda *_: None)
+    assert resumed["test_loss"] == full["test_loss"]
+    assert _strip_times(_records(tmp_path / "full" / "metrics.jsonl")) == \
+        _strip_times(_records(tmp_path / "part" / "metrics.jsonl"))
+    assert full["complete"] and cold["complete"] and resumed["test_acc"] == full["test_acc"]
+
+
+def test_warm_start_rejected_without_a_deq(tmp_path, capsys):
+    with pytest.raises(ValueError, match="no DEQ layer to warm-start"):
+        train(_cfg(tmp_path, "r", model="resnet_mlp", warm_start=True, model_args={}),
+              log=lambda *_: None)
+    with pytest.raises(ValueError, match="`warm_start` = 'yes'"):
+        _cfg(tmp_path, "r2", warm_start="yes")

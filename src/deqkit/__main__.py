@@ -160,6 +160,8 @@ def _train_cmd(args: argparse.Namespace) -> int:
         values["progress"] = False
     if args.no_plots:
         values["plots"] = False
+    if args.warm_start:
+        values["warm_start"] = True
     if not args.resume:  # a resumed run keeps its recorded config
         values = with_model_preset(values)
     cfg = from_mapping(values, source=args.config or "command line")
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    tr.add_argument("--warm-start", action="store_true",
+                    help="start each training solve from the sample's equilibrium of the last "
+                    "epoch (dk.nn.FixedPointCache; single process; saved in warm_start.pt)")
     tr.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     tr.set_defaults(func=_train_cmd)
     ev = sub.add_parser("eval", help="evaluate a checkpoint (test metrics, solver statistics)")

@@ -38,6 +38,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment_shift: int = 0
     ema: float = 0.0
+    warm_start: bool = False
     seed: int = 0
     threads: int | None = 1
     device: str = "auto"
@@ -167,7 +168,7 @@ def validate(cfg: TrainConfig) -> None:
     choice("precision", PRECISIONS)
     if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
         _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    for key in ("progress", "plots"):
+    for key in ("progress", "plots", "warm_start"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "expected true or false")
 

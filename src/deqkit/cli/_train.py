@@ -497,6 +497,23 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
            "per step)" if dist_on else ""))
     core = model  # the plain module: checkpoints, solver statistics, regulariser, plots
     deq = getattr(core, "deq", None)
+    warm_cache = None
+    if cfg.warm_start:
+        if deq is None or not hasattr(deq, "warm_start"):
+            raise ValueError(
+                f"warm_start: model {cfg.model!r} has no DEQ layer to warm-start; use a DEQ "
+                "model (e.g. conv_deq) or drop --warm-start."
+            )
+        if dist_on:
+            raise ValueError(
+                "warm_start: --warm-start works in single-process training only (each "
+                "process would keep its own cache); drop it under torchrun."
+            )
+        from ..nn import FixedPointCache
+
+        warm_cache = FixedPointCache(len(splits.train))
+        if ckpt is not None and ckpt.get("warm_start") is not None:
+            warm_cache.load_state_dict(ckpt["warm_start"])
     sampler = None
     if dist_on:
         model = dd.wrap_model(model, env)
@@ -518,14 +535,19 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
             # in a step is drawn from a generator shared by all ranks, so they agree.
             torch.manual_seed(cfg.seed * 100_019 + epoch + 1_000_003 * env.rank)
             coin = torch.Generator().manual_seed(cfg.seed * 100_043 + epoch)
-            batches: Iterable = ((dd.fetch(splits.train, idx), m)
+            batches: Iterable = ((dd.fetch(splits.train, idx), m, None)
                                  for idx, m in sampler.batches())
         else:
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
             torch.manual_seed(cfg.seed * 100_019 + epoch)
-            loader = torch.utils.data.DataLoader(splits.train, batch_size=cfg.batch_size,
-                                                 shuffle=True, generator=gen)
-            batches = ((xy, None) for xy in loader)
+            if warm_cache is not None:  # the sample ids of every batch: the cache's keys
+                perm = torch.randperm(len(splits.train), generator=gen)
+                batches = ((dd.fetch(splits.train, ids.tolist()), None, ids)
+                           for ids in perm.split(cfg.batch_size))
+            else:
+                loader = torch.utils.data.DataLoader(splits.train, batch_size=cfg.batch_size,
+                                                     shuffle=True, generator=gen)
+                batches = ((xy, None, None) for xy in loader)
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         loss_sum, correct, seen, nb = 0.0, 0, 0, 0
@@ -533,11 +555,13 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         counts: list[int] = []
         bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
                         cfg.progress and main)
-        for (x, y), global_n in bar:
+        for (x, y), global_n, ids in bar:
             x, y = x.to(device), y.to(device)
             if cfg.augment_shift and not text:
                 x = random_shift(x, cfg.augment_shift)
-            with autocast(device, cfg.precision):
+            warm = (deq.warm_start(warm_cache, ids) if warm_cache is not None and deq is not None
+                    else contextlib.nullcontext())
+            with autocast(device, cfg.precision), warm:
                 out = model(x)
                 loss, c = _loss_and_correct(out.float(), y, text, cfg.label_smoothing)
                 total = loss
@@ -631,9 +655,12 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
                      "best_val": max(best_val, val["acc"]), "scaler": scaler.state_dict()}
             if ema is not None:
                 state["ema"] = ema.state_dict()
+            best_state = dict(state)
+            if warm_cache is not None:  # in last.pt only: what --resume needs to be exact
+                state["warm_start"] = warm_cache.state_dict()
             _atomic_save(state, ckpt_path)
             if val["acc"] > best_val:
-                _atomic_save(state, os.path.join(run_dir, BEST))
+                _atomic_save(best_state, os.path.join(run_dir, BEST))
             if cfg.plots:
                 from ._plots import plot_history
 

@@ -138,6 +138,7 @@ class DEQ(nn.Module):
         self.fp_kwargs = kwargs
         self.last_solution: Solution | None = None
         self._last_call: tuple[tuple[Any, ...], Any] | None = None
+        self._warm: tuple[Any, torch.Tensor] | None = None
 
     def init_state(self, *inputs: Any) -> Any:
         """Initial guess: ``cell.init_state(*inputs)`` if the cell defines it, else zeros
@@ -152,9 +153,45 @@ class DEQ(nn.Module):
             )
         return torch.zeros_like(x)
 
+    @contextlib.contextmanager
+    def warm_start(self, cache: Any, ids: torch.Tensor) -> Any:
+        """Within the block, calls without ``z0`` start each sample ``ids[b]`` from its
+        equilibrium stored in ``cache`` (a :class:`~deqkit.nn.FixedPointCache`; the default
+        initial state where none is stored) and store their result back (converged samples
+        only, with the cache's default), so that a model calling this layer internally can
+        warm-start across epochs without changing its ``forward``.
+
+        Example:
+            >>> import torch, deqkit as dk
+            >>> layer = dk.nn.DEQ(lambda z, x: 0.5 * z + x,
+            ...                   solver=dk.Picard(rtol=1e-10, atol=0), max_steps=100)
+            >>> cache, x, ids = dk.nn.FixedPointCache(8), torch.ones(2, 3), torch.tensor([4, 6])
+            >>> with layer.warm_start(cache, ids):
+            ...     _ = layer(x)  # cold: nothing stored yet
+            >>> with layer.warm_start(cache, ids):
+            ...     z = layer(x)  # starts at the stored equilibrium
+            >>> int(layer.last_solution.stats["nstep"].max()), torch.allclose(z, 2 * x)
+            (0, True)
+        """
+        from ._cache import FixedPointCache
+
+        if not isinstance(cache, FixedPointCache):
+            raise TypeError(
+                f"DEQ.warm_start: `cache` must be a dk.nn.FixedPointCache, got "
+                f"{type(cache).__name__}."
+            )
+        previous, self._warm = self._warm, (cache, ids)
+        try:
+            yield self
+        finally:
+            self._warm = previous
+
     def forward(self, *inputs: Any, z0: Any = None) -> Any:
+        warm = self._warm if z0 is None else None
         if z0 is None:
             z0 = self.init_state(*inputs)
+        if warm is not None:
+            z0 = warm[0].initial(warm[1], z0)
         max_steps = self.max_steps if self.training else self.eval_max_steps
         cm = parametrization_cache(self.cell)
         with cm:
@@ -173,6 +210,8 @@ class DEQ(nn.Module):
             )
         self.last_solution = sol
         self._last_call = (tuple(inputs), sol.value)
+        if warm is not None:
+            warm[0].update(warm[1], sol.value, converged=sol.stats["converged"])
         if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
             warnings.warn(
                 f"DEQ forward: {sol.summary()}. {sol.result.message}", DEQWarning, stacklevel=2
