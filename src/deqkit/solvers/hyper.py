@@ -256,13 +256,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             raise ValueError(f"{_OWNER}: `init_layers` must be an int >= 0, got {init_layers!r}.")
         if init_layers and init_hidden is None:
             raise ValueError(f"{_OWNER}: `init_layers` > 0 needs `init_hidden` (the width).")
-        if init_groups is not None:
-            check_positive_int(_OWNER, "init_groups", init_groups)
-            if shape[0] % init_groups:
-                raise ValueError(
-                    f"{_OWNER}: `init_groups` ({init_groups}) must divide the state channels "
-                    f"({shape[0]})."
-                )
+        _check_groups("init_groups", init_groups, shape[0])
         if len(shape) > 4:
             raise ValueError(f"{_OWNER}: at most 3 spatial dimensions, got {shape!r}.")
         if in_channels is None:
@@ -308,13 +302,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
                 f"{precondition!r}."
             )
         check_positive_int(_OWNER, "precondition_hidden", precondition_hidden)
-        if precondition_groups is not None:
-            check_positive_int(_OWNER, "precondition_groups", precondition_groups)
-            if shape[0] % precondition_groups:
-                raise ValueError(
-                    f"{_OWNER}: `precondition_groups` ({precondition_groups}) must divide the "
-                    f"state channels ({shape[0]})."
-                )
+        _check_groups("precondition_groups", precondition_groups, shape[0])
         self.state_shape = shape
         self.channels = shape[0]
         self.positions = math.prod(shape[1:])
@@ -638,6 +626,17 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         return (
             f"state_shape={self.state_shape}, m={self.m}, rtol={self.rtol}, atol={self.atol}, "
             f"safeguard={self.safeguard}, precondition={self.precondition}"
+        )
+
+
+def _check_groups(name: str, groups: int | None, channels: int) -> None:
+    """``groups`` (optional) must be a positive int dividing the state's channels."""
+    if groups is None:
+        return
+    check_positive_int(_OWNER, name, groups)
+    if channels % groups:
+        raise ValueError(
+            f"{_OWNER}: `{name}` ({groups}) must divide the state channels ({channels})."
         )
 
 
