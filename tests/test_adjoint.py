@@ -329,3 +329,21 @@ def test_last_evaluation_not_reused_when_the_solver_supplies_f():
     n2, _, gw2, _ = _counted_solve(_without_reuse(adjoint), solver, 2, x, W)
     assert n1 == n2 == int(s1.stats["nfev"])
     torch.testing.assert_close(gw1, gw2, rtol=1e-12, atol=1e-15)
+
+
+def test_subclass_overriding_apply_is_not_bypassed_by_the_reuse():
+    # A user subclass that overrides apply() must have it called, reuse or not.
+    calls = []
+
+    class Logged(dk.JacobianFreeAdjoint):
+        def apply(self, fn, z_star, args, backward_stats):
+            calls.append(1)
+            return super().apply(fn, z_star, args, backward_stats)
+
+    W = torch.eye(3, dtype=torch.float64).mul(0.5).requires_grad_()
+    x = torch.ones(2, 3, dtype=torch.float64)
+    sol = dk.fixed_point(lambda z, x: z @ W.T + x, torch.zeros_like(x),
+                         dk.Picard(rtol=1e-12, atol=0.0), Logged(), max_steps=2, args=(x,),
+                         throw=False)
+    sol.value.sum().backward()
+    assert calls == [1] and int(sol.stats["nfev"]) == 4 and W.grad is not None

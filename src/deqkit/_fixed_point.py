@@ -167,6 +167,19 @@ def _run_chain(
     return loop, solver_index, attempts
 
 
+def _reuse_mode(adjoint: AbstractAdjoint) -> str | None:
+    """``adjoint.reuse_eval``, unless a subclass overrides ``apply`` below the class that
+    pairs ``apply`` with ``apply_evaluated`` (its own ``apply`` must then run)."""
+    mode = adjoint.reuse_eval
+    if mode is None:
+        return None
+    for klass in type(adjoint).__mro__:
+        if "apply" in vars(klass):
+            return mode if "reuse_eval" in vars(klass) or "apply_evaluated" in vars(klass) \
+                else None
+    return None
+
+
 def fixed_point(
     f: Callable[..., State],
     z0: State,
@@ -328,7 +341,7 @@ def fixed_point(
         patience=patience,
     )
     # adjoints that evaluate f once at z* can take the driver's evaluation at the step budget
-    reuse = adjoint.reuse_eval if torch.is_grad_enabled() and not unrolled else None
+    reuse = _reuse_mode(adjoint) if torch.is_grad_enabled() and not unrolled else None
     with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()), no_autocast():
         if chain:
             loop, solver_index, attempts = _run_chain(
