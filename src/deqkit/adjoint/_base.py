@@ -6,6 +6,7 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 FlatFn = Callable[..., Tensor]
@@ -61,3 +62,27 @@ class AbstractAdjoint(abc.ABC):
         ``z_in`` (equal in value to ``z_star``; a leaf requiring grad when
         ``reuse_eval == "z"``). Only called on adjoints that set :attr:`reuse_eval`."""
         raise NotImplementedError(f"{type(self).__name__} does not set `reuse_eval`.")
+
+
+class _OneEvaluation(AbstractAdjoint):
+    """Adjoints whose :meth:`apply` is one evaluation of ``f`` at ``z_star`` with a graph
+    (with respect to ``z_star`` too when ``_z_graph``), then
+    :meth:`apply_evaluated`; the driver may hand them its own last evaluation instead."""
+
+    reuse_eval: str | None = "params"
+    #: evaluate f at a ``z_star`` that requires grad (the implicit adjoint's VJPs in z)
+    _z_graph: bool = False
+
+    def apply(
+        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
+    ) -> Tensor:
+        z = z_star.detach()
+        if self._z_graph:
+            z = z.requires_grad_()
+        with torch.enable_grad():
+            fz = fn(z, *args)
+        return self.apply_evaluated(z, fz, backward_stats)
+
+    @abc.abstractmethod
+    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+        """See :meth:`AbstractAdjoint.apply_evaluated`."""

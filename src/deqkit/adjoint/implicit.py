@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._flatten import all_finite
 from ..linear import GMRES, AbstractLinearSolver, Neumann
-from ._base import AbstractAdjoint, FlatFn
+from ._base import _OneEvaluation
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 
@@ -124,7 +124,7 @@ class _Implicit(torch.autograd.Function):
 
 
 @dataclasses.dataclass(frozen=True)
-class ImplicitAdjoint(AbstractAdjoint):
+class ImplicitAdjoint(_OneEvaluation):
     r"""Exact gradient of the equilibrium by the implicit function theorem.
 
     Differentiating :math:`z^\star = f(z^\star, \theta)` gives
@@ -171,6 +171,7 @@ class ImplicitAdjoint(AbstractAdjoint):
     fallback_damping: float = 0.5
     forward_nfev: ClassVar[int] = 1
     reuse_eval: ClassVar[str] = "z"
+    _z_graph: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -188,14 +189,6 @@ class ImplicitAdjoint(AbstractAdjoint):
             raise ValueError(
                 f"ImplicitAdjoint: `fallback` must be None or 'phantom', got {self.fallback!r}."
             )
-
-    def apply(
-        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
-    ) -> Tensor:
-        z_req = z_star.detach().requires_grad_()
-        with torch.enable_grad():
-            fz = fn(z_req, *args)
-        return self.apply_evaluated(z_req, fz, backward_stats)
 
     def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         z_star = z_in.detach()

@@ -8,11 +8,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._base import AbstractAdjoint, FlatFn
+from ._base import AbstractAdjoint, FlatFn, _OneEvaluation
 
 
 @dataclasses.dataclass(frozen=True)
-class JacobianFreeAdjoint(AbstractAdjoint):
+class JacobianFreeAdjoint(_OneEvaluation):
     r"""Jacobian-free backpropagation (JFB; Fung et al., AAAI 2022).
 
     Backpropagates through one application of f at the equilibrium with :math:`z^\star` held
@@ -37,14 +37,6 @@ class JacobianFreeAdjoint(AbstractAdjoint):
 
     forward_nfev: ClassVar[int] = 1
     reuse_eval: ClassVar[str] = "params"
-
-    def apply(
-        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
-    ) -> Tensor:
-        z = z_star.detach()
-        with torch.enable_grad():
-            fz = fn(z, *args)
-        return self.apply_evaluated(z, fz, backward_stats)
 
     def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         return z_in.detach() + (fz - fz.detach())

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._base import AbstractAdjoint, FlatFn
+from ._base import _OneEvaluation
 
 
 class _AddToObjective(torch.autograd.Function):
@@ -28,7 +28,7 @@ class _AddToObjective(torch.autograd.Function):
 
 
 @dataclasses.dataclass(frozen=True)
-class OneStepAdjoint(AbstractAdjoint):
+class OneStepAdjoint(_OneEvaluation):
     r"""Differentiate one more application of the cell at the solver's iterate, and return it.
 
     With :math:`\hat z` the (detached) result of the forward solve, the layer returns
@@ -83,14 +83,6 @@ class OneStepAdjoint(AbstractAdjoint):
             raise ValueError(
                 f"OneStepAdjoint: `residual_weight` must be a float >= 0, got {w!r}; e.g. 1.0."
             )
-
-    def apply(
-        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
-    ) -> Tensor:
-        z = z_star.detach()
-        with torch.enable_grad():
-            fz = fn(z, *args)
-        return self.apply_evaluated(z, fz, backward_stats)
 
     def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         z = z_in.detach()
