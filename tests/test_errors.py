@@ -55,7 +55,7 @@ def test_state_errors():
     [
         (lambda: dk.Anderson(m=0), "`m` must be an int >= 1, got 0"),
         (lambda: dk.Anderson(beta=1.5), "`beta` must be in"),
-        (lambda: dk.Anderson(rtol=-1), "`rtol` must be a non-negative"),
+        (lambda: dk.Anderson(rtol=-1), "`rtol` must be a finite float >= 0"),
         (lambda: dk.Anderson(regularisation=-1.0), "regularisation"),
         (lambda: dk.Picard(damping=0), "`damping` must be in"),
         (lambda: dk.Picard(rtol=0, atol=0), "both 0"),

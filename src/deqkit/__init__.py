@@ -27,6 +27,7 @@ from ._solution import Solution as Solution
 from ._solution import SolverError as SolverError
 from .adjoint import AbstractAdjoint as AbstractAdjoint
 from .adjoint import BackwardSolveWarning as BackwardSolveWarning
+from .adjoint import HigherOrderError as HigherOrderError
 from .adjoint import ImplicitAdjoint as ImplicitAdjoint
 from .adjoint import JacobianFreeAdjoint as JacobianFreeAdjoint
 from .adjoint import OneStepAdjoint as OneStepAdjoint

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._flatten import State, all_finite, check_output, flat_fn, flatten, make_layout, unflatten
+from ._flatten import (
+    State,
+    all_finite,
+    check_args,
+    check_output,
+    flat_fn,
+    flatten,
+    make_layout,
+    slice_args,
+    unflatten,
+)
 from ._iterate import LoopOutput, iterate
 from ._solution import RESULTS, Solution, SolverError
 from .adjoint._base import AbstractAdjoint
@@ -140,20 +152,22 @@ def _run_chain(
     budgets = chain.max_steps or (max_steps,) * len(chain.solvers)
     loop = iterate(fn, z0f, args, chain.solvers[0], budgets[0], **kw)
     B = z0f.shape[0]
+    s0, r0 = loop.ref
     solver_index = torch.zeros(B, dtype=torch.int64, device=z0f.device)
     attempts = torch.ones(B, dtype=torch.int64, device=z0f.device)
-    kw = {**kw, "trace": False}
-    sliceable = all(not isinstance(a, Tensor) or a.shape[0] == B for a in args) and kw["compact"]
+    kw = {**kw, "trace": False, "probe": None}
+    sliceable = kw["compact"]
     for i, solver in enumerate(chain.solvers[1:], start=1):
         failed = (loop.status != RESULTS.successful.code).nonzero().squeeze(1)
         if failed.numel() == 0:
             break
         if sliceable:
-            sub_args = tuple(a[failed] if isinstance(a, Tensor) else a for a in args)
-            sub = iterate(fn, loop.value[failed], sub_args, solver, budgets[i], **kw)
+            # the retry keeps each sample's stopping test (the scale of its first attempt)
+            sub = iterate(fn, loop.value[failed], slice_args(args, failed), solver,
+                          budgets[i], ref=(s0[failed], r0[failed]), **kw)
             pick = slice(None)
         else:  # a closure cannot be evaluated on a subset: rerun all, keep the failed rows
-            sub = iterate(fn, loop.value, args, solver, budgets[i], **kw)
+            sub = iterate(fn, loop.value, args, solver, budgets[i], ref=(s0, r0), **kw)
             pick = failed
         loop.value[failed] = sub.value[pick]
         loop.abs_residual[failed] = sub.abs_residual[pick]
@@ -178,6 +192,60 @@ def _reuse_mode(adjoint: AbstractAdjoint) -> str | None:
             return mode if "reuse_eval" in vars(klass) or "apply_evaluated" in vars(klass) \
                 else None
     return None
+
+
+def _check_batch(z0: State, batch: int) -> None:
+    if batch == 0:
+        raise ValueError(
+            "`z0` has batch size 0: there is nothing to solve. Skip the call for an empty "
+            "batch (e.g. `if x.shape[0] == 0: return x.new_zeros(...)`)."
+        )
+    if isinstance(z0, Tensor) and z0.dim() == 1:
+        raise ValueError(
+            f"`z0` has shape {tuple(z0.shape)}: deqkit reads the first dimension as the batch, "
+            "so this is {0} independent scalar problems, each stopped on its own. Give it a "
+            "feature dimension: z0.reshape(-1, 1) for {0} scalar problems, or "
+            "z0.reshape(1, -1) for one problem of {0} unknowns.".format(z0.shape[0])
+        )
+
+
+# Callables whose outputs were seen not to couple the samples of a batch (the probe of
+# ``iterate`` passed): the probe's extra evaluation of f is made once per cell, not per solve.
+_SEPARABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probe_key(f: Any) -> tuple[Any, Any] | None:
+    """``(owner, detail)``: a weakly referenceable owner (the module, function, or a bound
+    method's object) and what distinguishes its calls (a module's training mode)."""
+    f = inspect.unwrap(f)  # e.g. root_find's z + F(z) wrapper names F as __wrapped__
+    owner, detail = f, None
+    if inspect.ismethod(f):
+        owner, detail = f.__self__, f.__func__
+    if isinstance(owner, torch.nn.Module):
+        detail = (detail, owner.training)
+    try:
+        weakref.ref(owner)
+    except TypeError:
+        return None
+    return owner, detail
+
+
+def _known_separable(key: tuple[Any, Any] | None) -> bool:
+    return key is not None and key[1] in _SEPARABLE.get(key[0], ())
+
+
+def _remember_separable(key: tuple[Any, Any] | None) -> None:
+    if key is not None:
+        with contextlib.suppress(TypeError):
+            _SEPARABLE.setdefault(key[0], set()).add(key[1])
+
+
+def _cell_eps(layout: Any, amp_dtype: torch.dtype | None) -> float:
+    """The unit roundoff of the least precise dtype f computes in."""
+    dtypes = [dt for dt in layout.dtypes if dt.is_floating_point]
+    if amp_dtype is not None:
+        dtypes.append(amp_dtype)
+    return max(torch.finfo(dt).eps for dt in dtypes)
 
 
 def fixed_point(
@@ -210,17 +278,39 @@ def fixed_point(
     whose memory does not depend on the number of forward iterations (Bai, Kolter, Koltun,
     "Deep Equilibrium Models", NeurIPS 2019).
 
-    Stopping is per sample: sample :math:`b` stops when
-    :math:`\|f(z_b)-z_b\| \le \text{atol} + \text{rtol}\,\|f(z_b)\|` (tolerances on the solver),
-    when its residual is non-finite, or when it grows above ``divergence_ratio`` times its lowest
-    value. A sample that stops keeps its value; one that never converges returns its
-    lowest-residual iterate, and the returned residuals are those of the returned values.
+    Stopping is per sample. Sample :math:`b` has converged at iterate :math:`z_k` when its
+    residual :math:`r_k = f(z_k) - z_k` is finite and
+
+    .. math::
+        \|r_k\| \le \text{atol} + \text{rtol}\; s_k, \qquad
+        s_k = \min\Big(\|f(z_k)\|,\ \max\big(s_0,\ s_0 \tfrac{\|r_0\|}{\|r_k\|}\big)\Big),
+        \qquad s_0 = \max(\|z_0\|, \|f(z_0)\|)
+
+    (tolerances on the solver; norms over the sample's features). The scale is the usual
+    :math:`\|f(z_k)\|` unless the iterate has grown beyond its starting size :math:`s_0` by
+    more than its residual has shrunk: an iterate running off to a large norm with a residual
+    that does not vanish (a map with no fixed point, e.g. ``z + 1``) cannot meet the test by
+    inflating :math:`\|f(z_k)\|`. ``stats["rel_residual"]`` is :math:`\|r_k\| / s_k`, the
+    quantity compared with ``rtol``. A sample also stops when its residual is non-finite
+    (``nonfinite``), grows above ``divergence_ratio`` times its lowest value, or its
+    :math:`\|f(z_k)\|` exceeds ``divergence_ratio`` times the bound
+    :math:`\max(s_0, s_0\|r_0\|/\|r_k\|)` (both ``diverged``). A sample that stops keeps its
+    value; one that never converges returns its lowest-residual iterate (the last finite one),
+    and the returned residuals are those of the returned values.
+
+    Samples must be independent: row :math:`b` of ``f``'s output may depend only on row
+    :math:`b` of ``z`` and of ``args``. The first time some samples finish while others go on,
+    ``f`` is evaluated once more with the finished rows changed and a
+    :class:`ValueError` is raised if the other rows' outputs move (batch statistics,
+    ``z.mean(0)``, per-sample tensors captured in a closure); this check runs once per cell
+    (module, function or method) and mode, not on every solve.
 
     Args:
         f: the map. Called as ``f(z, *args)`` with ``z`` shaped like ``z0`` (a tensor or a
             tuple of tensors, leading batch dimension ``B``); must return the same structure.
             Samples must be independent (no batch statistics such as BatchNorm).
-        z0: initial guess; a tensor or tuple of tensors with leading batch dimension.
+        z0: initial guess; a tensor of shape ``(B, ...)`` with at least one feature
+            dimension, or a tuple of tensors with leading batch dimension ``B >= 1``.
         solver: a solver object (:class:`~deqkit.Anderson` by default), a
             :class:`~deqkit.FallbackChain` of solvers, or a name (``"picard"``,
             ``"anderson"``, ``"broyden"``, ``"newton_krylov"``).
@@ -228,17 +318,20 @@ def fixed_point(
             Default: ``ImplicitAdjoint(GMRES())``.
         max_steps: maximum number of solver updates; f is evaluated at most ``max_steps + 1``
             times by Picard/Anderson. Default: 50.
-        args: per-sample tensors passed to ``f`` after ``z`` (leading batch dimension ``B``).
-            Passing inputs here rather than closing over them lets the driver drop converged
-            samples from the batch so they stop costing compute.
+        args: per-sample inputs passed to ``f`` after ``z``: tensors with leading batch
+            dimension ``B``, also inside tuples, lists and dicts (sliced with the batch), and
+            non-tensor values (passed as they are). Passing inputs here rather than closing
+            over them lets the driver drop converged samples from the batch so they stop
+            costing compute.
         throw: raise :class:`~deqkit.SolverError` when some sample fails. Default: True.
         trace: record the residual of every step in ``stats["trace"]``. Default: False.
         compact: drop finished samples from the working batch (needs ``args`` to slice).
             Default ``None``: on when ``args`` is given.
         compact_ratio: compact when the unfinished samples are at most this fraction of the
             working batch. Default: 0.75.
-        divergence_ratio: a sample whose residual exceeds this multiple of its lowest residual
-            is stopped as ``diverged``; ``None`` disables the test. Default: 1e4.
+        divergence_ratio: a sample whose residual exceeds this multiple of its lowest residual,
+            or whose iterate runs off (see above), is stopped as ``diverged``; ``None``
+            disables both tests. Default: 1e4.
         patience: stop a sample as ``stagnated`` when its lowest residual has not improved for
             this many consecutive steps (oscillation or stagnation); ``None`` disables the
             test. Default: None.
@@ -289,13 +382,8 @@ def fixed_point(
         raise ValueError(f"`divergence_ratio` must be > 1 or None, got {divergence_ratio!r}.")
 
     layout = make_layout(z0)
-    for i, a in enumerate(args):
-        if isinstance(a, Tensor) and (a.dim() == 0 or a.shape[0] != layout.batch):
-            raise ValueError(
-                f"`args[{i}]` has shape {tuple(a.shape)}, but tensors in `args` must be "
-                f"per-sample with leading batch dimension {layout.batch}; close over shared "
-                "tensors (e.g. weights) in `f` instead."
-            )
+    _check_batch(z0, layout.batch)
+    check_args(args, layout.batch)
     if compact is None:
         compact = len(args) > 0
     unrolled = adjoint.unrolled
@@ -312,6 +400,7 @@ def fixed_point(
         raise ValueError("`z0` contains NaN or inf; pass a finite initial guess.")
     # Under autocast only f runs in reduced precision; the solver's own algebra (Anderson's
     # Gram matrix and mixing, norms, GMRES) stays in the float32+ solver dtype.
+    probe_key = _probe_key(f)
     amp_dtype, no_autocast = _autocast_split(z0f.device.type)
     _check_tolerance_precision(solver, layout.dtypes, amp_dtype)
     if amp_dtype is not None:
@@ -333,22 +422,31 @@ def fixed_point(
             return flatten(layout, out)
         return fn(zf, *a)
 
+    eps = _cell_eps(layout, amp_dtype)
+    # batch-independence probe: a row may move by a few times sqrt(eps) (rounding only)
+    probe = None if _known_separable(probe_key) else 4.0 * math.sqrt(eps)
+
     loop_kw = dict(
         compact=bool(compact),
         compact_ratio=float(compact_ratio),
         divergence_ratio=divergence_ratio,
         trace=trace,
         patience=patience,
+        slice_args=slice_args,
+        eps=eps,
     )
     # adjoints that evaluate f once at z* can take the driver's evaluation at the step budget
     reuse = _reuse_mode(adjoint) if torch.is_grad_enabled() and not unrolled else None
     with torch.set_grad_enabled(unrolled and torch.is_grad_enabled()), no_autocast():
         if chain:
             loop, solver_index, attempts = _run_chain(
-                checked_fn, z0f, args, solver, max_steps, **loop_kw
+                checked_fn, z0f, args, solver, max_steps, probe=probe, **loop_kw
             )
         else:
-            loop = iterate(checked_fn, z0f, args, solver, max_steps, grad_last=reuse, **loop_kw)
+            loop = iterate(checked_fn, z0f, args, solver, max_steps, grad_last=reuse,
+                           probe=probe, **loop_kw)
+    if loop.probed:
+        _remember_separable(probe_key)
     status = loop.status
     worst = int(status.max()) if status.numel() else 0
     result = RESULTS.from_code(worst)
@@ -360,6 +458,7 @@ def fixed_point(
         "status": status,
         "nfev": torch.tensor(loop.nfev),
         "nfev_samples": torch.tensor(loop.nfev_samples),
+        "probe_nfev": torch.tensor(2 if loop.probed else 0),
     }
     if loop.trace is not None:
         stats["trace"] = loop.trace

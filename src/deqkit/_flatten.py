@@ -102,22 +102,36 @@ def unflatten(layout: Layout, flat: Tensor) -> State:
     return tuple(out) if layout.is_tuple else out[0]
 
 
+class StateShapeError(ValueError):
+    """``f`` returned a state whose structure, shape or dtype does not match ``z0``."""
+
+
 def check_output(layout: Layout, out: State) -> None:
-    """Validate that f's output has the structure of the state (called once per solve)."""
+    """Validate that f's output has the structure, batch size and shapes of the state, in no
+    wider a dtype than the solver's (called on f's first evaluation of a solve)."""
     parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if isinstance(out, (tuple, list)) != layout.is_tuple or len(parts) != len(layout.shapes):
         want = f"a tuple of {len(layout.shapes)} tensors" if layout.is_tuple else "a tensor"
-        raise ValueError(
+        raise StateShapeError(
             f"`f` must return the same structure as `z0`: expected {want}"
             f", got {type(out).__name__}"
             f"{' of length ' + str(len(parts)) if isinstance(out, (tuple, list)) else ''}."
         )
+    wide = layout.solver_dtype
     for i, (p, shape) in enumerate(zip(parts, layout.shapes)):
-        if not isinstance(p, Tensor) or p.shape[1:] != shape:
+        if not isinstance(p, Tensor) or p.dim() == 0 or p.shape[1:] != shape \
+                or p.shape[0] != layout.batch:
             got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-            raise ValueError(
+            raise StateShapeError(
                 f"`f` returned a part {i} of shape {got}; it must keep the shape of z0 "
-                f"(batch, {', '.join(map(str, shape))})."
+                f"{(layout.batch, *shape)} (batch {layout.batch} first)."
+            )
+        if p.is_floating_point() and torch.promote_types(p.dtype, wide) != wide:
+            raise StateShapeError(
+                f"`f` returned {p.dtype} (part {i}) for a state `z0` of "
+                f"{layout.dtypes[i]}: the solver, which computes in {wide}, would round f's "
+                f"output down at every step. Pass `z0` in {p.dtype} (e.g. "
+                f"z0.to({p.dtype})), or make f compute in {layout.dtypes[i]}."
             )
 
 
@@ -137,3 +151,49 @@ def all_finite(t: Tensor) -> bool:
     only when the sum is not, to tell a non-finite entry from an overflowing sum.
     """
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def check_args(args: tuple[Any, ...], batch: int) -> bool:
+    """Check that every tensor in ``args``, at any depth of tuples, lists and dicts, is
+    per-sample (leading dimension ``batch``); return whether any sits inside a container."""
+    nested = False
+
+    def visit(a: Any, path: str, depth: int) -> None:
+        nonlocal nested
+        if isinstance(a, Tensor):
+            nested = nested or depth > 0
+            if a.dim() == 0 or a.shape[0] != batch:
+                raise ValueError(
+                    f"`{path}` has shape {tuple(a.shape)}, but tensors in `args` (also inside "
+                    f"lists, tuples and dicts) must be per-sample with leading batch dimension "
+                    f"{batch}: they are sliced with the batch when finished samples leave it. "
+                    "Close over shared tensors (e.g. weights) in `f` instead."
+                )
+        elif isinstance(a, dict):
+            for key, v in a.items():
+                visit(v, f"{path}[{key!r}]", depth + 1)
+        elif isinstance(a, (tuple, list)):
+            for j, v in enumerate(a):
+                visit(v, f"{path}[{j}]", depth + 1)
+
+    for i, a in enumerate(args):
+        visit(a, f"args[{i}]", 0)
+    return nested
+
+
+def slice_args(args: tuple[Any, ...], rows: Tensor) -> tuple[Any, ...]:
+    """Rows ``rows`` of every tensor in ``args`` (at any depth of tuples, lists, dicts and
+    named tuples; other values are passed through)."""
+
+    def take(a: Any) -> Any:
+        if isinstance(a, Tensor):
+            return a[rows]
+        if isinstance(a, dict):
+            return type(a)((k, take(v)) for k, v in a.items())
+        if isinstance(a, tuple) and hasattr(a, "_fields"):  # a named tuple
+            return type(a)(*(take(v) for v in a))
+        if isinstance(a, (tuple, list)):
+            return type(a)(take(v) for v in a)
+        return a
+
+    return tuple(take(a) for a in args)

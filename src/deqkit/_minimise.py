@@ -137,6 +137,7 @@ def minimise(
             return tuple(-gi for gi in g)
         return -g
 
+    F.__wrapped__ = E  # type: ignore[attr-defined]  # the batch-independence check's key
     return root_find(
         F, z0, solver, adjoint, max_steps, args=args, throw=throw, **fixed_point_kwargs
     )

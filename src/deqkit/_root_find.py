@@ -79,10 +79,13 @@ def root_find(
     a linear solve with vector-Jacobian products of it.
 
     Stopping is per sample, inherited from ``fixed_point``: sample b stops when
-    :math:`\|F(z_b)\| \le \text{atol} + \text{rtol}\,\|z_b + F(z_b)\|` (tolerances on the
-    solver); note the relative tolerance is measured against :math:`\|z + F(z)\|`, which is
-    :math:`\approx \|z^\star\|` near the root, not against :math:`\|F\|` or :math:`\|F(z_0)\|`.
-    Use ``atol`` alone when the root may be near 0.
+    :math:`\|F(z_b)\| \le \text{atol} + \text{rtol}\, s_b` (tolerances on the solver), where
+    the scale :math:`s_b` is :math:`\|z_b + F(z_b)\|` (:math:`\approx \|z^\star\|` near the
+    root, not :math:`\|F\|`) capped by the sample's starting size
+    :math:`\max(\|z_0\|, \|z_0 + F(z_0)\|)` times how much :math:`\|F\|` has shrunk since
+    (see :func:`~deqkit.fixed_point`): an iterate running off towards infinity where
+    :math:`F` does not vanish (``tanh(z) + 2``) is never counted as a root, and is reported
+    ``diverged``. Use ``atol`` alone when the root may be near 0.
 
     Picard and Anderson iterate :math:`z \leftarrow z + F(z)` (Anderson extrapolates those
     iterates): they work only when :math:`z \mapsto z + F(z)` is contractive near the root
@@ -153,6 +156,7 @@ def root_find(
             return tuple(zi + ri for zi, ri in zip(z, r))
         return z + r
 
+    f.__wrapped__ = F  # type: ignore[attr-defined]  # the batch-independence check's key
     return fixed_point(
         f, z0, solver, adjoint, max_steps, args=args, throw=throw, **fixed_point_kwargs
     )

@@ -24,7 +24,7 @@ class RESULTS(enum.Enum):
         (<RESULTS.diverged: 3>, [3, 3, 3])
         >>> dk.RESULTS.from_code(1), dk.RESULTS.max_steps_reached.code
         (<RESULTS.max_steps_reached: 1>, 1)
-        >>> dk.RESULTS.diverged.message.split(":")[0]
+        >>> dk.RESULTS.diverged.message.split(",")[0]
         'The residual ||f(z) - z|| grew far above the lowest value seen'
     """
 
@@ -63,8 +63,11 @@ _MESSAGES = {
         "dk.Anderson(beta=0.5)), a fallback chain (dk.FallbackChain), or constrain f."
     ),
     RESULTS.diverged: (
-        "The residual ||f(z) - z|| grew far above the lowest value seen: the iteration is "
-        "diverging, which happens when f is not contractive (Lipschitz constant >= 1). "
+        "The residual ||f(z) - z|| grew far above the lowest value seen, or the iterate ran "
+        "off to a norm far beyond its start while the residual did not shrink (a map with no "
+        "fixed point in reach, e.g. z + 1 or a root problem whose residual never vanishes): "
+        "the iteration is diverging, which happens when f is not contractive (Lipschitz "
+        "constant >= 1). Check that a fixed point exists (a bounded f, e.g. ending in tanh). "
         "Use damping (dk.Picard(damping=0.5)), a different solver (dk.Broyden, "
         "dk.NewtonKrylov), or constrain f (spectral normalisation, a monotone parametrisation)."
     ),
@@ -107,10 +110,15 @@ class Solution:
         result: the batch :class:`RESULTS` member.
         stats: dictionary of statistics. Per-sample ``(B,)`` tensors: ``"nstep"`` (steps each
             sample used), ``"abs_residual"`` ``||f(z)-z||_2``, ``"rel_residual"``
-            ``||f(z)-z|| / ||f(z)||``, ``"converged"`` (bool), ``"status"`` (int codes of
-            :class:`RESULTS`). Batch totals: ``"nfev"`` (batched calls of f), ``"nfev_samples"``
-            (sample-evaluations of f, lower than ``nfev * B`` when converged samples were dropped
-            from the batch; Newton-Krylov counts each Jacobian-vector product as one). With
+            ``||f(z)-z|| / s`` with ``s`` the scale of the stopping test (``||f(z)||`` unless
+            the iterate ran off; see :func:`~deqkit.fixed_point`), ``"converged"`` (bool),
+            ``"status"`` (int codes of :class:`RESULTS`). Batch totals: ``"nfev"`` (batched
+            calls of f), ``"nfev_samples"`` (sample-evaluations of f, lower than ``nfev * B``
+            when converged samples were dropped from the batch; Newton-Krylov counts each
+            Jacobian-vector product as one),
+            ``"probe_nfev"`` (evaluations made by the batch-independence check of
+            :func:`~deqkit.fixed_point`, not counted in ``nfev``: 2 on the first solve of a
+            cell in which some samples finish before others, else 0). With
             ``trace=True``: ``"trace"`` of shape ``(steps, B)`` holding the absolute residual of
             every step (NaN after a sample stopped).
         backward: statistics of the backward pass, filled when it runs (implicit adjoint:

@@ -1,4 +1,5 @@
 from ._base import AbstractAdjoint as AbstractAdjoint
+from ._base import HigherOrderError as HigherOrderError
 from .implicit import BackwardSolveWarning as BackwardSolveWarning
 from .implicit import ImplicitAdjoint as ImplicitAdjoint
 from .jacobian_free import JacobianFreeAdjoint as JacobianFreeAdjoint

@@ -64,6 +64,65 @@ class AbstractAdjoint(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not set `reuse_eval`.")
 
 
+class HigherOrderError(RuntimeError):
+    """A higher-order derivative (``create_graph=True``) was asked through an adjoint whose
+    backward pass is not itself differentiated correctly.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
+        >>> sol = dk.fixed_point(lambda z: 0.5 * torch.tanh(z) + x,
+        ...                      torch.zeros(1, 2, dtype=torch.float64))
+        >>> try:
+        ...     torch.autograd.grad(sol.value.sum(), x, create_graph=True)
+        ... except dk.HigherOrderError as err:
+        ...     print(type(err).__name__)
+        HigherOrderError
+    """
+
+
+def refuse_higher_order(adjoint: str) -> None:
+    """Raise :class:`HigherOrderError` when called in a backward pass that records a graph."""
+    if torch.is_grad_enabled():
+        raise HigherOrderError(
+            f"{adjoint}: higher-order derivatives through an equilibrium are not implemented "
+            "for this adjoint (its backward pass is not differentiated correctly, so a second "
+            "derivative would be wrong, not just inexact). Use dk.UnrolledAdjoint() (exact "
+            "derivatives of the unrolled solver iterations, any order; memory grows with the "
+            "steps), or call backward/autograd.grad without create_graph=True."
+        )
+
+
+class _FirstOrder(torch.autograd.Function):
+    """Identity whose backward refuses to be recorded (``create_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, name: str) -> Tensor:  # type: ignore[override]
+        ctx.name = name
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        refuse_higher_order(ctx.name)
+        return grad, None
+
+
+def first_order(x: Tensor, adjoint: Any) -> Tensor:
+    """``x`` unchanged, but differentiating its gradient again raises
+    :class:`HigherOrderError` (naming ``adjoint``) instead of returning a wrong number."""
+    if not x.requires_grad:
+        return x
+    return _FirstOrder.apply(x, type(adjoint).__name__)
+
+
+def finite_rows(t: Tensor) -> Tensor | None:
+    """``None`` when every entry of the ``(B, D)`` tensor ``t`` is finite (one reduction and
+    one host sync), else the ``(B,)`` mask of its rows that are entirely finite."""
+    if bool(torch.isfinite(t.detach().sum())):
+        return None
+    return torch.isfinite(t.detach()).all(dim=1)
+
+
 class _OneEvaluation(AbstractAdjoint):
     """Adjoints whose :meth:`apply` is one evaluation of ``f`` at ``z_star`` with a graph
     (with respect to ``z_star`` too when ``_z_graph``), then

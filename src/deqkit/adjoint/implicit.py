@@ -9,9 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._flatten import all_finite
 from ..linear import GMRES, AbstractLinearSolver, Neumann
-from ._base import _OneEvaluation
+from ._base import _OneEvaluation, finite_rows, refuse_higher_order
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 
@@ -61,8 +60,10 @@ class _Implicit(torch.autograd.Function):
         return payload["z_star"]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        # The linear solve below is not differentiated (u depends on z* through J, which
+        # the VJPs do not record): a second derivative would be silently wrong, so refuse.
+        refuse_higher_order("ImplicitAdjoint")
         payload = ctx.payload
         fz, z_req = ctx.fz, payload["z_req"]
         adjoint: ImplicitAdjoint = payload["adjoint"]
@@ -73,29 +74,34 @@ class _Implicit(torch.autograd.Function):
                 (vjp,) = torch.autograd.grad(fz, z_req, u, retain_graph=True)
             return u - vjp
 
-        if not all_finite(grad):
-            # An overflowed (e.g. GradScaler-scaled float16) incoming gradient: no linear solve
+        n = grad.shape[0]
+        ok = finite_rows(grad)
+        if ok is not None and not bool(ok.any()):
+            # Every row overflowed (e.g. a GradScaler-scaled float16 loss): no linear solve
             # can give it meaning. Pass it through unsolved so the non-finite values reach the
             # parameters' gradients, where the scaler sees them and skips the step.
-            n = grad.shape[0]
             stats.update(
                 nstep=torch.zeros(n, dtype=torch.long, device=grad.device),
                 residual=torch.full((n,), float("inf"), device=grad.device),
                 converged=torch.zeros(n, dtype=torch.bool, device=grad.device),
                 nmatvec=0,
                 fallback=torch.zeros(n, dtype=torch.bool, device=grad.device),
-                nonfinite_grad=True,
+                nonfinite_grad=~ok,
             )
             return grad, None
-        sol = adjoint.linear_solver.solve(matvec, grad)
+        # Rows with a non-finite incoming gradient are solved as zero rows (samples are
+        # independent, so they do not disturb the others) and passed through afterwards.
+        rhs = grad if ok is None else torch.where(ok.unsqueeze(1), grad, 0.0)
+        sol = adjoint.linear_solver.solve(matvec, rhs)
         u = sol.value
+        converged = sol.converged if ok is None else sol.converged & ok
         stats.update(
             nstep=sol.nstep,
-            residual=sol.residual,
-            converged=sol.converged,
+            residual=sol.residual if ok is None else sol.residual.masked_fill(~ok, float("inf")),
+            converged=converged,
             nmatvec=sol.nmatvec,
             fallback=torch.zeros_like(sol.converged),
-            nonfinite_grad=False,
+            nonfinite_grad=torch.zeros_like(sol.converged) if ok is None else ~ok,
         )
         failed = ~sol.converged
         if bool(failed.any()):
@@ -112,7 +118,7 @@ class _Implicit(torch.autograd.Function):
                 ph = Neumann(
                     rtol=0.0, atol=0.0, max_steps=adjoint.fallback_steps,
                     damping=adjoint.fallback_damping,
-                ).solve(matvec, grad)
+                ).solve(matvec, rhs)
                 u = torch.where(failed.unsqueeze(1), ph.value, u)
                 stats["fallback"] = failed
                 msg += f" Used the phantom gradient for those samples ({nfail} recorded in stats)."
@@ -120,6 +126,8 @@ class _Implicit(torch.autograd.Function):
                 raise RuntimeError(msg)
             if adjoint.on_failure == "warn":
                 warnings.warn(msg, BackwardSolveWarning, stacklevel=2)
+        if ok is not None:
+            u = torch.where(ok.unsqueeze(1), u, grad)
         return u, None
 
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._base import AbstractAdjoint, FlatFn, _OneEvaluation
+from ._base import AbstractAdjoint, FlatFn, _OneEvaluation, finite_rows, first_order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ class JacobianFreeAdjoint(_OneEvaluation):
     reuse_eval: ClassVar[str] = "params"
 
     def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
-        return z_in.detach() + (fz - fz.detach())
+        return z_in.detach() + first_order(_delta(fz), self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,4 +92,13 @@ class PhantomAdjoint(AbstractAdjoint):
             for _ in range(self.steps):
                 fz = fn(z, *args)
                 z = fz if self.damping == 1.0 else torch.lerp(z, fz, self.damping)
-        return z0 + (z - z.detach())
+        return z0 + first_order(_delta(z), self)
+
+
+def _delta(fz: Tensor) -> Tensor:
+    """``fz - fz.detach()`` (zero, carrying fz's gradient), zero without a gradient in the rows
+    where ``fz`` is not finite: those samples keep their last finite iterate as value (their
+    gradient is not defined; parameters' gradients may then be non-finite)."""
+    d = fz - fz.detach()
+    ok = finite_rows(fz)
+    return d if ok is None else torch.where(ok.unsqueeze(1), d, 0.0)

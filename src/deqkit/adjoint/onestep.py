@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._base import _OneEvaluation
+from ._base import _OneEvaluation, finite_rows, first_order
 
 
 class _AddToObjective(torch.autograd.Function):
@@ -86,8 +86,14 @@ class OneStepAdjoint(_OneEvaluation):
 
     def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         z = z_in.detach()
+        # rows where f(z) is not finite return their last finite iterate z (no gradient)
+        ok = finite_rows(fz)
         if self.residual_weight > 0 and fz.requires_grad:
             tiny = torch.finfo(fz.dtype).tiny
             rel2 = (fz - z).square().sum(1) / fz.detach().square().sum(1).clamp_min(tiny)
+            if ok is not None:
+                rel2 = torch.where(ok, rel2, 0.0)
             fz = _AddToObjective.apply(fz, self.residual_weight * rel2.mean())
-        return fz
+        if ok is not None:
+            fz = torch.where(ok.unsqueeze(1), fz, z)
+        return first_order(fz, self)

@@ -55,9 +55,10 @@ class LinearSolution:
 
 def _check_tolerances(name: str, rtol: float, atol: float, max_steps: int) -> None:
     for arg, value in (("rtol", rtol), ("atol", atol)):
-        if not isinstance(value, (int, float)) or value < 0 or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value < float("inf"):
             raise ValueError(
-                f"{name}: `{arg}` must be a non-negative number, got {value!r}. "
+                f"{name}: `{arg}` must be a finite number >= 0, got {value!r}. "
                 f"Pass e.g. {arg}=1e-6."
             )
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:

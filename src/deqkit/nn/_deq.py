@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._fixed_point import fixed_point, resolve_solver
+from .._flatten import StateShapeError
 from .._solution import RESULTS, Solution
 from ..adjoint._base import AbstractAdjoint
 from ..adjoint.implicit import ImplicitAdjoint
@@ -43,15 +44,43 @@ def parametrization_cache(cell: Any) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _couples_samples(module: nn.Module) -> bool:
-    """Whether slicing the batch would change the cell's output for the remaining samples:
-    live per-sample dropout masks, or batch statistics (BatchNorm in training mode)."""
-    for m in module.modules():
-        if isinstance(m, VariationalDropout) and m.training and m.p > 0:
-            return True
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            return True
-    return False
+def _positional_masks(module: nn.Module) -> bool:
+    """Whether the cell draws per-sample dropout masks by batch position (slicing the batch
+    would misalign them; the samples stay independent)."""
+    return any(isinstance(m, VariationalDropout) and m.training and m.p > 0
+               for m in module.modules())
+
+
+def _batch_statistics(module: nn.Module) -> bool:
+    """Whether the cell couples the samples through batch statistics (BatchNorm in training
+    mode): the batch is then one problem, not B independent ones."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+               for m in module.modules())
+
+
+def _lift(state: Any) -> Any:
+    """``(B, ...)`` -> ``(1, B, ...)`` for a tensor or each part of a tuple."""
+    if isinstance(state, (tuple, list)):
+        return tuple(p.unsqueeze(0) for p in state)
+    return state.unsqueeze(0)
+
+
+def _lower(state: Any) -> Any:
+    if isinstance(state, (tuple, list)):
+        return tuple(p.squeeze(0) for p in state)
+    return state.squeeze(0)
+
+
+def _spread(sol: Solution, batch: int) -> Solution:
+    """A solve of the lifted ``(1, B, ...)`` problem reported per sample: every sample gets
+    the batch's statistics (``nfev_samples`` counts B samples per evaluation)."""
+    stats = {k: (v.expand(batch) if isinstance(v, torch.Tensor) and v.shape == (1,) else v)
+             for k, v in sol.stats.items()}
+    if "trace" in stats:
+        stats["trace"] = stats["trace"].expand(-1, batch)
+    stats["nfev_samples"] = stats["nfev"] * batch
+    return Solution(value=_lower(sol.value), result=sol.result, stats=stats,
+                    backward=sol.backward)
 
 
 class DEQ(nn.Module):
@@ -60,13 +89,15 @@ class DEQ(nn.Module):
     ``cell(z, *inputs)`` computes the next state from the current one and the (injected)
     inputs; the layer finds its fixed point with ``solver`` and differentiates through it with
     ``adjoint`` (implicit by default). Inputs are passed to the solver as per-sample ``args``,
-    so samples that converge stop costing compute (``compact=True``); a cell that mixes
-    samples (BatchNorm) must be used with ``compact=False``. Parametrized weights of the cell
-    (e.g. spectral normalisation) are computed once per forward call, not once per iteration.
-    A cell with :class:`~deqkit.nn.VariationalDropout` or BatchNorm in training mode is solved
-    without compaction (per-sample masks / batch statistics cover the whole batch; note that
-    BatchNorm couples the samples, so per-sample stopping is then only approximate); call
-    :func:`~deqkit.nn.reset_dropout` before each forward to draw new masks.
+    so samples that converge stop costing compute (``compact=True``). Parametrized weights of
+    the cell (e.g. spectral normalisation) are computed once per forward call, not once per
+    iteration. A cell with :class:`~deqkit.nn.VariationalDropout` in training mode is solved
+    without compaction (its per-sample masks are drawn by batch position); call
+    :func:`~deqkit.nn.reset_dropout` before each forward to draw new masks. A cell with
+    BatchNorm in training mode couples the samples through the batch statistics, so the batch
+    is solved as one problem (state ``(1, B, ...)``: one stopping test on the norm over the
+    whole batch, one set of Anderson weights, the implicit gradient of the coupled system);
+    every sample then reports the batch's statistics in ``last_solution``.
 
     Args:
         cell: an ``nn.Module`` (or callable) ``cell(z, *inputs) -> z_next``.
@@ -188,26 +219,32 @@ class DEQ(nn.Module):
 
     def forward(self, *inputs: Any, z0: Any = None) -> Any:
         warm = self._warm if z0 is None else None
+        default_z0 = z0 is None and not hasattr(self.cell, "init_state")
         if z0 is None:
             z0 = self.init_state(*inputs)
         if warm is not None:
             z0 = warm[0].initial(warm[1], z0)
         max_steps = self.max_steps if self.training else self.eval_max_steps
-        cm = parametrization_cache(self.cell)
-        with cm:
-            sol = fixed_point(
-                self.cell,
-                z0,
-                solver=self.solver,
-                adjoint=self.adjoint,
-                max_steps=max_steps,
-                args=tuple(inputs),
-                throw=self.throw,
-                # Per-sample dropout masks or batch statistics: keep the batch whole.
-                compact=self.compact
-                and not (isinstance(self.cell, nn.Module) and _couples_samples(self.cell)),
-                **self.fp_kwargs,
-            )
+        module = isinstance(self.cell, nn.Module)
+        kw = dict(solver=self.solver, adjoint=self.adjoint, max_steps=max_steps,
+                  throw=self.throw, **self.fp_kwargs)
+        with parametrization_cache(self.cell):
+            try:
+                if module and _batch_statistics(self.cell):
+                    sol = self._solve_coupled(z0, inputs, kw)
+                else:
+                    # per-sample dropout masks follow batch positions: keep the batch whole
+                    compact = self.compact and not (module and _positional_masks(self.cell))
+                    sol = fixed_point(self.cell, z0, args=tuple(inputs), compact=compact, **kw)
+            except StateShapeError as err:
+                if not default_z0:
+                    raise
+                raise ValueError(
+                    f"DEQ: {err} The initial state defaults to zeros shaped like the first "
+                    f"input {tuple(inputs[0].shape)}, but the cell's state has another shape: "
+                    "pass the initial state, layer(x, z0=torch.zeros(batch, ...)), or define "
+                    "`init_state(*inputs)` on the cell."
+                ) from None
         self.last_solution = sol
         self._last_call = (tuple(inputs), sol.value)
         if warm is not None:
@@ -217,6 +254,17 @@ class DEQ(nn.Module):
                 f"DEQ forward: {sol.summary()}. {sol.result.message}", DEQWarning, stacklevel=2
             )
         return sol.value
+
+    def _solve_coupled(self, z0: Any, inputs: tuple[Any, ...], kw: dict[str, Any]) -> Solution:
+        """Solve a batch-coupled cell as one problem: state ``(1, B, ...)``."""
+        batch = (z0[0] if isinstance(z0, (tuple, list)) else z0).shape[0]
+        cell = self.cell
+
+        def f(z: Any) -> Any:
+            return _lift(cell(_lower(z), *inputs))
+
+        f.__wrapped__ = cell  # type: ignore[attr-defined]
+        return _spread(fixed_point(f, _lift(z0), compact=False, **kw), batch)
 
     def jacobian_regularisation(
         self, n_samples: int = 1, generator: torch.Generator | None = None

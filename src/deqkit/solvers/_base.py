@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,9 @@ class AbstractFixedPointSolver(abc.ABC):
       samples from the working batch. The default handles dataclass states whose tensors
       have the batch as first dimension.
 
-    Sample ``b`` has converged when ``||f(z_b) - z_b||_2 <= atol + rtol * ||f(z_b)||_2``.
+    Sample ``b`` has converged when ``||f(z_b) - z_b||_2 <= atol + rtol * s_b``, with the
+    scale ``s_b = ||f(z_b)||_2`` unless the iterate ran off (the rule is the driver's, the same
+    for every solver, including yours; see :func:`deqkit.fixed_point`).
 
     To write your own solver, subclass this, declare ``rtol`` and ``atol`` fields (a frozen
     dataclass is the convention) and implement :meth:`step`; keep per-sample quantities in the
@@ -88,15 +91,23 @@ def select_rows(state: Any, index: Tensor) -> Any:
 
 def check_tolerances(name: str, rtol: float, atol: float) -> None:
     for arg, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value < math.inf:
             raise ValueError(
-                f"{name}: `{arg}` must be a non-negative float, got {value!r}; e.g. {arg}=1e-5."
+                f"{name}: `{arg}` must be a finite float >= 0, got {value!r}; e.g. {arg}=1e-5 "
+                "(a tolerance of inf would count every iterate as converged)."
             )
     if rtol == 0 and atol == 0:
         raise ValueError(
             f"{name}: `rtol` and `atol` are both 0, so the solver could never stop before "
             "max_steps; set at least one of them (e.g. rtol=1e-5)."
         )
+
+
+def check_finite_nonnegative(name: str, arg: str, value: Any, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value < math.inf:
+        raise ValueError(f"{name}: `{arg}` must be a finite float >= 0, got {value!r}; {hint}")
 
 
 def check_positive_int(name: str, arg: str, value: Any, minimum: int = 1) -> None:

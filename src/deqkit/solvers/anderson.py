@@ -11,6 +11,7 @@ from torch import Tensor
 from ._base import (
     AbstractFixedPointSolver,
     FlatFn,
+    check_finite_nonnegative,
     check_positive_int,
     check_tolerances,
     check_unit_interval,
@@ -112,10 +113,11 @@ class Anderson(AbstractFixedPointSolver):
         check_tolerances("Anderson", self.rtol, self.atol)
         check_positive_int("Anderson", "m", self.m)
         check_unit_interval("Anderson", "beta", self.beta)
-        if not isinstance(self.regularisation, (int, float)) or not self.regularisation >= 0:
-            raise ValueError(
-                f"Anderson: `regularisation` must be a float >= 0, got {self.regularisation!r}."
-            )
+        check_finite_nonnegative(
+            "Anderson", "regularisation", self.regularisation,
+            "e.g. regularisation=1e-8 (relative to the Gram matrix's scale; inf would turn "
+            "every step into a plain fixed-point step).",
+        )
 
     def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> _AndersonState:
         # m slots whatever max_steps: the memory of a solve depends on m alone (a training

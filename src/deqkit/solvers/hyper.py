@@ -287,10 +287,11 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         if (
             isinstance(regularisation, bool)
             or not isinstance(regularisation, (int, float))
-            or not regularisation >= 0
+            or not 0 <= regularisation < math.inf
         ):
             raise ValueError(
-                f"{_OWNER}: `regularisation` must be a float >= 0, got {regularisation!r}."
+                f"{_OWNER}: `regularisation` must be a finite float >= 0, got "
+                f"{regularisation!r}."
             )
         if precondition is not None and (
             isinstance(precondition, bool)
