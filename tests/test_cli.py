@@ -110,6 +110,10 @@ def test_config_file_and_rejections(tmp_path, capsys):
     assert main(["train", "--model", "nope", "--out", str(tmp_path / "n"),
                  "--no-progress"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["train", "--model", "deq_mlp", "--model-arg", "widht=8", "--no-progress",
+                 "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "bad model_args {'widht': 8}" in err and err.count("\n") == 1
 
 
 def test_existing_run_needs_resume_and_corrupt_checkpoint(tmp_path):
@@ -224,12 +228,13 @@ def test_ema_weights_are_evaluated_and_equal_the_hand_computed_average(tmp_path,
     steps: list[dict[int, torch.Tensor]] = []  # raw parameters after every optimiser step
     handle = register_optimizer_step_post_hook(
         lambda opt, args, kwargs: steps.append(
-            {id(p): p.detach().clone().double() for g in opt.param_groups for p in g["params"]}))
+            {id(p): p.detach().clone().double().cpu()
+             for g in opt.param_groups for p in g["params"]}))
     seen = []  # (optimiser steps so far, parameters the evaluation saw)
     real_evaluate = tr.evaluate
 
     def spy(model, *args, **kwargs):
-        seen.append((len(steps), {n: (id(p), p.detach().clone().double())
+        seen.append((len(steps), {n: (id(p), p.detach().clone().double().cpu())
                                   for n, p in model.named_parameters()}))
         return real_evaluate(model, *args, **kwargs)
 

@@ -1,5 +1,6 @@
 """Tests of deqkit.data: built-in loaders, text corpus, npz/folder loaders, CIFAR converter."""
 
+import os
 import pickle
 
 import numpy as np
@@ -262,6 +263,58 @@ def test_cifar10_to_npz(tmp_path):
     (src / "test_batch").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a CIFAR-10 batch"):
         cifar10_to_npz(src, tmp_path / "x.npz")
+
+
+class _RunsCode:
+    """Unpickling this object calls os.system (it would create the marker file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_unpickler_refuses_code(tmp_path):
+    """A crafted batch whose unpickling would run a shell command is refused before any
+    code runs: the marker file is never created and the error names the refused global."""
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    _cifar_batch(src / "data_batch_1", 3, 1)
+    marker = tmp_path / "pwned"
+    evil = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _RunsCode(marker)}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        (src / "test_batch").write_bytes(pickle.dumps(evil, protocol=protocol))
+        with pytest.raises(ValueError, match=r"not a CIFAR-10 batch.*refused to load "
+                                             r"(posix|os|nt)\.system"):
+            cifar10_to_npz(src, tmp_path / "x.npz")
+        assert not marker.exists()
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_unpickler_reads_genuine_batches(tmp_path, protocol):
+    """Batches as CIFAR ships them (protocol 2, bytes keys, arrays referring to
+    numpy.core.multiarray as numpy 1.x wrote them) and as numpy 2 writes them still load."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(protocol)
+    batches = {}
+    for name, n in (("data_batch_1", 4), ("test_batch", 2)):
+        batch = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 1, 4, 1][:n],
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"filenames": [b"a.png"] * n}
+        raw = pickle.dumps(batch, protocol=protocol)
+        if protocol == 2:  # the module path of numpy 1.x pickles (text in protocol 2)
+            raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            assert b"numpy.core.multiarray" in raw
+        (src / name).write_bytes(raw)
+        batches[name] = batch
+    out = cifar10_to_npz(src, tmp_path / "c.npz")
+    with np.load(out) as f:
+        assert f["y_train"].tolist() == [3, 1, 4, 1] and f["y_test"].tolist() == [3, 1]
+        want = batches["data_batch_1"][b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        assert np.array_equal(f["x_train"], want)
 
 
 # --- folder -------------------------------------------------------------------------

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -137,14 +136,17 @@ _TRAIN_FLAGS = {
 
 def _train_cmd(args: argparse.Namespace) -> int:
     from .cli._config import from_mapping, load_file, parse_pairs, with_model_preset
-    from .cli._train import CHECKPOINT, load_checkpoint, train
+    from .cli._train import read_run_config, train
 
     values: dict = {}
     if args.resume:
         out = args.out or (load_file(args.config).get("out") if args.config else None)
         if not out:
             raise ValueError("--resume needs --out RUN_DIR (or a config file with `out`).")
-        values.update(load_checkpoint(os.path.join(out, CHECKPOINT))["config"])
+        if not isinstance(out, str):
+            raise ValueError(f"config `out` = {out!r} is invalid: expected a folder path (a "
+                             "non-empty string, e.g. \"runs/a\").")
+        values.update(read_run_config(out))
     if args.config:
         values.update(load_file(args.config))
     for key, _, _ in _TRAIN_FLAGS.values():
@@ -217,11 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
+    from .cli._files import RunError
+
     try:
         return int(args.func(args))
     except ValueError as err:  # configuration/data errors: a clear message, no traceback
         print(f"deqkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunError as err:  # a locked or unwritable run folder, a diverged loss
+        print(f"deqkit {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -118,6 +119,9 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, key)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             _fail(key, v, "expected a number")
+        if not math.isfinite(v):
+            _fail(key, v, f"expected a finite number in {'(' if open_lo else '['}{lo}, "
+                  f"{hi}{')' if math.isinf(hi) else ']'}")
         if not ((v > lo) if open_lo else (v >= lo)) or v > hi:
             _fail(key, v, f"expected a number in {'(' if open_lo else '['}{lo}, {hi}]")
 
@@ -129,6 +133,10 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("model", "data"):
         if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
             _fail(key, getattr(cfg, key), "expected a non-empty string")
+    for key in ("out", "data_root"):
+        v = getattr(cfg, key)
+        if v is not None and (not isinstance(v, str) or not v):
+            _fail(key, v, "expected a folder path (a non-empty string, e.g. \"runs/a\")")
     for key in ("data_args", "model_args", "solver_args"):
         if not isinstance(getattr(cfg, key), dict):
             _fail(key, getattr(cfg, key), "expected a table/dict of keyword arguments")

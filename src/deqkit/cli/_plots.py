@@ -7,6 +7,13 @@ from typing import Any
 
 import torch
 
+from ._files import write_file
+
+
+def _save(fig: Any, path: str) -> None:
+    """A PNG written atomically (a kill never leaves a torn image)."""
+    write_file(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+
 
 def _pyplot():  # type: ignore[no-untyped-def]
     try:
@@ -37,7 +44,7 @@ def plot_history(history: list[dict[str, Any]], run_dir: str) -> list[str]:
     ax[1].legend()
     fig.tight_layout()
     path = os.path.join(run_dir, "curves.png")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     written.append(path)
     if "train_fwd_steps" in history[0]:
@@ -53,7 +60,7 @@ def plot_history(history: list[dict[str, Any]], run_dir: str) -> list[str]:
         ax[1].legend()
         fig.tight_layout()
         path = os.path.join(run_dir, "solver.png")
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         plt.close(fig)
         written.append(path)
     return written
@@ -83,6 +90,6 @@ def plot_residual_traces(model: Any, dataset: Any, run_dir: str, n: int = 32) ->
     ax.set(xlabel="solver step", ylabel="||f(z) - z||", title="forward residual per sample")
     fig.tight_layout()
     path = os.path.join(run_dir, "residual_traces.png")
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     plt.close(fig)
     return path

@@ -17,12 +17,28 @@ import torch
 from torch import Tensor, nn
 
 from ._config import TrainConfig, from_mapping, resolve_device, validate
+from ._files import (
+    FAULTS,
+    RunError,
+    RunLock,
+    clean_temp_files,
+    os_error_message,
+    rewrite_metrics,
+    write_file,
+)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
              if f.default is not dataclasses.MISSING}
 
 CHECKPOINT = "last.pt"
 BEST = "best.pt"
+CONFIG = "config.json"
+# what --resume needs from last.pt besides load_checkpoint's config, model and epoch
+RESUME_KEYS = ("optimizer", "scheduler", "history")
+
+
+class TrainingDiverged(RunError):
+    """The training loss became NaN or infinite; the run stopped before saving it."""
 
 
 # ----------------------------------------------------------------------------- building
@@ -50,12 +66,13 @@ def build_model(cfg: TrainConfig, spec: Any) -> nn.Module:
         for key, value in (("vocab_size", spec.num_classes), ("block_size", spec.input_shape[0])):
             if key in params and key not in kwargs:
                 kwargs[key] = value
-        try:
+    try:
+        if spec.kind == "text":
             return ctor(**kwargs)
-        except TypeError as err:
-            raise ValueError(f"model {cfg.model!r}: bad model_args {cfg.model_args}: {err}") \
-                from None
-    return zoo.build_model(cfg.model, spec.input_shape, spec.num_classes, **kwargs)
+        return zoo.build_model(cfg.model, spec.input_shape, spec.num_classes, **kwargs)
+    except TypeError as err:  # an unknown or mistyped --model-arg
+        raise ValueError(f"model {cfg.model!r}: bad model_args {cfg.model_args}: {err}") \
+            from None
 
 
 def solver_stats(model: nn.Module) -> dict[str, float]:
@@ -72,13 +89,40 @@ def solver_stats(model: nn.Module) -> dict[str, float]:
     out["fwd_converged"] = float(st["converged"].float().mean())
     out["nfev"] = float(st["nfev"])
     if sol.backward:
-        overflow = bool(sol.backward.get("nonfinite_grad", False))
+        bwd = sol.backward
         # a float16 step whose scaled gradient overflowed: the scaler skips it; no solve ran
-        out["bwd_overflow"] = float(overflow)
-        out["bwd_steps"] = float(sol.backward["nstep"].float().mean())
-        out["bwd_residual"] = 0.0 if overflow else float(sol.backward["residual"].float().mean())
-        out["bwd_converged"] = float(sol.backward["converged"].float().mean())
+        overflow = _overflow_mask(bwd, bwd["nstep"].numel(), bwd["nstep"].device)
+        out["bwd_overflow"] = float(overflow.float().mean())
+        out["bwd_steps"] = float(bwd["nstep"].float().mean())
+        res = bwd["residual"].float().reshape(-1)
+        res = res[~overflow] if res.numel() == overflow.numel() else res
+        out["bwd_residual"] = float(res.mean()) if res.numel() else 0.0
+        out["bwd_converged"] = float(bwd["converged"].float().mean())
     return out
+
+
+def _overflow_mask(backward: dict[str, Any], n: int, device: torch.device) -> Tensor:
+    """Per-sample mask of ``backward["nonfinite_grad"]`` (a bool for the whole batch or a
+    per-sample bool tensor): samples whose incoming gradient was not finite, so no solve ran."""
+    flag = backward.get("nonfinite_grad", False)
+    if isinstance(flag, Tensor) and flag.numel() == n:
+        return flag.reshape(n).to(device=device, dtype=torch.bool)
+    return torch.full((n,), bool(flag), dtype=torch.bool, device=device)
+
+
+def backward_failures(model: nn.Module) -> int:
+    """Samples of the model's last step whose implicit backward solve did not converge.
+
+    0 when no backward solve ran (no DEQ, an adjoint without a linear solve); samples whose
+    incoming gradient overflowed (a skipped float16 step) do not count.
+    """
+    sol = getattr(getattr(model, "deq", None), "last_solution", None)
+    bwd = getattr(sol, "backward", None)
+    if not bwd or not isinstance(bwd.get("converged"), Tensor):
+        return 0
+    conv = bwd["converged"].reshape(-1).bool()
+    failed = ~conv & ~_overflow_mask(bwd, conv.numel(), conv.device)
+    return int(failed.sum())
 
 
 def random_shift(x: Tensor, max_shift: int) -> Tensor:
@@ -136,6 +180,9 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
     chunk of each batch of ``batch_size`` and the numbers are reduced over the ranks; the
     result (on every rank) is that of one process evaluating the whole set.
     """
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate an empty split (0 samples): accuracy and loss are "
+                         "undefined; give the data a non-empty validation and test split.")
     if env is not None and env.enabled:
         return _evaluate_distributed(model, dataset, batch_size, text, env, precision)
     model.eval()
@@ -289,19 +336,10 @@ def _maybe_ema(ema: WeightEMA | None, model: nn.Module) -> Any:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    """Write to a temporary file, fsync, then rename: a kill never leaves a torn file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def save_checkpoint(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`~deqkit.cli._files.write_file`: a kill never leaves a
+    torn file."""
+    write_file(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -312,35 +350,55 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"checkpoint {path!r} could not be loaded safely: {err}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path!r} is not a deqkit checkpoint (not a dict).")
     for key in ("config", "model", "epoch"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path!r} is not a deqkit checkpoint (no {key!r}).")
     return ckpt
 
 
-def _append_jsonl(path: str, record: dict[str, Any]) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+def _best_of(ckpt: dict[str, Any]) -> tuple[float, int]:
+    """``(best validation accuracy, its epoch)`` recorded in ``last.pt`` (0: none yet).
+
+    Checkpoints of older versions have no ``best_epoch``: the first epoch of the history
+    that reached ``best_val``."""
+    best_val = float(ckpt.get("best_val", -1.0))
+    if "best_epoch" in ckpt:
+        return best_val, int(ckpt["best_epoch"])
+    hits = [int(h["epoch"]) for h in ckpt.get("history", []) if h.get("val_acc") == best_val]
+    return best_val, (hits[0] if hits else 0)
 
 
-def _truncate_jsonl(path: str, max_epoch: int) -> None:
-    """On resume, drop records of epochs after the checkpoint (an interrupted epoch)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as fh:
-        lines = [ln for ln in fh if ln.strip()]
-    keep = []
-    for ln in lines:
-        try:
-            rec = json.loads(ln)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if rec.get("epoch", 0) <= max_epoch:
-            keep.append(ln if ln.endswith("\n") else ln + "\n")
-    with open(path, "w") as fh:
-        fh.writelines(keep)
+def _repair_best(run_dir: str, ckpt: dict[str, Any], log: Any) -> tuple[float, int]:
+    """Make ``best.pt`` agree with ``last.pt`` after an interruption; the best to track.
+
+    ``last.pt`` is written first, then ``best.pt`` if the epoch is the new best. A kill in
+    between leaves a ``best.pt`` behind (or none at all) while ``last.pt`` *is* the best
+    state, so ``best.pt`` is rewritten from it, exactly as the uninterrupted run wrote it.
+    """
+    best_val, best_epoch = _best_of(ckpt)
+    path = os.path.join(run_dir, BEST)
+    try:
+        have = int(load_checkpoint(path)["epoch"]) if os.path.exists(path) else None
+    except ValueError:
+        have = None
+    if best_epoch == 0 or have == best_epoch:
+        return best_val, best_epoch
+    if best_epoch == int(ckpt["epoch"]):
+        save_checkpoint({k: v for k, v in ckpt.items() if k != "warm_start"}, path)
+        log(f"rewrote {path} from {CHECKPOINT} (epoch {best_epoch}): the run was interrupted "
+            "before it was written")
+        return best_val, best_epoch
+    # a run of an older deqkit killed between writing last.pt and best.pt: those weights
+    # are gone; best.pt goes on from the epoch it holds
+    accs = {int(h["epoch"]): float(h["val_acc"]) for h in ckpt.get("history", [])}
+    log(f"warning: {path} holds epoch {have} but the best validation accuracy "
+        f"({best_val:.4f}) was reached at epoch {best_epoch}, whose weights were not saved; "
+        "best.pt keeps the best of the epochs that were")
+    if have is None or have not in accs:
+        return -1.0, 0
+    return accs[have], have
 
 
 # ----------------------------------------------------------------------------- training
@@ -373,45 +431,153 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     """
     from . import _distributed as dd
 
+    FAULTS.reset()
     env = dd.detect(cfg.device)
+    lock = RunLock(cfg.run_dir()) if env.is_main else None  # taken in _prepare_run_dir
     try:
-        summary = _train(cfg, env, resume=resume, stop_after=stop_after,
+        summary = _train(cfg, env, lock, resume=resume, stop_after=stop_after,
                          log=log if env.is_main else (lambda *a, **k: None))
     except BaseException:
         dd.shutdown(env, barrier=False)  # the other ranks may not reach a barrier
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     dd.shutdown(env)
     return summary
 
 
-def _prepare_run_dir(cfg: TrainConfig, resume: bool) -> dict[str, Any] | None:
-    """Checks of the run folder (rank 0); the checkpoint to resume from, if any."""
+def _prepare_run_dir(cfg: TrainConfig, resume: bool, lock: RunLock,
+                     log: Any) -> dict[str, Any] | None:
+    """Rank 0: lock the run folder, remove the temporary files of interrupted writes, check
+    the folder; the checkpoint to resume from (None: start at epoch 1)."""
     run_dir = cfg.run_dir()
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock.acquire(log)
+        removed = clean_temp_files(run_dir)
+    except OSError as err:
+        raise RunError(os_error_message(getattr(err, "filename", None) or run_dir, err)) \
+            from None
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) of interrupted writes: {removed}")
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
-    os.makedirs(run_dir, exist_ok=True)
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        saved = ckpt["config"]
-        mine = cfg.to_dict()
-        diff = {k: (saved.get(k), v) for k, v in mine.items()
-                if k not in ("progress", "plots", "out", "device")
-                and saved.get(k, _DEFAULTS.get(k)) != v}
-        if diff:
+    if not resume:
+        if os.path.isfile(ckpt_path):
             raise ValueError(
-                f"--resume: the config differs from the checkpoint's for {sorted(diff)}; "
-                "resume with the same settings (or omit them: they are read from the run)."
+                f"{run_dir!r} already holds a run ({CHECKPOINT}); pass --resume to continue it "
+                "or choose another --out."
             )
-        return ckpt
-    if os.path.isfile(ckpt_path):
+        return None
+    if not os.path.isfile(ckpt_path):
+        config_path = os.path.join(run_dir, CONFIG)
+        if not os.path.isfile(config_path):
+            raise ValueError(f"--resume: {run_dir!r} holds no run to resume (no {CHECKPOINT}, "
+                             f"no {CONFIG}); start it without --resume.")
+        _check_same_config(read_run_config(run_dir), cfg, config_path)
+        log(f"resuming {run_dir}: no epoch had finished, starting from epoch 1")
+        return None
+    ckpt = load_checkpoint(ckpt_path)
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
         raise ValueError(
-            f"{run_dir!r} already holds a run ({CHECKPOINT}); pass --resume to continue it or "
-            "choose another --out."
+            f"checkpoint {ckpt_path!r} lacks {missing}, so the run cannot be resumed from it "
+            "(`deqkit eval` can still score it); start a new run with another --out."
         )
-    return None
+    _check_same_config(ckpt["config"], cfg, ckpt_path)
+    return ckpt
 
 
-def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
-           log: Any) -> dict[str, Any]:
+def _check_same_config(saved: dict[str, Any], cfg: TrainConfig, where: str) -> None:
+    diff = {k for k, v in cfg.to_dict().items()
+            if k not in ("progress", "plots", "out", "device")
+            and saved.get(k, _DEFAULTS.get(k)) != v}
+    if diff:
+        raise ValueError(
+            f"--resume: the config differs from the checkpoint's ({where}) for {sorted(diff)}; "
+            "resume with the same settings (or omit them: they are read from the run)."
+        )
+
+
+def read_run_config(run_dir: str) -> dict[str, Any]:
+    """The config a run was started with: ``last.pt``'s, or ``config.json`` before the first
+    epoch finished (for ``--resume``)."""
+    ckpt_path = os.path.join(run_dir, CHECKPOINT)
+    if os.path.isfile(ckpt_path):
+        return dict(load_checkpoint(ckpt_path)["config"])
+    path = os.path.join(run_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"--resume: {run_dir!r} holds no run to resume (no {CHECKPOINT}, no "
+                         f"{CONFIG}); start it without --resume.")
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--resume: {path!r} could not be read: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--resume: {path!r} does not hold a config (a JSON object).")
+    return values
+
+
+def check_splits(splits: Any, data: str) -> None:
+    """Refuse data a run cannot use: an empty split (its accuracy would read 0.0) or class
+    labels far beyond the classes present (a label of 1e9 would size the output layer for a
+    billion classes: hundreds of GB)."""
+    for part in ("train", "val", "test"):
+        if len(getattr(splits, part)) == 0:
+            raise ValueError(f"data {data!r}: the {part} split is empty (0 samples); training "
+                             f"reports {part} metrics, so give it samples (for npz data: "
+                             f"non-empty x_{part}/y_{part}, or drop x_val to hold out part of "
+                             "the training set).")
+    check_labels(splits, data)
+
+
+def check_labels(splits: Any, data: str) -> None:
+    """Refuse class labels far beyond the classes present (see :func:`check_splits`)."""
+    k = int(splits.spec.num_classes)
+    if splits.spec.kind == "text" or k <= 1024:
+        return
+    labels = [ds.tensors[1].reshape(-1) for ds in (splits.train, splits.val, splits.test)
+              if hasattr(ds, "tensors")]
+    present = int(torch.unique(torch.cat(labels)).numel()) if labels else k
+    if present * 2 < k:
+        raise ValueError(f"data {data!r}: the largest class label is {k - 1}, so the model "
+                         f"would get {k} outputs, but only {present} different labels occur; "
+                         "labels must be class indices 0..K-1: remap them (e.g. "
+                         "numpy.unique(y, return_inverse=True)).")
+
+
+def _restore(ckpt: dict[str, Any], path: str, model: nn.Module, opt: Any, sched: Any,
+             scaler: Any, ema: WeightEMA | None) -> None:
+    """Load a checkpoint's states for ``--resume``; a mismatch is a ValueError naming it."""
+    parts = [("model", model), ("optimizer", opt), ("scheduler", sched)]
+    if ema is not None:
+        parts.append(("ema", ema))
+    if "scaler" in ckpt:
+        parts.append(("scaler", scaler))
+    for key, obj in parts:
+        try:
+            obj.load_state_dict(ckpt[key])
+        except (KeyError, RuntimeError, ValueError, TypeError) as err:
+            what = "is missing" if key not in ckpt else f"does not fit this run: {err}"
+            raise ValueError(f"checkpoint {path!r}: {key!r} {what}".replace("\n", " ")) \
+                from None
+
+
+def _diverged_message(loss: float, epoch: int, step: int, cfg: TrainConfig) -> str:
+    """What a non-finite loss at (0-based) ``epoch``, 1-based ``step`` means and what to do."""
+    path = os.path.join(cfg.run_dir(), CHECKPOINT)
+    good = (f"the last good checkpoint is {path!r} (epoch {epoch}; `deqkit eval` scores it, "
+            "but resuming it unchanged diverges the same way)" if epoch else
+            "no epoch finished, so no checkpoint was written")
+    return (f"the training loss became {loss} at epoch {epoch + 1}, step {step}: the run "
+            f"diverged and was stopped; {good}. Start a new run (another --out) with a lower "
+            f"--lr (now {cfg.lr:g}), a tighter forward solve (--rtol below {cfg.rtol:g}, more "
+            f"--max-steps than {cfg.max_steps}) or Jacobian regularisation (--jac-reg 0.5).")
+
+
+def _train(cfg: TrainConfig, env: Any, lock: RunLock | None, *, resume: bool,
+           stop_after: int | None, log: Any) -> dict[str, Any]:
     from ..data import load_dataset
     from . import _distributed as dd
 
@@ -428,16 +594,16 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         ckpt, err = None, None
         if main:
             try:
-                ckpt = _prepare_run_dir(cfg, resume)
-            except ValueError as e:
-                err = str(e)
+                ckpt = _prepare_run_dir(cfg, resume, lock, log)
+            except (ValueError, RunError) as e:
+                err = (type(e) is RunError, str(e))
         ckpt, err = env.broadcast_object((ckpt, err))
         if err is not None:
-            raise ValueError(err)
+            raise (RunError if err[0] else ValueError)(err[1])
     else:
-        ckpt = _prepare_run_dir(cfg, resume)
+        ckpt = _prepare_run_dir(cfg, resume, lock, log)
 
-    start_epoch, history, best_val = 0, [], -1.0
+    start_epoch, history, best_val, best_epoch = 0, [], -1.0, 0
     torch.manual_seed(cfg.seed)
     if dist_on and not main:
         env.barrier()  # rank 0 fills any data cache first
@@ -445,6 +611,7 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
                           **cfg.data_args)
     if dist_on and main:
         env.barrier()
+    check_splits(splits, cfg.data)
     text = splits.spec.kind == "text"
     device = env.device if dist_on else resolve_device(cfg.device)
     model = build_model(cfg, splits.spec).to(device)
@@ -471,24 +638,26 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
 
     ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
+        _restore(ckpt, os.path.join(run_dir, CHECKPOINT), model, opt, sched, scaler, ema)
         start_epoch = int(ckpt["epoch"])
-        history = list(ckpt.get("history", []))
-        best_val = float(ckpt.get("best_val", -1.0))
-        if main:
-            _truncate_jsonl(metrics_path, start_epoch)
+        history = list(ckpt["history"])[:start_epoch]
+        best_val, best_epoch = _best_of(ckpt)
+        if main:  # the files after the last finished epoch, as an uninterrupted run left them
+            best_val, best_epoch = _repair_best(run_dir, ckpt, log)
+            rewrite_metrics(metrics_path, history)
+            if cfg.plots:
+                from ._plots import plot_history
+
+                plot_history(history, run_dir)
         log(f"resuming {run_dir} after epoch {start_epoch}")
     elif main:
         if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        with open(os.path.join(run_dir, "config.json"), "w") as fh:
-            json.dump(cfg.to_dict(), fh, indent=2)
+            try:
+                os.remove(metrics_path)
+            except OSError as err:
+                raise RunError(os_error_message(metrics_path, err)) from None
+        write_file(os.path.join(run_dir, CONFIG),
+                   json.dumps(cfg.to_dict(), indent=2).encode())
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg.model} on {cfg.data}: {n_params:,} parameters, {len(splits.train)} train / "
@@ -551,6 +720,7 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         model.train()
         t0, c0 = time.perf_counter(), time.process_time()
         loss_sum, correct, seen, nb = 0.0, 0, 0, 0
+        bwd_failed, bwd_failed_steps = 0, 0  # samples / steps with an unconverged backward
         rows: list[dict[str, float]] = []
         counts: list[int] = []
         bar = _progress(batches, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}",
@@ -586,10 +756,16 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
             if ema is not None:
                 ema.update(core)
             n = y.numel()
-            loss_sum += float(loss.detach()) * n
+            step_loss = float(loss.detach())
+            nb += 1
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(_diverged_message(step_loss, epoch, nb, cfg))
+            loss_sum += step_loss * n
             correct += c
             seen += n
-            nb += 1
+            failed = backward_failures(core)
+            bwd_failed += failed
+            bwd_failed_steps += failed > 0
             st = solver_stats(core)
             if dist_on and "bwd_residual" in st:
                 # the rank's loss is a mean over its chunk, world_size times the global mean's
@@ -604,20 +780,20 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
                     post["res"] = f"{st['fwd_rel_res']:.1e}"
                 bar.set_postfix(post)
             if cfg.log_every and nb % cfg.log_every == 0:
-                step_loss = float(loss.detach())
                 if dist_on:  # the global batch's loss and statistics
                     t = env.all_reduce(torch.tensor([step_loss * n, float(n)],
                                                     dtype=torch.float64))
                     step_loss = float(t[0] / t[1])
                     st = dd.reduce_batch_stats(env, [st], [n])[0]
                 if main:
-                    _append_jsonl(metrics_path, {"epoch": epoch + 1, "step": nb,
-                                                 "loss": step_loss, **st})
+                    step_rec = {"epoch": epoch + 1, "step": nb, "loss": step_loss, **st}
+                    write_file(metrics_path, (json.dumps(step_rec) + "\n").encode(),
+                               append=True)
         if dist_on:
-            t = env.all_reduce(torch.tensor([loss_sum, float(correct), float(seen)],
-                                            dtype=torch.float64))
-            loss_sum, correct, seen = float(t[0]), round(float(t[1])), \
-                round(float(t[2]))
+            t = env.all_reduce(torch.tensor([loss_sum, correct, seen, bwd_failed,
+                                             bwd_failed_steps], dtype=torch.float64))
+            loss_sum = float(t[0])
+            correct, seen, bwd_failed, bwd_failed_steps = (round(float(v)) for v in t[1:])
             rows = dd.reduce_batch_stats(env, rows, counts)
         agg: dict[str, float] = {}
         for row in rows:
@@ -645,27 +821,35 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         if "train_fwd_steps" in record:
             line += (f"  steps {record['train_fwd_steps']:.1f}  "
                      f"res {record['train_fwd_rel_res']:.1e}")
+        if bwd_failed:
+            line += f"  bwd not converged: {bwd_failed} samples in {bwd_failed_steps} steps"
         log(line + f"  ({epoch_time:.1f}s)")
+        improved = val["acc"] > best_val
+        if improved:
+            best_val, best_epoch = val["acc"], epoch + 1
         if main:
-            _append_jsonl(metrics_path, record)
+            # Order: the record, last.pt (the commit: an epoch counts once it is in
+            # last.pt), then best.pt. A kill before last.pt redoes the epoch on resume (its
+            # record is dropped); a kill between last.pt and best.pt leaves last.pt holding
+            # the best state, from which the resume rewrites best.pt (_repair_best).
+            write_file(metrics_path, (json.dumps(record) + "\n").encode(), append=True)
             state = {"config": cfg.to_dict(), "model": core.state_dict(),
                      "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                      "epoch": epoch + 1, "history": history, "train_time": train_time,
-                     "train_cpu_time": train_cpu_time,
-                     "best_val": max(best_val, val["acc"]), "scaler": scaler.state_dict()}
+                     "train_cpu_time": train_cpu_time, "best_val": best_val,
+                     "best_epoch": best_epoch, "scaler": scaler.state_dict()}
             if ema is not None:
                 state["ema"] = ema.state_dict()
             best_state = dict(state)
             if warm_cache is not None:  # in last.pt only: what --resume needs to be exact
                 state["warm_start"] = warm_cache.state_dict()
-            _atomic_save(state, ckpt_path)
-            if val["acc"] > best_val:
-                _atomic_save(best_state, os.path.join(run_dir, BEST))
+            save_checkpoint(state, ckpt_path)
+            if improved:
+                save_checkpoint(best_state, os.path.join(run_dir, BEST))
             if cfg.plots:
                 from ._plots import plot_history
 
                 plot_history(history, run_dir)
-        best_val = max(best_val, val["acc"])
         env.barrier()  # the checkpoint of this epoch is on disk before any rank goes on
 
     done = len(history) >= cfg.epochs
@@ -681,8 +865,8 @@ def _train(cfg: TrainConfig, env: Any, *, resume: bool, stop_after: int | None,
         if history:
             summary["final_val_acc"] = history[-1]["val_acc"]
         if main:
-            with open(os.path.join(run_dir, "summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=2)
+            write_file(os.path.join(run_dir, "summary.json"),
+                       json.dumps(summary, indent=2).encode())
             if cfg.plots and deq is not None:
                 from ._plots import plot_residual_traces
 
@@ -720,8 +904,13 @@ def eval_checkpoint(path: str, *, max_steps: int | None = None, split: str = "te
     if device is not None:
         cfg.device = device
         validate(cfg)
+    check_labels(splits, cfg.data)
     model = build_model(cfg, splits.spec).to(resolve_device(cfg.device))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path!r}: 'model' does not fit the model of its config: "
+                         + str(err).replace("\n", " ")) from None
     if "ema" in ckpt:  # a run trained with --ema is evaluated with its averaged weights
         ema = WeightEMA(model, float(ckpt["ema"]["decay"]))
         ema.load_state_dict(ckpt["ema"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import pickle
 from pathlib import Path
 
@@ -181,7 +182,9 @@ def cifar10_to_npz(src_dir: str | Path, out_path: str | Path) -> Path:
     ``data_batch_5``, ``test_batch``; each a pickled dict with ``b"data"``, an
     ``(n, 3072)`` uint8 array of channel-major 32x32 RGB images, and ``b"labels"``).
     Writes ``x_train`` (50000, 32, 32, 3) uint8, ``y_train``, ``x_test``, ``y_test``,
-    then: ``load_dataset("npz:" + str(out_path))``. Only unpickle files you trust.
+    then: ``load_dataset("npz:" + str(out_path))``. The batches are read by a restricted
+    unpickler that admits only numpy arrays and plain containers, so a crafted file raises
+    ValueError instead of running code.
     Shell: ``python -c "from deqkit.data import cifar10_to_npz as c;
     c('cifar-10-batches-py', 'cifar10.npz')"``.
 
@@ -225,13 +228,44 @@ def cifar10_to_npz(src_dir: str | Path, out_path: str | Path) -> Path:
     return out
 
 
+# the globals a CIFAR-10 batch pickle refers to: numpy array, dtype and scalar reconstruction
+# (numpy.core in files written by numpy 1.x, numpy._core by numpy 2) and bytes under protocol 2
+_CIFAR_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((f"numpy.{c}.multiarray", n) for c in ("core", "_core") for n in ("_reconstruct", "scalar")),
+    *((f"numpy.{c}.numeric", "_frombuffer") for c in ("core", "_core")),
+})
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10 batches hold: dicts, lists, bytes, str, numbers and numpy
+    arrays. Any other global (``os.system``, ``builtins.eval``, a class with a malicious
+    ``__reduce__``) is refused, so a crafted batch file cannot run code."""
+
+    def find_class(self, module: str, name: str):  # type: ignore[no-untyped-def]
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"refused to load {module}.{name}: a CIFAR-10 batch holds only numpy arrays, "
+                "lists, bytes and numbers (this file is not one, or was crafted to run code)"
+            )
+        if module.startswith("numpy."):  # whichever of numpy.core / numpy._core exists
+            tail = module.split(".")[-1]
+            try:
+                module = importlib.import_module(f"numpy._core.{tail}").__name__
+            except ModuleNotFoundError:
+                module = f"numpy.core.{tail}"
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(f: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")
+            batch = _CifarUnpickler(fh, encoding="bytes").load()
+        if not isinstance(batch, dict):
+            raise TypeError(f"expected a dict, got {type(batch).__name__}")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as err:
+    except Exception as err:  # whatever a damaged or foreign pickle raises
         raise ValueError(f"{str(f)!r} is not a CIFAR-10 batch: {err!r}") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise ValueError(
