@@ -73,7 +73,7 @@ from torch import nn
 
 import deqkit as dk
 from deqkit.data import load_dataset
-from deqkit.solvers.hyper import HyperAnderson, pretrain_initialiser, train_hyper_solver
+from deqkit.hyperdeq import HyperAnderson, pretrain_initialiser, train_hyper_solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _deqbench import RESULTS_DIR, environment

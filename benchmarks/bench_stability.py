@@ -16,7 +16,7 @@ plain model drifts towards non-contractivity as it trains.
 
 Per epoch it records the mean forward steps (training), the backward GMRES iterations and
 residual (training), the training loss, the validation accuracy, and a
-:func:`deqkit._report.stability_report` on a fixed validation batch (the first
+:func:`deqkit.stability_report` on a fixed validation batch (the first
 ``--diag-batch`` validation samples; eval-mode forward steps, ``rho(J)`` and ``||J||_2`` at
 ``z*``, backward convergence).  The epoch time excludes the validation diagnosis.  At the end
 it prints Markdown tables and writes ``benchmarks/results/bench_stability.json``.
@@ -43,7 +43,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import deqkit as dk
-from deqkit._report import stability_report
+from deqkit import stability_report
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("plain", "jac_reg", "spec_norm")

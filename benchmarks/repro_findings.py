@@ -51,9 +51,9 @@ def per_step_overhead() -> None:
     n = 50
     kw = dict(max_steps=n, args=(x,), throw=False, divergence_ratio=None)
     cases = [
-        ("deqkit Picard", lambda: dk.fixed_point(f, z0, dk.Picard(rtol=1e-30, atol=0.0), **kw)),
+        ("deqkit Picard", lambda: dk.fixed_point(f, z0, dk.FixedSteps(dk.Picard()), **kw)),
         ("deqkit Anderson(m=5)",
-         lambda: dk.fixed_point(f, z0, dk.Anderson(rtol=1e-30, atol=0.0), **kw)),
+         lambda: dk.fixed_point(f, z0, dk.FixedSteps(dk.Anderson()), **kw)),
         ("TorchDEQ fixed_point_iter",
          lambda: get_solver("fixed_point_iter")(lambda z: f(z, x), z0, max_iter=n + 1, tol=0.0,
                                                 stop_mode="rel")),

@@ -1,4 +1,4 @@
-"""Tests of deqkit._diagnostics: Jacobian spectral norm / radius and Lipschitz bounds."""
+"""Tests of deqkit.stability.diagnostics: Jacobian spectral norm / radius and Lipschitz bounds."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import deqkit._diagnostics as diag
-from deqkit._diagnostics import (
+import deqkit.stability.diagnostics as diag
+from deqkit.nn._dropout import VariationalDropout
+from deqkit.stability import (
     jacobian_spectral_norm,
     jacobian_spectral_radius,
     lipschitz_upper_bound,
 )
-from deqkit.nn._dropout import VariationalDropout
 
 F64 = torch.float64
 FAST = settings(max_examples=15, deadline=None)

@@ -24,10 +24,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import deqkit as dk
-from deqkit._regularisers import jacobian_frobenius_reg
 from deqkit.cli import _distributed as dd
 from deqkit.cli._config import TrainConfig
 from deqkit.cli._train import train
+from deqkit.stability import jacobian_frobenius_reg
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"

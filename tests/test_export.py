@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import deqkit as dk
-from deqkit._export import FixedStepDEQ, FixedStepModel, export_fixed_steps, residual_at
+from deqkit import FixedStepDEQ, FixedStepModel, export_fixed_steps, residual_at
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 

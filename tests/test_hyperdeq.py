@@ -1,4 +1,4 @@
-"""Tests for HyperAnderson and train_hyper_solver (deqkit.solvers.hyper)."""
+"""Tests for HyperAnderson and train_hyper_solver (deqkit.hyperdeq)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import deqkit as dk
-from deqkit.solvers.hyper import HyperAnderson, pretrain_initialiser, train_hyper_solver
+from deqkit.hyperdeq import HyperAnderson, pretrain_initialiser, train_hyper_solver
 
 F64 = torch.float64
 

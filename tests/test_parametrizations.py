@@ -1,4 +1,4 @@
-"""Tests of deqkit.nn._parametrizations: bounded spectral norm, weight norm, caching, init."""
+"""Tests of deqkit.stability.parametrizations: bounded spectral norm, weight norm, caching, init."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from deqkit._diagnostics import jacobian_spectral_norm
-from deqkit.nn._parametrizations import (
+from deqkit.stability import jacobian_spectral_norm
+from deqkit.stability.parametrizations import (
     _SpectralNormBound,
     cached_parametrizations,
     scale_to_contractive,
@@ -136,7 +136,7 @@ def test_spectral_norm_convolutions_bound_reshaped_kernel():
 
 
 def test_spectral_norm_power_iteration_warm_up_without_svd(monkeypatch):
-    import deqkit.nn._parametrizations as P
+    import deqkit.stability.parametrizations as P
 
     monkeypatch.setattr(P, "_EXACT_INIT_NUMEL", 0)
     lin = spectral_norm(make_linear(8, 8, 3.0, 5), bound=0.9)

@@ -1,11 +1,11 @@
-"""Tests of deqkit._regularisers: Jacobian (Hutchinson) regulariser, fixed-point correction."""
+"""Tests of deqkit.stability.regularisers: Hutchinson Jacobian penalty, fixed-point correction."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from deqkit._regularisers import fixed_point_correction_loss, jacobian_frobenius_reg
+from deqkit.stability import fixed_point_correction_loss, jacobian_frobenius_reg
 
 F64 = torch.float64
 

@@ -1,4 +1,4 @@
-"""Tests of ``deqkit._report.stability_report``."""
+"""Tests of ``deqkit.stability.report.stability_report``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import deqkit as dk
-from deqkit._report import StabilityReport, stability_report
+from deqkit.stability import StabilityReport, stability_report
 
 D = 12
 B = 6

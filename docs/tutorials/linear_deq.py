@@ -233,7 +233,7 @@ print(f"tanh cell: implicit vs finite-difference directional derivatives, "
 unrolled_errors = {}
 reference = torch.cat([g.flatten() for g in implicit])
 for k in (5, 10, 20, 40):
-    s = dk.fixed_point(cell, z0, dk.Picard(rtol=1e-30, atol=0), args=(x_leaf,), max_steps=k,
+    s = dk.fixed_point(cell, z0, dk.FixedSteps(dk.Picard()), args=(x_leaf,), max_steps=k,
                        adjoint=dk.UnrolledAdjoint(), throw=False, divergence_ratio=None)
     g = torch.cat([t.flatten() for t in torch.autograd.grad(loss_of(s.value),
                                                             [*params, x_leaf])])

@@ -6,21 +6,11 @@
 """
 
 from . import nn as nn
+from . import stability as stability
 from . import zoo as zoo
-from ._diagnostics import jacobian_spectral_norm as jacobian_spectral_norm
-from ._diagnostics import jacobian_spectral_radius as jacobian_spectral_radius
-from ._diagnostics import lipschitz_upper_bound as lipschitz_upper_bound
-from ._export import FixedStepDEQ as FixedStepDEQ
-from ._export import FixedStepModel as FixedStepModel
-from ._export import export_fixed_steps as export_fixed_steps
-from ._export import residual_at as residual_at
 from ._fixed_point import ToleranceWarning as ToleranceWarning
 from ._fixed_point import fixed_point as fixed_point
 from ._minimise import minimise as minimise
-from ._regularisers import fixed_point_correction_loss as fixed_point_correction_loss
-from ._regularisers import jacobian_frobenius_reg as jacobian_frobenius_reg
-from ._report import StabilityReport as StabilityReport
-from ._report import stability_report as stability_report
 from ._root_find import root_find as root_find
 from ._solution import RESULTS as RESULTS
 from ._solution import Solution as Solution
@@ -33,19 +23,31 @@ from .adjoint import JacobianFreeAdjoint as JacobianFreeAdjoint
 from .adjoint import OneStepAdjoint as OneStepAdjoint
 from .adjoint import PhantomAdjoint as PhantomAdjoint
 from .adjoint import UnrolledAdjoint as UnrolledAdjoint
+from .hyperdeq import HyperAnderson as HyperAnderson
+from .hyperdeq import train_hyper_solver as train_hyper_solver
 from .linear import GMRES as GMRES
 from .linear import AbstractLinearSolver as AbstractLinearSolver
 from .linear import BiCGStab as BiCGStab
 from .linear import Dense as Dense
 from .linear import LinearSolution as LinearSolution
 from .linear import Neumann as Neumann
+from .nn._export import FixedStepDEQ as FixedStepDEQ
+from .nn._export import FixedStepModel as FixedStepModel
+from .nn._export import export_fixed_steps as export_fixed_steps
+from .nn._export import residual_at as residual_at
 from .solvers import AbstractFixedPointSolver as AbstractFixedPointSolver
 from .solvers import Anderson as Anderson
 from .solvers import Broyden as Broyden
 from .solvers import FallbackChain as FallbackChain
-from .solvers import HyperAnderson as HyperAnderson
+from .solvers import FixedSteps as FixedSteps
 from .solvers import NewtonKrylov as NewtonKrylov
 from .solvers import Picard as Picard
-from .solvers import train_hyper_solver as train_hyper_solver
+from .stability import StabilityReport as StabilityReport
+from .stability import fixed_point_correction_loss as fixed_point_correction_loss
+from .stability import jacobian_frobenius_reg as jacobian_frobenius_reg
+from .stability import jacobian_spectral_norm as jacobian_spectral_norm
+from .stability import jacobian_spectral_radius as jacobian_spectral_radius
+from .stability import lipschitz_upper_bound as lipschitz_upper_bound
+from .stability import stability_report as stability_report
 
 __version__ = "0.1.0"

@@ -1,9 +1,13 @@
-"""The one driver loop shared by every fixed-point solver.
+"""The iteration engine: one short loop over a solver's steps, and a ledger that keeps the
+per-sample books of a solve.
 
-It owns: evaluating f, the per-sample stopping test, the lowest-residual iterate, the
-non-finite, divergence and runaway checks, per-sample statistics and batch compaction
-(dropping finished samples from the working batch when f can be evaluated on a subset). At
-most one host synchronisation happens per step (a few more on steps where some sample stops).
+The loop (:func:`iterate`) evaluates f, hands each residual to the :class:`Ledger`, lets the
+solver step, and drops finished samples from the working batch when f can be evaluated on a
+subset. The ledger owns the stopping test, the lowest-residual iterate, the failure codes,
+compaction of its own state and the residual trace. At most one host synchronisation happens
+per step (a few more on steps where some sample stops). :func:`run_stages` runs a solver's
+stages (one for an ordinary solver, several for :class:`~deqkit.FallbackChain`), each on the
+samples its predecessors failed.
 
 The stopping test (documented in :func:`deqkit.fixed_point`): sample ``b`` has converged at
 iterate ``z_k`` when its residual ``r_k = f(z_k) - z_k`` is finite and
@@ -30,6 +34,8 @@ from torch import Tensor
 from ._solution import RESULTS
 from .solvers._base import AbstractFixedPointSolver
 
+SliceArgs = Callable[[tuple[Any, ...], Tensor], tuple[Any, ...]]
+
 
 @dataclasses.dataclass
 class LoopOutput:
@@ -43,11 +49,30 @@ class LoopOutput:
     trace: Tensor | None
     # (s_0, ||r_0||) per sample: the reference of the stopping test (kept by retries)
     ref: tuple[Tensor, Tensor]
-    # (z, f(z)) of the last evaluation with an autograd graph when ``grad_last`` was asked and
+    # (z, f(z)) of the last evaluation with an autograd graph when ``graph`` was asked and
     # every returned value is that last iterate (so an adjoint can reuse the evaluation)
     last_eval: tuple[Tensor, Tensor] | None = None
     # whether the batch-independence probe ran (and passed; it raises otherwise)
     probed: bool = False
+    # statistics of a solve in stages (FallbackChain): "solver_index", "attempts"
+    extra: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """How a solve is run, whatever the solver (the keyword arguments of fixed_point)."""
+
+    max_steps: int
+    compact: bool
+    compact_ratio: float = 0.75
+    divergence_ratio: float | None = 1e4
+    patience: int | None = None
+    trace: bool = False
+    # batch-independence probe: allowed relative change of a row (None: no probe)
+    probe: float | None = None
+    # unit roundoff of the least precise dtype f computes in (None: that of z0)
+    eps: float | None = None
+    slice_args: SliceArgs | None = None
 
 
 class BatchCouplingError(ValueError):
@@ -62,6 +87,276 @@ def growth_bound(s0: Tensor, s0r0: Tensor, absr: Tensor, fnorm: Tensor, eps: flo
     as little growth as one at that level (the floor ``||r_k|| + eps ||f(z_k)||``), and
     ``fmax`` ignores the NaN of 0/0."""
     return torch.fmax(s0, s0r0 / torch.add(absr, fnorm, alpha=eps))
+
+
+def reference(z0: Tensor, r0: Tensor, f0: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s_0, ||r_0||)`` from the first iterate, its residual norm and ``||f(z_0)||``."""
+    if r0.requires_grad:  # (an unrolled solve)
+        z0, r0, f0 = z0.detach(), r0.detach(), f0.detach()
+    s0 = torch.fmax(torch.linalg.vector_norm(z0, dim=1), f0)
+    # a sample whose first evaluation is not finite stops at once (nonfinite); a finite s0
+    # keeps every bound finite, so that no residual passes by `inf <= inf`
+    return torch.where(torch.isfinite(s0), s0, 0.0), r0
+
+
+def slice_top_level(args: tuple[Any, ...], rows: Tensor) -> tuple[Any, ...]:
+    return tuple(a[rows] if isinstance(a, Tensor) else a for a in args)
+
+
+# ----------------------------------------------------------------------------------- ledger
+
+
+class Ledger:
+    """The per-sample books of one solve on a ``(B, D)`` batch.
+
+    :meth:`observe` applies the stopping test to a new residual and returns the working rows
+    that stop now; :meth:`record` writes their results; :meth:`compact` drops finished rows
+    from the working batch; :meth:`finish` settles the rows that ran out of steps and returns
+    the results. Global results live in ``(B,)`` tensors indexed through ``gidx`` (the global
+    row of each working row).
+    """
+
+    def __init__(self, z0: Tensor, solver: AbstractFixedPointSolver, opts: LoopOptions,
+                 ref: tuple[Tensor, Tensor] | None) -> None:
+        B, D = z0.shape
+        dev = z0.device
+        self.max_steps, self.opts, self.ref = opts.max_steps, opts, ref
+        self.rtol, self.atol = float(solver.rtol), float(solver.atol)
+        self.tested = not getattr(solver, "fixed_steps", False)  # FixedSteps: no test
+        # A huge finite ratio still flags inf residuals (inf <= finite is False).
+        self.runaway = opts.divergence_ratio is not None
+        self.div = float(opts.divergence_ratio) if self.runaway else 1e300
+        self.eps = opts.eps if opts.eps is not None else torch.finfo(z0.dtype).eps
+        self.differentiable = torch.is_grad_enabled()
+        self.out_value = z0.new_zeros(B, D)
+        self.out_abs = z0.new_full((B,), float("nan"))
+        self.out_fn = z0.new_full((B,), float("nan"))  # ||f|| at the returned value
+        self.out_nstep = torch.full((B,), opts.max_steps, dtype=torch.int64, device=dev)
+        self.out_status = torch.full((B,), RESULTS.max_steps_reached.code, dtype=torch.int64,
+                                     device=dev)
+        self.traces: list[Tensor] = []
+        self.gidx = torch.arange(B, device=dev)
+        self.active = torch.ones(B, dtype=torch.bool, device=dev)
+        self.all_active = True  # no working row has stopped: cheaper bookkeeping
+        self.stopped_early = False  # some row stopped before max_steps
+        self.best_z, self.best_abs, self.best_fn = z0, z0.new_full((B,), float("inf")), \
+            z0.new_ones(B)
+        self.since_best = torch.zeros(B, dtype=torch.int64, device=dev) \
+            if opts.patience else None
+        self.s0: Tensor | None = None
+        self.reuse_rows: Tensor | None = None  # rows whose returned value is the last iterate
+        # the latest step's residual, its norms and verdicts (set by observe)
+        self.r = self.absr = self.fnorm = self.conv = self.stop = self.run = None
+
+    @property
+    def width(self) -> int:
+        """Rows of the working batch."""
+        return int(self.gidx.shape[0])
+
+    def _start(self, z: Tensor, absr: Tensor, fnorm: Tensor) -> None:
+        if self.ref is None:
+            self.ref = reference(z, absr, fnorm)
+        self.s0, self.s0r0 = self.ref[0], self.ref[0] * self.ref[1]
+        self.s0div = self.s0 * self.div
+
+    def observe(self, k: int, z: Tensor, fz: Tensor) -> Tensor | None:
+        """Apply the stopping test to ``fz = f(z)`` at step ``k``; return the working rows
+        that stop now (None if none) after updating the lowest-residual iterate."""
+        self.r = r = fz - z
+        self.absr = absr = torch.linalg.vector_norm(r, dim=1)
+        self.fnorm = fnorm = torch.linalg.vector_norm(fz, dim=1)
+        if self.s0 is None:
+            self._start(z, absr, fnorm)
+        # provisional (the plain relative test); confirmed with the bounded scale below
+        rtol, atol = self.rtol, self.atol
+        if self.tested:
+            conv = absr <= (fnorm * rtol + atol if atol else fnorm * rtol)
+        else:  # a fixed-step solve completes at its last step, with a finite residual
+            conv = torch.isfinite(absr) & (k == self.max_steps)
+        # NaN/inf residuals and divergence both fail `absr <= div * best`.
+        bad = ~(absr <= self.best_abs * self.div) if k > 0 else ~torch.isfinite(absr)
+        improved = absr < self.best_abs
+        if self.since_best is not None:  # oscillation / stagnation: no new lowest residual
+            self.since_best = torch.where(improved, 0, self.since_best + 1)
+            bad = bad | (self.since_best >= self.opts.patience)
+        stop = conv | bad
+        if self.runaway and k % 8 == 7:  # now and then: has an iterate grown far off?
+            stop = stop | (fnorm > self.s0div)
+        if not self.all_active:
+            stop = stop & self.active
+        if self.opts.trace:
+            t = z.new_full((self.out_abs.shape[0],), float("nan"))
+            t[self.gidx] = torch.where(self.active, absr, torch.nan).detach()
+            self.traces.append(t)
+        flags = torch.stack((stop.any(), improved.all() if self.all_active
+                             else (improved | ~self.active).all())).tolist()
+        sel = self._confirm(conv, bad) if flags[0] else None
+        if k == self.max_steps and not self.stopped_early:
+            # returned value == z for rows that converge here or whose best iterate is z
+            self.reuse_rows = self.conv | improved if sel is not None else improved
+        self._update_best(z, improved, flags[1])
+        return sel
+
+    def _confirm(self, conv: Tensor, bad: Tensor) -> Tensor | None:
+        """The candidates' final verdict: bounded scale, finite residual, real runaway."""
+        absr, fnorm = self.absr, self.fnorm
+        bound = growth_bound(self.s0, self.s0r0, absr, fnorm, self.eps)
+        if self.tested:  # (s0 is finite, so is the bound: inf or NaN residuals fail `<=`)
+            conv = conv & (absr <= (bound * self.rtol + self.atol if self.atol
+                                    else bound * self.rtol))
+        self.run = None
+        if self.runaway:
+            self.run = fnorm > bound * self.div
+            conv = conv & ~self.run
+            bad = bad | self.run
+        stop = conv | bad
+        if not self.all_active:
+            stop = stop & self.active
+        self.conv, self.stop = conv, stop
+        sel = stop.nonzero().squeeze(1)
+        return sel if sel.numel() > 0 else None
+
+    def _update_best(self, z: Tensor, improved: Tensor, all_improved: bool) -> None:
+        if all_improved:  # every unfinished sample improved: no copies (finished rows unused)
+            self.best_z, self.best_fn, self.best_abs = z, self.fnorm, self.absr
+        else:
+            self.best_z = torch.where(improved.unsqueeze(1), z, self.best_z)
+            self.best_fn = torch.where(improved, self.fnorm, self.best_fn)
+            self.best_abs = torch.where(improved, self.absr, self.best_abs)
+
+    def record(self, k: int, sel: Tensor, z: Tensor) -> int:
+        """Write the results of the working rows ``sel`` stopping at step ``k``; return the
+        number of rows still active."""
+        g = self.gidx[sel]
+        conv = self.conv
+        c = conv[sel]
+        val = torch.where(c.unsqueeze(1), z[sel], self.best_z[sel])
+        a = torch.where(conv, self.absr, self.best_abs)[sel]  # (select, then gather once)
+        fnn = torch.where(conv, self.fnorm, self.best_fn)[sel]
+        code = torch.where(c, RESULTS.successful.code, self._failure_codes(sel))
+        self._write(g, val, a, fnn)
+        self.out_nstep.index_fill_(0, g, k)
+        self.out_status.index_copy_(0, g, code)
+        self.active = self.active & ~self.stop
+        self.all_active = False
+        self.stopped_early = self.stopped_early or k < self.max_steps
+        return int(self.active.sum())
+
+    def _failure_codes(self, sel: Tensor) -> Tensor:
+        a_now = self.absr[sel]
+        finite = torch.isfinite(a_now)
+        code = torch.where(finite, RESULTS.diverged.code, RESULTS.nonfinite.code)
+        if self.since_best is not None:  # stopped for no progress (and neither ran off)
+            stag = finite & (a_now <= self.best_abs[sel] * self.div)
+            if self.run is not None:
+                stag = stag & ~self.run[sel]
+            code = torch.where(stag, RESULTS.stagnated.code, code)
+        return code
+
+    def _write(self, g: Tensor, val: Tensor, a: Tensor, fnn: Tensor) -> None:
+        if self.differentiable:
+            self.out_value = self.out_value.index_copy(0, g, val)
+            a, fnn = a.detach(), fnn.detach()
+        else:
+            self.out_value.index_copy_(0, g, val)
+        self.out_abs.index_copy_(0, g, a)
+        self.out_fn.index_copy_(0, g, fnn)
+
+    def compact(self, k: int, n_active: int) -> Tensor | None:
+        """Drop the finished rows from the working batch when few enough remain (and steps
+        remain); return the kept working rows, or None."""
+        opts = self.opts
+        if not opts.compact or k == self.max_steps \
+                or n_active > opts.compact_ratio * self.active.shape[0]:
+            return None
+        keep = self.active.nonzero().squeeze(1)
+        self.gidx = self.gidx[keep]
+        self.r = self.r[keep]
+        self.best_z, self.best_abs = self.best_z[keep], self.best_abs[keep]
+        self.best_fn = self.best_fn[keep]
+        self.s0, self.s0r0, self.s0div = self.s0[keep], self.s0r0[keep], self.s0div[keep]
+        if self.since_best is not None:
+            self.since_best = self.since_best[keep]
+        self.active = self.active[keep]
+        self.all_active = True
+        return keep
+
+    def finish(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Settle the rows that ran out of steps (their lowest-residual iterate); return
+        ``(value, abs, rel, nstep, status, trace)``."""
+        rem = self.active.nonzero().squeeze(1)
+        if rem.numel() > 0:
+            a = self.best_abs[rem]
+            self._write(self.gidx[rem], self.best_z[rem], a, self.best_fn[rem])
+            code = torch.where(torch.isfinite(a), RESULTS.max_steps_reached.code,
+                               RESULTS.nonfinite.code)
+            if self.runaway:  # the last iterate ran off: diverged, not merely out of steps
+                fn = self.fnorm[rem]
+                bound = growth_bound(self.s0[rem], self.s0r0[rem], self.absr[rem], fn, self.eps)
+                code = torch.where((fn > bound * self.div) & torch.isfinite(a),
+                                   RESULTS.diverged.code, code)
+            self.out_status.index_copy_(0, self.gidx[rem], code)
+        # the relative residual of every returned value, on the scale of the stopping test
+        s0, r0 = self.ref
+        bound = growth_bound(s0, s0 * r0, self.out_abs, self.out_fn, self.eps)
+        scale = torch.minimum(self.out_fn, bound).clamp_min(torch.finfo(s0.dtype).tiny)
+        trace = torch.stack(self.traces) if self.opts.trace else None
+        return (self.out_value, self.out_abs, self.out_abs / scale, self.out_nstep,
+                self.out_status, trace)
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """Calls ``fn(z, *args)`` on the working batch: counts the calls, checks the shape, keeps
+    the args sliced with the batch, explains failures after the batch shrank, and can make an
+    evaluation under autograd (the last one, for an adjoint to reuse)."""
+
+    def __init__(self, fn: Callable[..., Tensor], args: tuple[Any, ...], batch: int,
+                 slice_args: SliceArgs) -> None:
+        self.fn, self.args, self.work_args = fn, args, args
+        self.batch, self.slice_args = batch, slice_args
+        self.nfev = self.rows = 0
+        self.shrunk = False
+        self.last: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, z: Tensor) -> Tensor:
+        self.nfev += 1
+        self.rows += z.shape[0]
+        try:
+            out = self.fn(z, *self.work_args)
+        except Exception as err:
+            if self.shrunk:
+                raise BatchCouplingError(
+                    f"`f` failed on the working batch of {z.shape[0]} rows: {err}. "
+                    + _shrink_message(self.batch, z.shape[0])
+                ) from err
+            raise
+        if out.shape != z.shape:
+            msg = (f"`f` returned {out.shape[0]} rows of {out.shape[1]} values for a state "
+                   f"of {z.shape[0]} rows of {z.shape[1]}; it must keep the shape of `z0`.")
+            if self.shrunk:
+                raise BatchCouplingError(msg + " " + _shrink_message(self.batch, z.shape[0]))
+            raise ValueError(msg)
+        return out
+
+    def with_graph(self, z: Tensor, graph: str) -> Tensor:
+        """Evaluate under autograd (``graph="z"``: from a leaf ``z`` requiring grad) and keep
+        ``(z, f(z))`` as :attr:`last`; return ``f(z)`` detached."""
+        zl = z.detach().requires_grad_() if graph == "z" else z.detach()
+        with torch.enable_grad():
+            fl = self(zl)
+        self.last = (zl, fl)
+        return fl.detach()
+
+    def select(self, gidx: Tensor) -> None:
+        """Keep the args of the global rows ``gidx`` (the working batch shrank)."""
+        self.work_args = self.slice_args(self.args, gidx)
+        self.shrunk = True
+
+    def probe(self, z: Tensor, rows: Tensor, tol: float) -> None:
+        _probe(lambda zz, wa=self.work_args: self.fn(zz, *wa), z, rows, tol)
 
 
 def _shrink_message(batch: int, width: int) -> str:
@@ -91,12 +386,11 @@ def _probe(fn: Callable[[Tensor], Tensor], z: Tensor, rows: Tensor, tol: float) 
         fp = fn(torch.where(rows.unsqueeze(1), z, -z - 1.0))
     idx = rows.nonzero().squeeze(1)
     diff = torch.linalg.vector_norm(fp[idx] - fz[idx], dim=1)
-    ref = torch.linalg.vector_norm(fz[idx], dim=1)
+    size = torch.linalg.vector_norm(fz[idx], dim=1)
     tiny = torch.finfo(fz.dtype).tiny
-    ok = diff <= tol * ref + tiny
-    if bool(ok.all()):
+    if bool((diff <= tol * size + tiny).all()):
         return
-    worst = float((diff / ref.clamp_min(tiny)).nan_to_num(float("inf")).max())
+    worst = float((diff / size.clamp_min(tiny)).nan_to_num(float("inf")).max())
     raise BatchCouplingError(
         f"`f` couples the samples of the batch: the output of a sample that is still being "
         f"solved changed (relative change up to {worst:.2e}) when the values of samples that "
@@ -110,276 +404,125 @@ def _probe(fn: Callable[[Tensor], Tensor], z: Tensor, rows: Tensor, tol: float) 
     )
 
 
+# ------------------------------------------------------------------------------------- loop
+
+
 def iterate(
     fn: Callable[..., Tensor],
     z0: Tensor,
     args: tuple[Any, ...],
     solver: AbstractFixedPointSolver,
-    max_steps: int,
+    opts: LoopOptions,
     *,
-    compact: bool,
-    compact_ratio: float,
-    divergence_ratio: float | None,
-    trace: bool,
-    patience: int | None = None,
-    grad_last: str | None = None,
+    graph: str | None = None,
     ref: tuple[Tensor, Tensor] | None = None,
-    probe: float | None = None,
-    slice_args: Callable[[tuple[Any, ...], Tensor], tuple[Any, ...]] | None = None,
-    eps: float | None = None,
 ) -> LoopOutput:
-    """Run ``solver`` on ``z = fn(z, *args)`` from ``z0`` (B, D).
+    """Run ``solver`` on ``z = fn(z, *args)`` from ``z0`` (B, D) for at most
+    ``opts.max_steps`` updates.
 
     ``args`` are per-sample (batch first) and sliced together with the working batch when
-    ``compact`` is True (by ``slice_args(args, rows)``, default: top-level tensors);
-    otherwise the full batch is evaluated every step and finished samples simply keep their
-    recorded result.
+    ``opts.compact`` is True (by ``opts.slice_args``); otherwise the full batch is evaluated
+    every step and finished samples simply keep their recorded result.
 
-    ``grad_last`` (``"params"`` or ``"z"``): make the last evaluation the step budget allows
-    (the one at ``max_steps``) under autograd, with ``z`` a leaf requiring grad for ``"z"``.
-    When every returned value is that last iterate, ``LoopOutput.last_eval`` carries the
-    evaluation so that the adjoint does not repeat it (training with a step budget that no
-    sample beats, e.g. the one-step recipe, saves one evaluation of f per step).
+    ``graph`` (``"params"`` or ``"z"``): make the last evaluation the step budget allows
+    under autograd (from a leaf ``z`` requiring grad for ``"z"``). When every returned value
+    is that last iterate, ``LoopOutput.last_eval`` carries it, so that an adjoint does not
+    evaluate f again (a training solve that runs to its budget saves one evaluation).
 
-    ``ref``: ``(s_0, ||r_0||)`` per sample, for a retry that must keep the stopping test of
-    the first attempt (see the module docstring); computed from ``z0`` when None.
+    ``ref``: ``(s_0, ||r_0||)`` per sample, for a retry that keeps the stopping test of the
+    first attempt (see the module docstring); computed from ``z0`` when None.
 
-    ``probe``: when not None, the first time some samples finish while others go on, f is
-    evaluated once more with the finished rows changed, and the others' outputs must not
-    move by more than ``probe`` (relative); :class:`BatchCouplingError` otherwise.
-
-    ``eps``: the unit roundoff of the least precise dtype f computes in (default: that of
-    ``z0``), the level below which a residual is rounding (see :func:`growth_bound`).
+    ``opts.probe``: when not None, the first time some samples finish while others go on, f
+    is evaluated again with the finished rows changed, and the others' outputs must not move
+    by more than ``probe`` (relative): :class:`BatchCouplingError` otherwise.
     """
-    B, D = z0.shape
-    device = z0.device
-    rtol, atol = float(solver.rtol), float(solver.atol)
-    # A huge finite ratio still flags inf residuals (inf <= finite is False).
-    div = float(divergence_ratio) if divergence_ratio is not None else 1e300
-    runaway = divergence_ratio is not None
-    differentiable = torch.is_grad_enabled()
-    if slice_args is None:
-        slice_args = _slice_top_level
-    if eps is None:
-        eps = torch.finfo(z0.dtype).eps
-
-    counters = {"nfev": 0, "rows": 0}
-    work_args = args
-    shrunk = [False]
-
-    def call(z: Tensor) -> Tensor:
-        counters["nfev"] += 1
-        counters["rows"] += z.shape[0]
-        try:
-            out = fn(z, *work_args)
-        except Exception as err:
-            if shrunk[0]:
-                raise BatchCouplingError(
-                    f"`f` failed on the working batch of {z.shape[0]} rows: {err}. "
-                    + _shrink_message(B, z.shape[0])
-                ) from err
-            raise
-        if out.shape != z.shape:
-            msg = (f"`f` returned {out.shape[0]} rows of {out.shape[1]} values for a state "
-                   f"of {z.shape[0]} rows of {z.shape[1]}; it must keep the shape of `z0`.")
-            if shrunk[0]:
-                raise BatchCouplingError(msg + " " + _shrink_message(B, z.shape[0]))
-            raise ValueError(msg)
-        return out
-
-    # Global (full-batch) results, written when samples stop.
-    out_value = z0.new_zeros(B, D)
-    out_abs = z0.new_full((B,), float("nan"))
-    out_fn = z0.new_full((B,), float("nan"))  # ||f|| at the returned value (for rel_residual)
-    out_nstep = torch.full((B,), max_steps, dtype=torch.int64, device=device)
-    out_status = torch.full((B,), RESULTS.max_steps_reached.code, dtype=torch.int64, device=device)
-    traces: list[Tensor] = []
-
-    gidx = torch.arange(B, device=device)  # global row of each working row
-    active = torch.ones(B, dtype=torch.bool, device=device)
-    last: tuple[Tensor, Tensor] | None = None
-
-    def call_last(z: Tensor) -> Tensor:  # the evaluation at max_steps, kept with its graph
-        nonlocal last
-        zl = z.detach().requires_grad_() if grad_last == "z" else z.detach()
-        with torch.enable_grad():
-            fl = call(zl)
-        last = (zl, fl)
-        return fl.detach()
-
+    led = Ledger(z0, solver, opts, ref)
+    ev = Evaluator(fn, args, z0.shape[0], opts.slice_args or slice_top_level)
+    max_steps, probed, state = opts.max_steps, opts.probe is None, None
     z = z0
-    fz = call_last(z) if grad_last and max_steps == 0 else call(z)
-    s0 = s0r0 = s0div = None  # the stopping test's reference, from the first residual
-    best_z = z
-    best_abs = z0.new_full((B,), float("inf"))
-    best_fn = z0.new_ones(B)
-    since_best = torch.zeros(B, dtype=torch.int64, device=device) if patience else None
-    state = None
-    probed = probe is None  # nothing (more) to probe
-
-    all_active = True  # no row of the working batch has stopped: cheaper bookkeeping
-    stopped_early = False  # some row stopped before max_steps (no reuse of the last eval)
-    reuse_rows: Tensor | None = None  # rows whose returned value is the last iterate
+    fz = ev.with_graph(z, graph) if graph and max_steps == 0 else ev(z)
     for k in range(max_steps + 1):
-        r = fz - z
-        absr = torch.linalg.vector_norm(r, dim=1)
-        fnorm = torch.linalg.vector_norm(fz, dim=1)
-        if s0 is None:
-            ref = ref if ref is not None else _reference(z, absr, fnorm)
-            s0, s0r0, s0div = ref[0], ref[0] * ref[1], ref[0] * div
-        # provisional (the plain relative test); confirmed with the bounded scale below
-        conv = absr <= (fnorm * rtol + atol if atol else fnorm * rtol)
-        # NaN/inf residuals and divergence both fail `absr <= div * best`.
-        bad = ~(absr <= best_abs * div) if k > 0 else ~torch.isfinite(absr)
-        improved = absr < best_abs
-        if since_best is not None:  # oscillation / stagnation: no new lowest residual lately
-            since_best = torch.where(improved, 0, since_best + 1)
-            bad = bad | (since_best >= patience)
-        stop = conv | bad
-        if runaway and k % 8 == 7:  # now and then: has an iterate grown far beyond its start?
-            stop = stop | (fnorm > s0div)
-        if not all_active:
-            stop = stop & active
-        if trace:
-            t = z0.new_full((B,), float("nan"))
-            t[gidx] = torch.where(active, absr, torch.nan).detach()
-            traces.append(t)
-        flags = torch.stack(
-            (stop.any(), improved.all() if all_active else (improved | ~active).all())
-        ).tolist()
-        sel = None
-        if flags[0]:  # confirm the candidates: bounded scale, finite residual, real runaway
-            bound = growth_bound(s0, s0r0, absr, fnorm, eps)
-            # (s0 is finite, so is the bound: an inf or NaN residual fails `<=`)
-            conv = conv & (absr <= (bound * rtol + atol if atol else bound * rtol))
-            if runaway:
-                run = fnorm > bound * div
-                conv = conv & ~run
-                bad = bad | run
-            stop = conv | bad
-            if not all_active:
-                stop = stop & active
-            sel = stop.nonzero().squeeze(1)
-            flags[0] = sel.numel() > 0
-        if last is not None and k == max_steps and not stopped_early:
-            # returned value == z for rows that converge here or whose best iterate is z
-            reuse_rows = conv | improved  # (no row stopped before: conv is confirmed or empty)
-        if flags[1]:  # every unfinished sample improved: no copies (finished rows are unused)
-            best_z, best_fn, best_abs = z, fnorm, absr
-        else:
-            best_z = torch.where(improved.unsqueeze(1), z, best_z)
-            best_fn = torch.where(improved, fnorm, best_fn)
-            best_abs = torch.where(improved, absr, best_abs)
-        if flags[0]:
-            g = gidx[sel]
-            c = conv[sel]
-            val = torch.where(c.unsqueeze(1), z[sel], best_z[sel])
-            a = torch.where(conv, absr, best_abs)[sel]  # (vectors: select, then gather once)
-            fnn = torch.where(conv, fnorm, best_fn)[sel]
-            a_now = absr[sel]
-            finite = torch.isfinite(a_now)
-            failed_code = torch.where(finite, RESULTS.diverged.code, RESULTS.nonfinite.code)
-            if since_best is not None:  # stopped for no progress (and neither ran off)
-                stag = finite & (a_now <= best_abs[sel] * div)
-                if runaway:
-                    stag = stag & ~run[sel]
-                failed_code = torch.where(stag, RESULTS.stagnated.code, failed_code)
-            code = torch.where(c, RESULTS.successful.code, failed_code)
-            if differentiable:
-                out_value = out_value.index_copy(0, g, val)
-            else:
-                out_value.index_copy_(0, g, val)
-            out_abs.index_copy_(0, g, a.detach() if differentiable else a)
-            out_fn.index_copy_(0, g, fnn.detach() if differentiable else fnn)
-            out_nstep.index_fill_(0, g, k)
-            out_status.index_copy_(0, g, code)
-            active = active & ~stop
-            all_active = False
-            stopped_early = stopped_early or k < max_steps
-            n_active = int(active.sum())
+        sel = led.observe(k, z, fz)
+        if sel is not None:
+            n_active = led.record(k, sel, z)
             if n_active == 0:
                 break
             if not probed and k < max_steps:  # the first time rows finish while others go on
-                wa = work_args
-                _probe(lambda zz, wa=wa: fn(zz, *wa), z, active, probe)
+                ev.probe(z, led.active, opts.probe)
                 probed = True
-            if compact and k < max_steps and n_active <= compact_ratio * active.shape[0]:
-                keep = active.nonzero().squeeze(1)
-                gidx = gidx[keep]
-                z, fz, r = z[keep], fz[keep], r[keep]
-                best_z, best_abs, best_fn = best_z[keep], best_abs[keep], best_fn[keep]
-                s0, s0r0, s0div = s0[keep], s0r0[keep], s0div[keep]
-                if since_best is not None:
-                    since_best = since_best[keep]
-                active = active[keep]
-                all_active = True
-                work_args = slice_args(args, gidx)
-                shrunk[0] = True
+            keep = led.compact(k, n_active)
+            if keep is not None:
+                z, fz = z[keep], fz[keep]
+                ev.select(led.gidx)
                 if state is not None:
                     state = solver.select(state, keep)
         if k == max_steps:
             break
         if state is None:
-            state = solver.init(call, z, fz, r, max_steps)
-        z_next, fz_next, state = solver.step(call, z, fz, r, state)
-        z = z_next
+            state = solver.init(ev, z, fz, led.r, max_steps)
+        z, fz_next, state = solver.step(ev, z, fz, led.r, state)
         if fz_next is not None:
             fz = fz_next
-        elif grad_last and k + 1 == max_steps and not stopped_early:
+        elif graph and k + 1 == max_steps and not led.stopped_early:
             # (after an early stop the adjoint evaluates f itself anyway: no graph here). The
             # graph saves what f's intermediates take during any step: no new memory peak.
-            fz = call_last(z)
+            fz = ev.with_graph(z, graph)
         else:
-            fz = call(z)
-
-    # Samples still active ran out of steps: return their lowest-residual iterate.
-    rem = active.nonzero().squeeze(1)
-    if rem.numel() > 0:
-        g = gidx[rem]
-        if differentiable:
-            out_value = out_value.index_copy(0, g, best_z[rem])
-        else:
-            out_value.index_copy_(0, g, best_z[rem])
-        a = best_abs[rem]
-        out_abs.index_copy_(0, g, a.detach())
-        out_fn.index_copy_(0, g, best_fn[rem].detach())
-        code = torch.where(torch.isfinite(a), RESULTS.max_steps_reached.code,
-                           RESULTS.nonfinite.code)
-        if runaway:  # the last iterate ran off: diverged, not merely out of steps
-            bound = growth_bound(s0[rem], s0r0[rem], absr[rem], fnorm[rem], eps)
-            code = torch.where((fnorm[rem] > bound * div) & torch.isfinite(a),
-                               RESULTS.diverged.code, code)
-        out_status.index_copy_(0, g, code)
-    # the relative residual of every returned value, on the scale of the stopping test
-    scale = torch.minimum(out_fn, growth_bound(ref[0], ref[0] * ref[1], out_abs, out_fn, eps))
-    out_rel = out_abs / scale.clamp_min(torch.finfo(out_abs.dtype).tiny)
-    last_eval = None
-    if last is not None and reuse_rows is not None and bool(reuse_rows.all()):
-        last_eval = last
-    return LoopOutput(
-        value=out_value,
-        abs_residual=out_abs,
-        rel_residual=out_rel,
-        nstep=out_nstep,
-        status=out_status,
-        nfev=counters["nfev"],
-        nfev_samples=counters["rows"],
-        trace=torch.stack(traces) if trace else None,
-        ref=ref,
-        last_eval=last_eval,
-        probed=probe is not None and probed,
-    )
+            fz = ev(z)
+    value, absr, rel, nstep, status, trace = led.finish()
+    reuse = ev.last is not None and led.reuse_rows is not None and bool(led.reuse_rows.all())
+    return LoopOutput(value=value, abs_residual=absr, rel_residual=rel, nstep=nstep,
+                      status=status, nfev=ev.nfev, nfev_samples=ev.rows, trace=trace,
+                      ref=led.ref, last_eval=ev.last if reuse else None,
+                      probed=opts.probe is not None and probed)
 
 
-def _reference(z0: Tensor, r0: Tensor, f0: Tensor) -> tuple[Tensor, Tensor]:
-    """``(s_0, ||r_0||)`` from the first iterate, its residual norm and ``||f(z_0)||``."""
-    if r0.requires_grad:  # (an unrolled solve)
-        z0, r0, f0 = z0.detach(), r0.detach(), f0.detach()
-    s0 = torch.fmax(torch.linalg.vector_norm(z0, dim=1), f0)
-    # a sample whose first evaluation is not finite stops at once (nonfinite); a finite s0
-    # keeps every bound finite, so that no residual passes by `inf <= inf`
-    return torch.where(torch.isfinite(s0), s0, 0.0), r0
+def run_stages(
+    fn: Callable[..., Tensor],
+    z0: Tensor,
+    args: tuple[Any, ...],
+    solver: AbstractFixedPointSolver,
+    opts: LoopOptions,
+    *,
+    graph: str | None = None,
+) -> LoopOutput:
+    """Run ``solver.stages(max_steps)`` in turn: the first on the whole batch, each next one on
+    the samples all before it failed, restarted from their lowest-residual iterate with the
+    stopping test of the first attempt. One stage (every ordinary solver) is :func:`iterate`."""
+    stages = solver.stages(opts.max_steps)
+    first, budget = stages[0]
+    loop = iterate(fn, z0, args, first, dataclasses.replace(opts, max_steps=budget),
+                   graph=graph if len(stages) == 1 else None)
+    if len(stages) == 1:
+        return loop
+    B = z0.shape[0]
+    index = torch.zeros(B, dtype=torch.int64, device=z0.device)
+    attempts = torch.ones(B, dtype=torch.int64, device=z0.device)
+    s0, r0 = loop.ref
+    for i, (stage, budget) in enumerate(stages[1:], start=1):
+        failed = (loop.status != RESULTS.successful.code).nonzero().squeeze(1)
+        if failed.numel() == 0:
+            break
+        sub_opts = dataclasses.replace(opts, max_steps=budget, trace=False, probe=None)
+        if opts.compact:  # the retry runs on the failed samples only
+            slicer = opts.slice_args or slice_top_level
+            sub = iterate(fn, loop.value[failed], slicer(args, failed), stage, sub_opts,
+                          ref=(s0[failed], r0[failed]))
+            pick: Tensor | slice = slice(None)
+        else:  # a closure cannot be evaluated on a subset: rerun all, keep the failed rows
+            sub = iterate(fn, loop.value, args, stage, sub_opts, ref=(s0, r0))
+            pick = failed
+        _merge(loop, sub, failed, pick)
+        index[failed] = i
+        attempts[failed] += 1
+    loop.extra = {"solver_index": index, "attempts": attempts}
+    return loop
 
 
-def _slice_top_level(args: tuple[Any, ...], rows: Tensor) -> tuple[Any, ...]:
-    return tuple(a[rows] if isinstance(a, Tensor) else a for a in args)
+def _merge(loop: LoopOutput, sub: LoopOutput, rows: Tensor, pick: Tensor | slice) -> None:
+    """Replace the results of ``rows`` of ``loop`` by those of a retry (its rows ``pick``)."""
+    for name in ("value", "abs_residual", "rel_residual", "status"):
+        getattr(loop, name)[rows] = getattr(sub, name)[pick]
+    loop.nstep[rows] += sub.nstep[pick]
+    loop.nfev += sub.nfev
+    loop.nfev_samples += sub.nfev_samples

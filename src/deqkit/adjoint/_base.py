@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -12,24 +13,52 @@ from torch import Tensor
 FlatFn = Callable[..., Tensor]
 
 
-class AbstractAdjoint(abc.ABC):
-    """Base class of the adjoints.
+class Primal(Protocol):
+    """What an adjoint receives: the forward solve, ready to run (see ``deqkit._primal``).
 
-    ``apply(fn, z_star, args, backward_stats)`` receives the solver's equilibrium
-    ``z_star`` (a detached ``(B, D)`` tensor), the flat map ``fn(z, *args)`` and returns a
-    ``(B, D)`` tensor equal in value to ``z_star`` whose autograd graph defines the gradient.
-    ``backward_stats`` is a dict the adjoint may fill when its backward pass runs.
-    Adjoints with ``unrolled = True`` are not applied: the driver loop itself runs under
-    autograd instead.
+    ``run(graph=None, unrolled=False)`` runs the solve and returns its output (``.value``:
+    the ``(B, D)`` solution, detached unless ``unrolled``; ``.last_eval``: ``(z, f(z))`` of the
+    last evaluation under autograd when ``graph`` was asked and every returned value is that
+    iterate, else None). ``evaluate(z, leaf=False)`` returns ``(z_in, f(z_in))`` under
+    autograd; ``f(z)`` applies f; ``args`` are the call's per-sample inputs;
+    ``differentiable`` says whether gradients were enabled for the call;
+    ``supports_unrolled`` whether the solver's steps are differentiable by autograd. Every
+    evaluation is counted in the solution's ``nfev``.
+    """
 
-    Example:
+    differentiable: bool
+    supports_unrolled: bool
+    args: tuple[Any, ...]
+
+    def run(self, *, graph: str | None = None, unrolled: bool = False) -> Any: ...
+
+    def evaluate(self, z: Tensor, *, leaf: bool = False) -> tuple[Tensor, Tensor]: ...
+
+    def f(self, z: Tensor, *args: Any) -> Tensor: ...
+
+
+class AbstractAdjoint:
+    """Base class of the adjoints: each decides how the forward solve is run and how its
+    result is differentiated.
+
+    :meth:`solve` receives the :class:`Primal` (the problem, the solver and the loop, ready
+    to run) and ``backward_stats``, a dict it may fill when its backward pass runs, and
+    returns the ``(B, D)`` solution with the gradient it defines attached. The driver
+    (:func:`deqkit.fixed_point`) only calls :meth:`solve`: a new gradient method is one
+    subclass, without any change to the driver. When ``primal.differentiable`` is False (no
+    gradients asked) an adjoint should just return ``primal.run().value``.
+
+    Example (Jacobian-free backpropagation, written by hand; it reuses the solve's last
+    evaluation when the solve ran to its budget, and evaluates f at z* otherwise):
+
         >>> import torch, deqkit as dk
-        >>> class OneStep(dk.AbstractAdjoint):  # Jacobian-free backpropagation, written by hand
-        ...     forward_nfev = 1
-        ...     def apply(self, fn, z_star, args, backward_stats):
-        ...         with torch.enable_grad():
-        ...             fz = fn(z_star, *args)
-        ...         return z_star + (fz - fz.detach())  # value z*, gradient of one f step
+        >>> class OneStep(dk.AbstractAdjoint):
+        ...     def solve(self, primal, backward_stats):
+        ...         out = primal.run(graph="params")
+        ...         if not primal.differentiable:
+        ...             return out.value
+        ...         z, fz = out.last_eval or primal.evaluate(out.value)
+        ...         return z.detach() + (fz - fz.detach())  # value z*, gradient of one f step
         >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
         >>> sol = dk.fixed_point(lambda z: 0.5 * z + x, torch.zeros(1, 2, dtype=torch.float64),
         ...                      adjoint=OneStep())
@@ -38,30 +67,42 @@ class AbstractAdjoint(abc.ABC):
         tensor([[1., 1.]], dtype=torch.float64)
     """
 
-    #: When True the forward solve is recorded by autograd (ordinary backprop).
-    unrolled: bool = False
-    #: Extra evaluations of f made by :meth:`apply` (counted in ``stats["nfev"]``).
-    forward_nfev: int = 0
-    #: Adjoints whose :meth:`apply` is one evaluation of ``f`` at ``z_star`` with a graph
-    #: followed by :meth:`apply_evaluated` set this to ``"params"`` (graph into what ``f``
-    #: closes over) or ``"z"`` (``z_star`` also a leaf requiring grad). The driver then makes
-    #: its evaluation at the step budget under autograd, and when every returned value is that
-    #: last iterate :meth:`apply_evaluated` receives it instead of ``f`` being evaluated again.
-    reuse_eval: str | None = None
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A subclass written for the interface before `solve` (it defines `apply` only, maybe
+        # over a built-in adjoint) keeps its `apply`: give it the compatible `solve`.
+        if "apply" in vars(cls) and "solve" not in vars(cls):
+            cls.solve = AbstractAdjoint._legacy_solve  # type: ignore[method-assign]
 
-    @abc.abstractmethod
+    def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
+        """Run the forward solve through ``primal`` and return its ``(B, D)`` solution with
+        this adjoint's gradient attached."""
+        raise TypeError(f"{type(self).__name__} must implement `solve(primal, stats)`.")
+
+    def _legacy_solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
+        """``solve`` for a subclass that implements the deprecated ``apply``."""
+        warnings.warn(
+            f"{type(self).__name__} implements the deprecated `apply(fn, z_star, args, stats)`;"
+            " implement `solve(primal, backward_stats)` instead (see dk.AbstractAdjoint). "
+            "`apply` keeps working for now.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        z_star = primal.run().value
+        if not primal.differentiable:
+            return z_star
+
+        def fn(z: Tensor, *args: Any) -> Tensor:  # counted through the primal
+            return primal.f(z, *args)
+
+        return self.apply(fn, z_star.detach(), primal.args, backward_stats)
+
     def apply(
         self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
     ) -> Tensor:
-        """Attach the gradient to ``z_star``."""
-
-    def apply_evaluated(
-        self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]
-    ) -> Tensor:
-        """:meth:`apply` given ``fz = f(z_in)`` already evaluated with a graph at
-        ``z_in`` (equal in value to ``z_star``; a leaf requiring grad when
-        ``reuse_eval == "z"``). Only called on adjoints that set :attr:`reuse_eval`."""
-        raise NotImplementedError(f"{type(self).__name__} does not set `reuse_eval`.")
+        """Deprecated: the adjoint interface before :meth:`solve` (it received the solved
+        ``z_star`` and the flat map ``fn(z, *args)``). Override :meth:`solve` instead."""
+        raise NotImplementedError
 
 
 class HigherOrderError(RuntimeError):
@@ -123,25 +164,41 @@ def finite_rows(t: Tensor) -> Tensor | None:
     return torch.isfinite(t.detach()).all(dim=1)
 
 
-class _OneEvaluation(AbstractAdjoint):
-    """Adjoints whose :meth:`apply` is one evaluation of ``f`` at ``z_star`` with a graph
-    (with respect to ``z_star`` too when ``_z_graph``), then
-    :meth:`apply_evaluated`; the driver may hand them its own last evaluation instead."""
+class OneEvaluation(AbstractAdjoint, abc.ABC):
+    """Adjoints defined by one evaluation of f at the solution ``z*`` under autograd
+    (implicit, Jacobian-free, one-step): :meth:`solve` asks the loop for a graph at its last
+    step and reuses that evaluation when every returned value is the last iterate (a solve
+    that ran to its budget), evaluating f at ``z*`` otherwise; :meth:`attach` then builds the
+    returned value from ``(z_in, f(z_in))``."""
 
-    reuse_eval: str | None = "params"
-    #: evaluate f at a ``z_star`` that requires grad (the implicit adjoint's VJPs in z)
-    _z_graph: bool = False
+    #: evaluate f from a leaf ``z*`` requiring grad (the implicit adjoint's VJPs in z)
+    leaf: ClassVar[bool] = False
+    #: take the loop's last evaluation when it is at the returned values (False: always
+    #: evaluate f at z* again; the values and gradients are the same)
+    reuse: ClassVar[bool] = True
+
+    def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
+        graph = ("z" if self.leaf else "params") if self.reuse else None
+        out = primal.run(graph=graph)
+        if not primal.differentiable:
+            return out.value
+        if out.last_eval is not None:
+            z_in, fz = out.last_eval
+        else:
+            z_in, fz = primal.evaluate(out.value, leaf=self.leaf)
+        return self.attach(z_in, fz, backward_stats)
 
     def apply(
         self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
     ) -> Tensor:
-        z = z_star.detach()
-        if self._z_graph:
-            z = z.requires_grad_()
+        """Deprecated (see :meth:`AbstractAdjoint.apply`): evaluate ``fn`` at ``z_star`` under
+        autograd and :meth:`attach`; kept for subclasses that extend it."""
+        z = z_star.detach().requires_grad_() if self.leaf else z_star.detach()
         with torch.enable_grad():
             fz = fn(z, *args)
-        return self.apply_evaluated(z, fz, backward_stats)
+        return self.attach(z, fz, backward_stats)
 
     @abc.abstractmethod
-    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
-        """See :meth:`AbstractAdjoint.apply_evaluated`."""
+    def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+        """The returned value (equal to ``z_in`` up to the adjoint's choice) whose graph
+        through ``fz = f(z_in)`` defines the gradient."""

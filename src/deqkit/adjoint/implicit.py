@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..linear import GMRES, AbstractLinearSolver, Neumann
-from ._base import _OneEvaluation, finite_rows, refuse_higher_order
+from ..linear import GMRES, AbstractLinearSolver, IdentityMinus, JacobianOperator, Neumann
+from ._base import AbstractAdjoint, OneEvaluation, finite_rows, refuse_higher_order
+from .jacobian_free import JacobianFreeAdjoint, PhantomAdjoint
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 
@@ -65,74 +66,34 @@ class _Implicit(torch.autograd.Function):
         # the VJPs do not record): a second derivative would be silently wrong, so refuse.
         refuse_higher_order("ImplicitAdjoint")
         payload = ctx.payload
-        fz, z_req = ctx.fz, payload["z_req"]
         adjoint: ImplicitAdjoint = payload["adjoint"]
         stats: dict[str, Any] = payload["stats"]
-
-        def matvec(u: Tensor) -> Tensor:  # (I - J^T) u
-            with torch.enable_grad():
-                (vjp,) = torch.autograd.grad(fz, z_req, u, retain_graph=True)
-            return u - vjp
-
-        n = grad.shape[0]
         ok = finite_rows(grad)
         if ok is not None and not bool(ok.any()):
             # Every row overflowed (e.g. a GradScaler-scaled float16 loss): no linear solve
             # can give it meaning. Pass it through unsolved so the non-finite values reach the
             # parameters' gradients, where the scaler sees them and skips the step.
-            stats.update(
-                nstep=torch.zeros(n, dtype=torch.long, device=grad.device),
-                residual=torch.full((n,), float("inf"), device=grad.device),
-                converged=torch.zeros(n, dtype=torch.bool, device=grad.device),
-                nmatvec=0,
-                fallback=torch.zeros(n, dtype=torch.bool, device=grad.device),
-                nonfinite_grad=~ok,
-            )
+            stats.update(_unsolved_stats(grad, ok))
             return grad, None
+        # I - J^T at z*, from the one evaluation f(z*) kept by the forward pass
+        op = IdentityMinus(JacobianOperator.from_evaluation(payload["z_req"], ctx.fz)).T
         # Rows with a non-finite incoming gradient are solved as zero rows (samples are
         # independent, so they do not disturb the others) and passed through afterwards.
         rhs = grad if ok is None else torch.where(ok.unsqueeze(1), grad, 0.0)
-        sol = adjoint.linear_solver.solve(matvec, rhs)
-        u = sol.value
-        converged = sol.converged if ok is None else sol.converged & ok
-        stats.update(
-            nstep=sol.nstep,
-            residual=sol.residual if ok is None else sol.residual.masked_fill(~ok, float("inf")),
-            converged=converged,
-            nmatvec=sol.nmatvec,
-            fallback=torch.zeros_like(sol.converged),
-            nonfinite_grad=torch.zeros_like(sol.converged) if ok is None else ~ok,
-        )
-        failed = ~sol.converged
-        if bool(failed.any()):
-            nfail = int(failed.sum())
-            msg = (
-                f"implicit backward: the linear solve {adjoint.linear_solver} did not converge "
-                f"for {nfail}/{failed.numel()} samples (worst residual "
-                f"{float(sol.residual.max()):.3e}); the gradient is inexact. Increase the "
-                "linear solver's max_steps, use dk.GMRES, or make f more contractive."
-            )
-            if adjoint.fallback == "phantom":
-                # Phantom gradient (Geng et al. 2021) for the failed samples: k damped
-                # Neumann steps from 0, the VJP form of unrolling k damped Picard steps at z*.
-                ph = Neumann(
-                    rtol=0.0, atol=0.0, max_steps=adjoint.fallback_steps,
-                    damping=adjoint.fallback_damping,
-                ).solve(matvec, rhs)
-                u = torch.where(failed.unsqueeze(1), ph.value, u)
-                stats["fallback"] = failed
-                msg += f" Used the phantom gradient for those samples ({nfail} recorded in stats)."
-            if adjoint.on_failure == "raise":
-                raise RuntimeError(msg)
-            if adjoint.on_failure == "warn":
-                warnings.warn(msg, BackwardSolveWarning, stacklevel=2)
-        if ok is not None:
-            u = torch.where(ok.unsqueeze(1), u, grad)
-        return u, None
+        u = adjoint.solve_backward(op, rhs, stats, ok)
+        return (u if ok is None else torch.where(ok.unsqueeze(1), u, grad)), None
+
+
+def _unsolved_stats(grad: Tensor, ok: Tensor) -> dict[str, Any]:
+    n, dev = grad.shape[0], grad.device
+    return dict(nstep=torch.zeros(n, dtype=torch.long, device=dev),
+                residual=torch.full((n,), float("inf"), device=dev),
+                converged=torch.zeros(n, dtype=torch.bool, device=dev), nmatvec=0,
+                fallback=torch.zeros(n, dtype=torch.bool, device=dev), nonfinite_grad=~ok)
 
 
 @dataclasses.dataclass(frozen=True)
-class ImplicitAdjoint(_OneEvaluation):
+class ImplicitAdjoint(OneEvaluation):
     r"""Exact gradient of the equilibrium by the implicit function theorem.
 
     Differentiating :math:`z^\star = f(z^\star, \theta)` gives
@@ -153,10 +114,13 @@ class ImplicitAdjoint(_OneEvaluation):
         on_failure: what to do when the linear solve misses its tolerance: ``"warn"`` (a
             :class:`BackwardSolveWarning`), ``"raise"`` (RuntimeError) or ``"ignore"``;
             always recorded in ``sol.backward["converged"]``. Default: ``"warn"``.
-        fallback: ``None`` or ``"phantom"``: replace the gradient of samples whose solve failed
-            by the phantom gradient (recorded in ``sol.backward["fallback"]``). Default: None.
-        fallback_steps: steps of the phantom fallback. Default: 5.
-        fallback_damping: damping of the phantom fallback. Default: 0.5.
+        fallback: ``None`` or an adjoint whose gradient replaces that of the samples whose
+            solve failed (recorded in ``sol.backward["fallback"]``):
+            ``dk.PhantomAdjoint(steps, damping)`` or ``dk.JacobianFreeAdjoint()``, computed
+            from the same evaluation of f at z*. Default: None. (The string ``"phantom"``
+            with ``fallback_steps``/``fallback_damping`` is deprecated.)
+        fallback_steps: deprecated, with ``fallback="phantom"``. Default: 5.
+        fallback_damping: deprecated, with ``fallback="phantom"``. Default: 0.5.
 
     References: Bai, Kolter, Koltun (2019), "Deep Equilibrium Models"; Geng et al. (2021),
     "On Training Implicit Models" (phantom gradients).
@@ -174,12 +138,10 @@ class ImplicitAdjoint(_OneEvaluation):
 
     linear_solver: AbstractLinearSolver = dataclasses.field(default_factory=GMRES)
     on_failure: str = "warn"
-    fallback: str | None = None
+    fallback: AbstractAdjoint | str | None = None
     fallback_steps: int = 5
     fallback_damping: float = 0.5
-    forward_nfev: ClassVar[int] = 1
-    reuse_eval: ClassVar[str] = "z"
-    _z_graph: ClassVar[bool] = True
+    leaf: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -193,14 +155,72 @@ class ImplicitAdjoint(_OneEvaluation):
                 f"ImplicitAdjoint: `on_failure` must be one of {_ON_FAILURE}, "
                 f"got {self.on_failure!r}."
             )
-        if self.fallback not in (None, "phantom"):
+        if isinstance(self.fallback, str) and self.fallback == "phantom":
+            warnings.warn(
+                "ImplicitAdjoint(fallback='phantom', fallback_steps=..., fallback_damping=...) "
+                "is deprecated: pass the adjoint, fallback=dk.PhantomAdjoint(steps, damping).",
+                DeprecationWarning, stacklevel=3,
+            )
+            phantom = PhantomAdjoint(steps=self.fallback_steps, damping=self.fallback_damping)
+            object.__setattr__(self, "fallback", phantom)
+        elif self.fallback is not None and not isinstance(
+                self.fallback, (PhantomAdjoint, JacobianFreeAdjoint)):
             raise ValueError(
-                f"ImplicitAdjoint: `fallback` must be None or 'phantom', got {self.fallback!r}."
+                "ImplicitAdjoint: `fallback` must be None or 'phantom' (deprecated) or an "
+                "adjoint computed from the same evaluation of f: dk.PhantomAdjoint(steps, "
+                f"damping) or dk.JacobianFreeAdjoint(); got {self.fallback!r}."
             )
 
-    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+    def solve_backward(self, op: Any, rhs: Tensor, stats: dict[str, Any],
+                       ok: Tensor | None = None) -> Tensor:
+        r"""Solve :math:`(I - J^\top) u = g` (``op``, ``rhs``) with the linear solver, record
+        the statistics in ``stats`` and handle a failed solve as ``on_failure`` and
+        ``fallback`` say. ``ok``: rows with a finite incoming gradient (None: all)."""
+        sol = self.linear_solver.solve(op, rhs)
+        stats.update(
+            nstep=sol.nstep,
+            residual=sol.residual if ok is None else sol.residual.masked_fill(~ok, float("inf")),
+            converged=sol.converged if ok is None else sol.converged & ok,
+            nmatvec=sol.nmatvec,
+            fallback=torch.zeros_like(sol.converged),
+            nonfinite_grad=torch.zeros_like(sol.converged) if ok is None else ~ok,
+        )
+        failed = ~sol.converged
+        if not bool(failed.any()):
+            return sol.value
+        u, nfail = sol.value, int(failed.sum())
+        msg = (
+            f"implicit backward: the linear solve {self.linear_solver} did not converge "
+            f"for {nfail}/{failed.numel()} samples (worst residual "
+            f"{float(sol.residual.max()):.3e}); the gradient is inexact. Increase the "
+            "linear solver's max_steps, use dk.GMRES, or make f more contractive."
+        )
+        if self.fallback is not None:
+            # Phantom gradient (Geng et al. 2021) for the failed samples: k damped Neumann
+            # steps from 0, the VJP form of unrolling k damped Picard steps at z* (JFB: one
+            # undamped step).
+            steps, damping = _neumann_form(self.fallback)
+            ph = Neumann(rtol=0.0, atol=0.0, max_steps=steps, damping=damping).solve(op, rhs)
+            u = torch.where(failed.unsqueeze(1), ph.value, u)
+            stats["fallback"] = failed
+            msg += f" Used {self.fallback} for those samples ({nfail} recorded in stats)."
+        if self.on_failure == "raise":
+            raise RuntimeError(msg)
+        if self.on_failure == "warn":
+            warnings.warn(msg, BackwardSolveWarning, stacklevel=4)
+        return u
+
+    def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         z_star = z_in.detach()
         if not _depends_on_more_than(fz, z_in):  # nothing else f uses requires grad
             return z_star
         payload = {"z_star": z_star, "z_req": z_in, "adjoint": self, "stats": backward_stats}
         return _Implicit.apply(fz, payload)
+
+
+def _neumann_form(adjoint: AbstractAdjoint) -> tuple[int, float]:
+    """``(steps, damping)`` of the damped Neumann series that is ``adjoint``'s gradient at an
+    exact fixed point (phantom: k damped steps; JFB: one undamped step)."""
+    if isinstance(adjoint, PhantomAdjoint):
+        return adjoint.steps, float(adjoint.damping)
+    return 1, 1.0

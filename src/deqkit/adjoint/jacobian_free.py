@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import AbstractAdjoint, FlatFn, _OneEvaluation, finite_rows, first_order
+from ._base import AbstractAdjoint, OneEvaluation, Primal, finite_rows, first_order
 
 
 @dataclasses.dataclass(frozen=True)
-class JacobianFreeAdjoint(_OneEvaluation):
+class JacobianFreeAdjoint(OneEvaluation):
     r"""Jacobian-free backpropagation (JFB; Fung et al., AAAI 2022).
 
     Backpropagates through one application of f at the equilibrium with :math:`z^\star` held
@@ -35,10 +35,7 @@ class JacobianFreeAdjoint(_OneEvaluation):
         tensor([[1., 1.]], dtype=torch.float64)
     """
 
-    forward_nfev: ClassVar[int] = 1
-    reuse_eval: ClassVar[str] = "params"
-
-    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+    def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         return z_in.detach() + first_order(_delta(fz), self)
 
 
@@ -79,18 +76,14 @@ class PhantomAdjoint(AbstractAdjoint):
         if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
             raise ValueError(f"PhantomAdjoint: `damping` must be in (0, 1], got {self.damping!r}.")
 
-    @property
-    def forward_nfev(self) -> int:  # type: ignore[override]
-        return self.steps
-
-    def apply(
-        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
-    ) -> Tensor:
-        z0 = z_star.detach()
+    def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
+        z0 = primal.run().value
+        if not primal.differentiable:
+            return z0
         z = z0
         with torch.enable_grad():
             for _ in range(self.steps):
-                fz = fn(z, *args)
+                fz = primal.f(z)
                 z = fz if self.damping == 1.0 else torch.lerp(z, fz, self.damping)
         return z0 + first_order(_delta(z), self)
 

@@ -4,12 +4,12 @@ residual penalty)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._base import _OneEvaluation, finite_rows, first_order
+from ._base import OneEvaluation, finite_rows, first_order
 
 
 class _AddToObjective(torch.autograd.Function):
@@ -28,7 +28,7 @@ class _AddToObjective(torch.autograd.Function):
 
 
 @dataclasses.dataclass(frozen=True)
-class OneStepAdjoint(_OneEvaluation):
+class OneStepAdjoint(OneEvaluation):
     r"""Differentiate one more application of the cell at the solver's iterate, and return it.
 
     With :math:`\hat z` the (detached) result of the forward solve, the layer returns
@@ -74,8 +74,6 @@ class OneStepAdjoint(_OneEvaluation):
     """
 
     residual_weight: float = 1.0
-    forward_nfev: ClassVar[int] = 1
-    reuse_eval: ClassVar[str] = "params"
 
     def __post_init__(self) -> None:
         w = self.residual_weight
@@ -84,7 +82,7 @@ class OneStepAdjoint(_OneEvaluation):
                 f"OneStepAdjoint: `residual_weight` must be a float >= 0, got {w!r}; e.g. 1.0."
             )
 
-    def apply_evaluated(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
+    def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         z = z_in.detach()
         # rows where f(z) is not finite return their last finite iterate z (no gradient)
         ok = finite_rows(fz)

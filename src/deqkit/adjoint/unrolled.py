@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import Tensor
 
-from ._base import AbstractAdjoint, FlatFn
+from ._base import AbstractAdjoint, Primal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,16 +26,12 @@ class UnrolledAdjoint(AbstractAdjoint):
         >>> import torch, deqkit as dk
         >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
         >>> sol = dk.fixed_point(lambda z: 0.5 * z + x, torch.zeros(1, 2, dtype=torch.float64),
-        ...                      solver=dk.Picard(rtol=1e-30, atol=0), max_steps=3,
-        ...                      adjoint=dk.UnrolledAdjoint(), throw=False)
+        ...                      solver=dk.FixedSteps(dk.Picard()), max_steps=3,
+        ...                      adjoint=dk.UnrolledAdjoint())
         >>> sol.value.sum().backward()
         >>> x.grad  # z_3 = (1 + 0.5 + 0.25) x; the implicit gradient is 2
         tensor([[1.7500, 1.7500]], dtype=torch.float64)
     """
 
-    unrolled: ClassVar[bool] = True
-
-    def apply(
-        self, fn: FlatFn, z_star: Tensor, args: tuple[Any, ...], backward_stats: dict[str, Any]
-    ) -> Tensor:  # pragma: no cover - the driver never calls it
-        return z_star
+    def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
+        return primal.run(unrolled=True).value

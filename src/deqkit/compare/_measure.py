@@ -121,8 +121,7 @@ def _forced_deq(model: DEQMLP, steps: int, solver: str = "anderson",
     if backward == "neumann":  # O(1)-workspace implicit backward (no Krylov basis)
         m.deq.adjoint = dk.ImplicitAdjoint(dk.Neumann(rtol=1e-4, atol=1e-8, max_steps=100),
                                            on_failure="ignore")
-    m.deq.solver = (dk.Picard(rtol=1e-30, atol=0.0) if solver == "picard"
-                    else dk.Anderson(m=5, rtol=1e-30, atol=0.0))
+    m.deq.solver = dk.FixedSteps(dk.Picard() if solver == "picard" else dk.Anderson(m=5))
     m.deq.max_steps = m.deq.eval_max_steps = steps
     m.deq.throw = False
     # no compaction: a sample that lands exactly on its fixed point (float32 Picard can) keeps

@@ -236,8 +236,8 @@ def methods(res: dict[str, Any]) -> list[str]:
         "no-grad inference pass. Measured identically for every model.",
         "Memory growth: L in " + str(c["sweep"]) + " blocks (ResNet, width " + str(c["width"]) +
         " for all models here), tied steps (unrolled), forced solver steps of the trained DEQ "
-        "(rtol=1e-30, atol=0, throw=False, no divergence stop, no batch compaction; float32 "
-        "Picard can land exactly on a fixed point, so steps_used is reported) with its "
+        "(dk.FixedSteps: exactly that many updates, no tolerance test, no divergence stop, no "
+        "batch compaction) with its "
         "Anderson(m=5) solver "
         "('deq_implicit', also JFB/phantom) or dk.Picard ('deq_implicit_picard'), both with the "
         "trained ImplicitAdjoint(GMRES restart 5) backward whose Krylov basis is a constant "

@@ -1,20 +1,45 @@
-"""Batched, matrix-free linear solvers for implicit differentiation and Newton steps.
+"""Batched, matrix-free linear operators and solvers for implicit differentiation and Newton steps.
 
-Every solver solves ``B`` independent systems ``A_b x_b = r_b`` given only a batched
-``matvec`` (see :class:`AbstractLinearSolver`), with per-sample stopping.
+Every solver solves ``B`` independent systems ``A_b x_b = r_b`` given an operator (or only a
+batched ``matvec``; see :class:`AbstractLinearSolver`), with per-sample stopping.
 
 - :class:`GMRES`: restarted GMRES, the robust default for nonsymmetric systems.
 - :class:`BiCGStab`: short recurrences, two matvecs per step, constant memory.
 - :class:`Neumann`: damped Richardson / truncated Neumann series (the classical DEQ
   fixed-point backward pass); needs a contractive iteration.
-- :class:`Dense`: assembles the matrices and solves directly; the exact reference.
+- :class:`Dense`: assembles the matrices and solves directly; the exact reference. It
+  factorises once per operator (``init``) and reuses that for every right-hand side.
+
+Operators (:class:`AbstractLinearOperator`): :class:`JacobianOperator` (the matrix-free
+Jacobian of a cell at a point: ``mv`` = J v, ``rmv`` = J^T u), :class:`IdentityMinus`
+(I - A; ``IdentityMinus(J).T`` is the implicit backward operator I - J^T),
+:class:`MatrixOperator` and :class:`FunctionOperator`.
 """
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import LinearSolution as LinearSolution
+from ._base import LinearSolverState as LinearSolverState
+from ._operator import AbstractLinearOperator as AbstractLinearOperator
+from ._operator import FunctionOperator as FunctionOperator
+from ._operator import IdentityMinus as IdentityMinus
+from ._operator import JacobianOperator as JacobianOperator
+from ._operator import MatrixOperator as MatrixOperator
 from .bicgstab import BiCGStab as BiCGStab
 from .dense import Dense as Dense
 from .gmres import GMRES as GMRES
 from .neumann import Neumann as Neumann
 
-__all__ = ["GMRES", "AbstractLinearSolver", "BiCGStab", "Dense", "LinearSolution", "Neumann"]
+__all__ = [
+    "GMRES",
+    "AbstractLinearOperator",
+    "AbstractLinearSolver",
+    "BiCGStab",
+    "Dense",
+    "FunctionOperator",
+    "IdentityMinus",
+    "JacobianOperator",
+    "LinearSolution",
+    "LinearSolverState",
+    "MatrixOperator",
+    "Neumann",
+]

@@ -10,15 +10,14 @@ from torch import Tensor
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    MatVec,
-    _check_floating,
-    _check_rhs,
     _check_tolerances,
     _initial_guess,
-    _Operator,
     _tolerance,
     batched_norm,
 )
+from ._operator import AbstractLinearOperator
+
+_dot = torch.linalg.vecdot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,95 +87,118 @@ class BiCGStab(AbstractLinearSolver):
     def __post_init__(self) -> None:
         _check_tolerances("BiCGStab", self.rtol, self.atol, self.max_steps)
 
-    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> LinearSolution:
+    def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
+            x0: Tensor | None) -> LinearSolution:
         """Solve ``A x = rhs`` row by row; see the class docstring."""
-        _check_rhs("BiCGStab", rhs, x0)
-        _check_floating("BiCGStab", rhs)
-        op = _Operator("BiCGStab", matvec, rhs)
-        with torch.no_grad():
-            return self._solve(op, rhs.detach(), x0)
-
-    def _solve(self, op: _Operator, rhs: Tensor, x0: Tensor | None) -> LinearSolution:
-        B = rhs.shape[0]
-        device = rhs.device
-        finfo = torch.finfo(rhs.dtype)
-        tiny = finfo.tiny
-        cos_tol = finfo.eps  # breakdown threshold on the cosine of two vectors
-        null_tol = 100 * finfo.eps  # ||A p|| below null_tol * ||A|| * ||p||: p in null(A)
         _, tol = _tolerance(rhs, self.rtol, self.atol)
         x = _initial_guess(rhs, x0)
         r = rhs.clone() if x0 is None else rhs - op(x)
-        nstep = torch.zeros(B, dtype=torch.int64, device=device)
-        dot = torch.linalg.vecdot
-
+        nstep = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
         it = 0
         while True:
             rnorm = batched_norm(r)
             done = rnorm <= tol
             if it >= self.max_steps or bool(done.all()):  # one host sync per (re)start
                 break
-            active = ~done
             # (Re)start: shadow residual = current true residual for every sample.
-            r_hat = r.clone()
-            rhat_norm = rnorm.clone()
-            restart = torch.ones_like(active)
-            rho = torch.ones_like(rnorm)
-            alpha = torch.ones_like(rnorm)
-            omega = torch.ones_like(rnorm)
-            p = torch.zeros_like(r)
-            v = torch.zeros_like(r)
-            anorm = torch.zeros_like(rnorm)  # running lower bound of ||A||_2
-            x_best, best = x, rnorm
+            rec = _Recurrence.start(x, r, rnorm, active=~done)
             while it < self.max_steps:
-                rho_new = dot(r_hat, r)
-                restart = restart | (rho_new.abs() <= cos_tol * rhat_norm * rnorm)
-                r_hat = torch.where(restart[:, None], r, r_hat)
-                rhat_norm = torch.where(restart, rnorm, rhat_norm)
-                rho_new = torch.where(restart, rnorm * rnorm, rho_new)
-                fresh = restart | ~active
-                # Divisions by zero can only happen in lanes that torch.where discards.
-                beta = (rho_new / rho) * (alpha / omega)
-                p = torch.where(fresh[:, None], r, r + beta[:, None] * (p - omega[:, None] * v))
-                v = op(p)
-                den = dot(r_hat, v)
-                pnorm, vnorm = batched_norm(p), batched_norm(v)
-                anorm = torch.maximum(anorm, vnorm / pnorm.clamp_min(tiny))
-                alpha_bd = (den.abs() <= cos_tol * rhat_norm * vnorm) | (
-                    vnorm <= null_tol * anorm * pnorm
-                )
-                alpha = torch.where(active & ~alpha_bd, rho_new / den, 0.0)
-                s = r - alpha[:, None] * v
-                snorm = batched_norm(s)
-                half = snorm <= tol  # converged after the half step
-                t = op(s)
-                tt = dot(t, t)
-                ts = dot(t, s)
-                tnorm = torch.sqrt(tt)
-                anorm = torch.maximum(anorm, tnorm / snorm.clamp_min(tiny))
-                omega_bd = (ts.abs() <= cos_tol * tnorm * snorm) | (
-                    tnorm <= null_tol * anorm * snorm
-                )
-                omega = torch.where(active & ~half & ~omega_bd, ts / tt, 0.0)
-                # Inactive samples have alpha = omega = 0: x and r do not change.
-                x = x.addcmul(alpha[:, None], p).addcmul_(omega[:, None], s)
-                r = s.addcmul(omega[:, None], t, value=-1.0)
-                rnorm = batched_norm(r)
-                rho = rho_new
-                restart = alpha_bd | omega_bd
-                nstep += active
+                rec.step(op, tol, nstep)
                 it += 1
-                # Keep the iterate with the smallest (recursive) residual; a sample whose
-                # iterate or residual overflows stops there.
-                finite = torch.isfinite(rnorm) & torch.isfinite(batched_norm(x))
-                better = finite & (rnorm < best)
-                best = torch.where(better, rnorm, best)
-                x_best = torch.where(better[:, None], x, x_best)
-                active = active & finite & (rnorm > tol)
-                if it < self.max_steps and not bool(active.any()):  # one host sync per step
+                if it < self.max_steps and not bool(rec.active.any()):  # one sync per step
                     break
-            x = x_best
+            x = rec.x_best
             r = rhs - op(x)  # true residual
 
         return LinearSolution(
             value=x, converged=done, residual=rnorm, nstep=nstep, nmatvec=op.count
         )
+
+
+@dataclasses.dataclass
+class _Recurrence:
+    """The per-sample BiCGStab recurrences of one (re)start, and the best iterate so far."""
+
+    x: Tensor
+    r: Tensor
+    rnorm: Tensor
+    active: Tensor
+    r_hat: Tensor
+    rhat_norm: Tensor
+    restart: Tensor
+    rho: Tensor
+    alpha: Tensor
+    omega: Tensor
+    p: Tensor
+    v: Tensor
+    anorm: Tensor  # running lower bound of ||A||_2
+    x_best: Tensor
+    best: Tensor
+
+    @classmethod
+    def start(cls, x: Tensor, r: Tensor, rnorm: Tensor, active: Tensor) -> _Recurrence:
+        return cls(
+            x=x, r=r, rnorm=rnorm, active=active, r_hat=r.clone(), rhat_norm=rnorm.clone(),
+            restart=torch.ones_like(active), rho=torch.ones_like(rnorm),
+            alpha=torch.ones_like(rnorm), omega=torch.ones_like(rnorm), p=torch.zeros_like(r),
+            v=torch.zeros_like(r), anorm=torch.zeros_like(rnorm), x_best=x, best=rnorm,
+        )
+
+    def step(self, op: AbstractLinearOperator, tol: Tensor, nstep: Tensor) -> None:
+        """One iteration (two products); counts ``nstep`` for the samples that were active."""
+        finfo = torch.finfo(self.r.dtype)
+        tiny = finfo.tiny
+        cos_tol = finfo.eps  # breakdown threshold on the cosine of two vectors
+        null_tol = 100 * finfo.eps  # ||A p|| below null_tol * ||A|| * ||p||: p in null(A)
+        active, r, rnorm = self.active, self.r, self.rnorm
+        rho_new = self._shadow(r, rnorm, cos_tol)
+        fresh = self.restart | ~active
+        # Divisions by zero can only happen in lanes that torch.where discards.
+        beta = (rho_new / self.rho) * (self.alpha / self.omega)
+        p = torch.where(
+            fresh[:, None], r, r + beta[:, None] * (self.p - self.omega[:, None] * self.v)
+        )
+        v = op(p)
+        den = _dot(self.r_hat, v)
+        pnorm, vnorm = batched_norm(p), batched_norm(v)
+        self.anorm = torch.maximum(self.anorm, vnorm / pnorm.clamp_min(tiny))
+        alpha_bd = (den.abs() <= cos_tol * self.rhat_norm * vnorm) | (
+            vnorm <= null_tol * self.anorm * pnorm
+        )
+        alpha = torch.where(active & ~alpha_bd, rho_new / den, 0.0)
+        s = r - alpha[:, None] * v
+        snorm = batched_norm(s)
+        half = snorm <= tol  # converged after the half step
+        t = op(s)
+        tt = _dot(t, t)
+        ts = _dot(t, s)
+        tnorm = torch.sqrt(tt)
+        self.anorm = torch.maximum(self.anorm, tnorm / snorm.clamp_min(tiny))
+        omega_bd = (ts.abs() <= cos_tol * tnorm * snorm) | (tnorm <= null_tol * self.anorm * snorm)
+        omega = torch.where(active & ~half & ~omega_bd, ts / tt, 0.0)
+        # Inactive samples have alpha = omega = 0: x and r do not change.
+        self.x = self.x.addcmul(alpha[:, None], p).addcmul_(omega[:, None], s)
+        self.r = s.addcmul(omega[:, None], t, value=-1.0)
+        self.rnorm = batched_norm(self.r)
+        self.rho, self.alpha, self.omega, self.p, self.v = rho_new, alpha, omega, p, v
+        self.restart = alpha_bd | omega_bd
+        nstep += active
+        self._keep_best(tol)
+
+    def _shadow(self, r: Tensor, rnorm: Tensor, cos_tol: float) -> Tensor:
+        """``rho = <r_hat, r>``; samples where it (nearly) vanishes restart with ``r_hat = r``."""
+        rho_new = _dot(self.r_hat, r)
+        self.restart = self.restart | (rho_new.abs() <= cos_tol * self.rhat_norm * rnorm)
+        self.r_hat = torch.where(self.restart[:, None], r, self.r_hat)
+        self.rhat_norm = torch.where(self.restart, rnorm, self.rhat_norm)
+        return torch.where(self.restart, rnorm * rnorm, rho_new)
+
+    def _keep_best(self, tol: Tensor) -> None:
+        """Keep the iterate with the smallest (recursive) residual; a sample whose iterate or
+        residual overflows stops there."""
+        finite = torch.isfinite(self.rnorm) & torch.isfinite(batched_norm(self.x))
+        better = finite & (self.rnorm < self.best)
+        self.best = torch.where(better, self.rnorm, self.best)
+        self.x_best = torch.where(better[:, None], self.x, self.x_best)
+        self.active = self.active & finite & (self.rnorm > tol)
+

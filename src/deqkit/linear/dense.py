@@ -10,15 +10,12 @@ from torch import Tensor
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    MatVec,
-    _check_floating,
-    _check_rhs,
     _check_tolerances,
     _initial_guess,
-    _Operator,
     _tolerance,
     batched_norm,
 )
+from ._operator import AbstractLinearOperator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,16 +24,19 @@ class Dense(AbstractLinearSolver):
 
     The ``D x D`` matrix of every sample is assembled column by column,
     :math:`A_b e_j = \text{matvec}(e_j)_b`, with ``D`` batched ``matvec`` calls on unit
-    vectors, and the systems are solved with :func:`torch.linalg.solve` (LU with partial
-    pivoting) in the dtype of ``rhs``.  Singular samples fall back to the minimum-norm
-    least-squares solution :math:`A_b^+ r_b` (and are reported as not converged unless that
-    solves the system).  The residual :math:`\|r_b - A_b x_b\|_2` is computed from the dense
-    matrix; ``rtol`` and ``atol`` are only used to report ``converged``.  If ``x0`` is given,
-    samples whose ``x0`` already meets the tolerance keep it and report ``nstep = 0`` (as do
-    samples with a zero right-hand side); the others report ``nstep = 1``.
+    vectors, and LU-factorised with partial pivoting (:func:`torch.linalg.lu_factor_ex`) in
+    the operator's dtype.  Both happen once per operator in :meth:`init`; each right-hand side
+    then costs two triangular solves (:meth:`compute`; :meth:`solve` does both).  Singular
+    samples fall back to the minimum-norm least-squares solution :math:`A_b^+ r_b` (and are
+    reported as not converged unless that solves the system).  The residual
+    :math:`\|r_b - A_b x_b\|_2` is computed from the dense matrix; ``rtol`` and ``atol`` are
+    only used to report ``converged``.  If ``x0`` is given, samples whose ``x0`` already meets
+    the tolerance keep it and report ``nstep = 0`` (as do samples with a zero right-hand side);
+    the others report ``nstep = 1``.
 
-    Cost: ``D`` matvecs, ``O(B D^2)`` memory and ``O(B D^3)`` time, so this is a reference for
-    tests and small problems, not for training.
+    Cost: ``D`` matvecs, ``O(B D^2)`` memory and ``O(B D^3)`` time per operator, and
+    ``O(B D^2)`` per right-hand side, so this is a reference for tests and small problems, not
+    for training.
 
     Args:
         rtol: relative tolerance used for ``converged``, default ``1e-6``.
@@ -47,17 +47,20 @@ class Dense(AbstractLinearSolver):
 
     Reference: the direct solve of the implicit-function-theorem system (I - J^T) u = g, as in
         Bai, Kolter, Koltun (2019), "Deep Equilibrium Models"; LU factorisation via
-        torch.linalg.solve (Golub & Van Loan, "Matrix Computations", ch. 3).
+        torch.linalg.lu_factor_ex (Golub & Van Loan, "Matrix Computations", ch. 3).
 
     Example:
         >>> import torch
-        >>> from deqkit.linear import Dense
+        >>> from deqkit.linear import Dense, FunctionOperator
         >>> d = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
         >>> sol = Dense().solve(lambda v: d * v, torch.ones(1, 3, dtype=torch.float64))
         >>> sol.value
         tensor([[1.0000, 0.5000, 0.2500]], dtype=torch.float64)
         >>> sol.nmatvec
         3
+        >>> state = Dense().init(FunctionOperator(lambda v: d * v, like=d))  # factorise once
+        >>> Dense().compute(state, 2 * torch.ones(1, 3, dtype=torch.float64)).value
+        tensor([[2.0000, 1.0000, 0.5000]], dtype=torch.float64)
     """
 
     rtol: float = 1e-6
@@ -73,31 +76,38 @@ class Dense(AbstractLinearSolver):
                 f"Dense: `max_size` must be a positive int, got {n!r}. Pass e.g. max_size=4096."
             )
 
-    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> LinearSolution:
-        """Solve ``A x = rhs`` row by row; see the class docstring."""
-        _check_rhs("Dense", rhs, x0)
-        _check_floating("Dense", rhs)
-        size = rhs.shape[1]
+    def prepare(self, op: AbstractLinearOperator) -> _Factors:
+        """Assemble the ``(B, D, D)`` matrices (``D`` products) and LU-factorise them, once."""
+        batch, size = op.shape
         if size > self.max_size:
             raise ValueError(
                 f"Dense: the system size D={size} exceeds `max_size`={self.max_size} "
-                f"(the matrices would need {rhs.shape[0]}x{size}x{size} entries). Use an "
+                f"(the matrices would need {batch}x{size}x{size} entries). Use an "
                 f"iterative solver (GMRES, BiCGStab) or raise it, e.g. Dense(max_size={size})."
             )
-        op = _Operator("Dense", matvec, rhs)
-        with torch.no_grad():
-            return self._solve(op, rhs.detach(), x0)
+        A = op.as_matrix()
+        lu, pivots, info = torch.linalg.lu_factor_ex(A)
+        singular = info != 0
+        pinv = torch.linalg.pinv(A) if bool(singular.any()) else None
+        return _Factors(matrix=A, lu=lu, pivots=pivots, singular=singular, pinv=pinv)
 
-    def _solve(self, op: _Operator, rhs: Tensor, x0: Tensor | None) -> LinearSolution:
+    def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
+            x0: Tensor | None) -> LinearSolution:
+        """Solve ``A x = rhs`` row by row with the factors; see the class docstring."""
+        assert isinstance(prepared, _Factors)  # made by prepare()
+        A = prepared.matrix
+        if rhs.dtype != A.dtype:  # an operator of another dtype: solve in its dtype
+            x0 = None if x0 is None else x0.to(A.dtype)
+            sol = self.run(op, prepared, rhs.to(A.dtype), x0)
+            return dataclasses.replace(
+                sol, value=sol.value.to(rhs.dtype), residual=sol.residual.to(rhs.dtype)
+            )
         _, tol = _tolerance(rhs, self.rtol, self.atol)
-        A = _assemble(op, rhs)
         x_init = _initial_guess(rhs, x0)
-        r_init = rhs - _bmv(A, x_init)
-        keep = batched_norm(r_init) <= tol
-        x, info = torch.linalg.solve_ex(A, rhs)
-        bad = info != 0
-        if bool(bad.any()):
-            x = torch.where(bad[:, None], _bmv(torch.linalg.pinv(A), rhs), x)
+        keep = batched_norm(rhs - _bmv(A, x_init)) <= tol
+        x = torch.linalg.lu_solve(prepared.lu, prepared.pivots, rhs.unsqueeze(2)).squeeze(2)
+        if prepared.pinv is not None:
+            x = torch.where(prepared.singular[:, None], _bmv(prepared.pinv, rhs), x)
         x = torch.where(keep[:, None], x_init, x)
         res = batched_norm(rhs - _bmv(A, x))
         nstep = (~keep).to(torch.int64)
@@ -106,16 +116,15 @@ class Dense(AbstractLinearSolver):
         )
 
 
-def _assemble(matvec: MatVec, rhs: Tensor) -> Tensor:
-    """The ``(B, D, D)`` matrices of ``matvec``, built from ``D`` calls on unit vectors."""
-    B, D = rhs.shape
-    A = rhs.new_empty(B, D, D)
-    e = torch.zeros_like(rhs)
-    for j in range(D):
-        e[:, j] = 1.0
-        A[:, :, j] = matvec(e.clone())  # clone: matvec may return (a view of) its input
-        e[:, j] = 0.0
-    return A
+@dataclasses.dataclass(frozen=True)
+class _Factors:
+    """Per-operator state of :class:`Dense`: the matrices and their LU factorisation."""
+
+    matrix: Tensor  # (B, D, D)
+    lu: Tensor
+    pivots: Tensor
+    singular: Tensor  # (B,) bool: exactly singular samples, solved by the pseudo-inverse
+    pinv: Tensor | None  # (B, D, D) pseudo-inverses when some sample is singular
 
 
 def _bmv(A: Tensor, x: Tensor) -> Tensor:

@@ -10,15 +10,12 @@ from torch import Tensor
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    MatVec,
-    _check_floating,
-    _check_rhs,
     _check_tolerances,
     _initial_guess,
-    _Operator,
     _tolerance,
     batched_norm,
 )
+from ._operator import AbstractLinearOperator
 
 _ORTHOGONALIZATIONS = ("mgs", "cgs2")
 _FIRST_CHUNK = 8  # basis vectors allocated at first; later chunks double the capacity
@@ -159,116 +156,148 @@ class GMRES(AbstractLinearSolver):
                 f"got {self.orthogonalization!r}. Pass e.g. orthogonalization='mgs'."
             )
 
-    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> LinearSolution:
+    def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
+            x0: Tensor | None) -> LinearSolution:
         """Solve ``A x = rhs`` row by row; see the class docstring."""
-        _check_rhs("GMRES", rhs, x0)
-        _check_floating("GMRES", rhs)
-        op = _Operator("GMRES", matvec, rhs)
-        with torch.no_grad():
-            return self._solve(op, rhs.detach(), x0)
-
-    def _solve(self, op: _Operator, rhs: Tensor, x0: Tensor | None) -> LinearSolution:
-        B, D = rhs.shape
-        device, dtype = rhs.device, rhs.dtype
-        finfo = torch.finfo(dtype)
-        eps, tiny = finfo.eps, finfo.tiny
-        null_tol = 100 * eps  # pivots below null_tol * ||A|| are numerically zero
         _, tol = _tolerance(rhs, self.rtol, self.atol)
         x = _initial_guess(rhs, x0)
         r = rhs.clone() if x0 is None else rhs - op(x)
-        nstep = torch.zeros(B, dtype=torch.int64, device=device)
-        cgs2 = self.orthogonalization == "cgs2"
-
-        m = max(1, min(self.restart, self.max_steps, D))
-        V = _Basis(rhs, m + 1)  # Krylov basis, rows v_1 .. v_{m+1}, allocated as needed
-        # Row-major storage (faster batched matrix-vector products on every device):
-        # RT = R^T for the rotated Hessenberg matrix R (upper triangular), and Q = Omega^T for
-        # the product Omega of the Givens rotations applied so far.
-        RT = rhs.new_zeros(B, m, m)
-        Q = rhs.new_zeros(B, m + 1, m + 1)
-        eye = torch.eye(m + 1, device=device, dtype=dtype)
-        cols = torch.arange(m, device=device)
-
-        anorm = torch.zeros(B, device=device, dtype=dtype)
+        nstep = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
+        m = max(1, min(self.restart, self.max_steps, rhs.shape[1]))
+        arnoldi = _Arnoldi(rhs, m, cgs2=self.orthogonalization == "cgs2")
         it = 0
         while True:
             beta = batched_norm(r)
             done = beta <= tol
             if it >= self.max_steps or bool(done.all()):  # one host sync per cycle
                 break
-            active = ~done
-            V.set(0, r * torch.where(active, beta.clamp_min(tiny).reciprocal(), 0.0)[:, None])
-            Q.copy_(eye)
-            kept = torch.zeros(B, dtype=torch.int64, device=device)  # columns used per sample
             n_cycle = min(m, self.max_steps - it)
-            j = 0
-            for j in range(n_cycle):
-                w = op(V.get(j))
-                wnorm = batched_norm(w)
-                anorm = torch.maximum(anorm, wnorm)  # running lower bound of ||A||_2
-                if cgs2:
-                    basis = V.parts(j + 1)
-                    h, w = _project(w.unsqueeze(1), basis)  # h: (B, 1, j + 1)
-                    # Second pass only when cancellation was severe for some sample (the
-                    # DGKS criterion, Daniel et al. 1976): "twice is enough", once is often
-                    # enough, and each pass costs two bandwidth-bound batched products. On
-                    # accelerators the test would cost a host sync: always reorthogonalise.
-                    if j > 0 and (
-                        w.device.type != "cpu"
-                        or bool((batched_norm(w.squeeze(1)) < 0.7 * wnorm).any())
-                    ):
-                        h2, w = _project(w, basis)
-                        h = h + h2
-                    w = w.squeeze(1)
-                else:
-                    hs = []
-                    for i in range(j + 1):
-                        vi = V.get(i)
-                        hi = torch.linalg.vecdot(vi, w)
-                        w = w.addcmul(hi.unsqueeze(1), vi, value=-1.0)
-                        hs.append(hi)
-                    h = torch.stack(hs, dim=1).unsqueeze(1)
-                hnext = batched_norm(w)
-                # Lucky breakdown: A v_j lies in span(V_j), the cycle's solution is exact.
-                hnext = torch.where(hnext <= 10 * eps * wnorm, 0.0, hnext)
-                # Apply the previous rotations to the new column of H, then a new rotation
-                # that zeroes h_{j+1, j}.
-                rot = torch.bmm(h, Q[:, : j + 1, : j + 1]).squeeze(1)  # (B, j + 1)
-                a = rot[:, j]
-                rjj = torch.hypot(a, hnext)
-                # A (numerically) zero pivot means A is singular on the Krylov space: drop
-                # the direction and stop the sample's cycle instead of dividing by zero.
-                ok = active & (rjj > (null_tol * anorm).clamp_min(tiny))
-                rinv = torch.where(ok, rjj.clamp_min(tiny).reciprocal(), 0.0)
-                c = torch.where(ok, a * rinv, 1.0)
-                s = hnext * rinv
-                rot[:, j] = rjj
-                RT[:, j, : j + 1] = rot
-                givens_t = torch.stack((c, -s, s, c), dim=1).view(B, 2, 2)
-                Q[:, : j + 2, j : j + 2] = torch.bmm(Q[:, : j + 2, j : j + 2], givens_t)
-                est = beta * Q[:, 0, j + 1].abs()  # Givens residual estimate |g_{j+1}|
-                kept += ok
-                nstep += active
-                active = ok & (est > tol)
-                scale = torch.where(active, hnext.clamp_min(tiny).reciprocal(), 0.0)
-                V.set(j + 1, w * scale[:, None])
-                it += 1
-                if j < n_cycle - 1 and not bool(active.any()):  # one host sync per step
-                    break
-            k = j + 1
-            # Least squares in the rotated basis, R y = g with g = beta Omega e_1, restricted
-            # per sample to its first `kept` columns (the others get an identity column and a
-            # zero right-hand side, hence y = 0 there).  Solved as y^T R^T = g^T.
-            use = cols[:k] < kept[:, None]
-            RT_eff = torch.where(use[:, :, None], RT[:, :k, :k], eye[:k, :k])
-            g = torch.where(use, beta[:, None] * Q[:, 0, :k], 0.0).unsqueeze(1)
-            y = torch.linalg.solve_triangular(RT_eff, g, upper=False, left=False)  # (B, 1, k)
-            x1 = x.unsqueeze(1)
-            start = 0
-            for v in V.parts(k):
-                x1 = torch.baddbmm(x1, y[:, :, start : start + v.shape[1]], v)
-                start += v.shape[1]
-            x = x1.squeeze(1)
+            k, kept = _cycle(op, arnoldi, r, beta, tol, ~done, n_cycle, nstep)
+            it += k
+            x = arnoldi.solution(x, beta, k, kept)
             r = rhs - op(x)  # true residual at every restart
-
         return LinearSolution(value=x, converged=done, residual=beta, nstep=nstep, nmatvec=op.count)
+
+
+def _cycle(op: AbstractLinearOperator, arnoldi: _Arnoldi, r: Tensor, beta: Tensor, tol: Tensor,
+           active: Tensor, n_cycle: int, nstep: Tensor) -> tuple[int, Tensor]:
+    """One GMRES cycle of at most ``n_cycle`` Arnoldi steps from the residual ``r``.
+
+    Returns the number of steps ``k`` and the columns each sample keeps; counts ``nstep``.
+    """
+    arnoldi.start(r, beta, active)
+    kept = torch.zeros_like(nstep)  # columns used per sample
+    j = 0
+    for j in range(n_cycle):
+        h, w, hnext = arnoldi.expand(op, j)
+        ok, est = arnoldi.rotate(h, hnext, j, active, beta)
+        kept += ok
+        nstep += active
+        active = ok & (est > tol)
+        arnoldi.append(j + 1, w, hnext, active)
+        if j < n_cycle - 1 and not bool(active.any()):  # one host sync per step
+            break
+    return j + 1, kept
+
+
+class _Arnoldi:
+    """The workspace of a GMRES solve: the Krylov basis ``V`` and, in row-major storage (faster
+    batched matrix-vector products on every device), ``RT = R^T`` for the rotated Hessenberg
+    matrix ``R`` (upper triangular) and ``Q = Omega^T`` for the product ``Omega`` of the Givens
+    rotations applied so far in the cycle."""
+
+    def __init__(self, rhs: Tensor, m: int, cgs2: bool) -> None:
+        B = rhs.shape[0]
+        device, dtype = rhs.device, rhs.dtype
+        finfo = torch.finfo(dtype)
+        self.eps, self.tiny = finfo.eps, finfo.tiny
+        self.null_tol = 100 * finfo.eps  # pivots below null_tol * ||A|| are numerically zero
+        self.cgs2 = cgs2
+        self.V = _Basis(rhs, m + 1)  # Krylov basis, rows v_1 .. v_{m+1}, allocated as needed
+        self.RT = rhs.new_zeros(B, m, m)
+        self.Q = rhs.new_zeros(B, m + 1, m + 1)
+        self.eye = torch.eye(m + 1, device=device, dtype=dtype)
+        self.cols = torch.arange(m, device=device)
+        self.anorm = torch.zeros(B, device=device, dtype=dtype)  # running lower bound of ||A||_2
+
+    def start(self, r: Tensor, beta: Tensor, active: Tensor) -> None:
+        """Begin a cycle: ``v_1 = r / beta`` (zero for inactive samples), no rotations yet."""
+        self.V.set(0, r * torch.where(active, beta.clamp_min(self.tiny).reciprocal(), 0.0)[:, None])
+        self.Q.copy_(self.eye)
+
+    def expand(self, op: AbstractLinearOperator, j: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Arnoldi step ``j``: ``A v_j`` orthogonalised against the basis, as ``(h, w, ||w||)``."""
+        w = op(self.V.get(j))
+        wnorm = batched_norm(w)
+        self.anorm = torch.maximum(self.anorm, wnorm)
+        h, w = self._orthogonalise(w, j, wnorm)
+        hnext = batched_norm(w)
+        # Lucky breakdown: A v_j lies in span(V_j), the cycle's solution is exact.
+        hnext = torch.where(hnext <= 10 * self.eps * wnorm, 0.0, hnext)
+        return h, w, hnext
+
+    def _orthogonalise(self, w: Tensor, j: int, wnorm: Tensor) -> tuple[Tensor, Tensor]:
+        """``(h, w - h V)``, ``h`` of shape ``(B, 1, j + 1)``, by CGS2 or MGS."""
+        if self.cgs2:
+            basis = self.V.parts(j + 1)
+            h, w = _project(w.unsqueeze(1), basis)  # h: (B, 1, j + 1)
+            # Second pass only when cancellation was severe for some sample (the
+            # DGKS criterion, Daniel et al. 1976): "twice is enough", once is often
+            # enough, and each pass costs two bandwidth-bound batched products. On
+            # accelerators the test would cost a host sync: always reorthogonalise.
+            if j > 0 and (
+                w.device.type != "cpu"
+                or bool((batched_norm(w.squeeze(1)) < 0.7 * wnorm).any())
+            ):
+                h2, w = _project(w, basis)
+                h = h + h2
+            return h, w.squeeze(1)
+        hs = []
+        for i in range(j + 1):
+            vi = self.V.get(i)
+            hi = torch.linalg.vecdot(vi, w)
+            w = w.addcmul(hi.unsqueeze(1), vi, value=-1.0)
+            hs.append(hi)
+        return torch.stack(hs, dim=1).unsqueeze(1), w
+
+    def rotate(self, h: Tensor, hnext: Tensor, j: int, active: Tensor,
+               beta: Tensor) -> tuple[Tensor, Tensor]:
+        """Store column ``j`` of ``R``: apply the previous rotations to ``(h, hnext)``, then a new
+        one that zeroes ``h_{j+1, j}``.  Returns ``(ok, est)``: whether the pivot is usable and
+        the Givens residual estimate ``|g_{j+1}|``."""
+        B, Q = h.shape[0], self.Q
+        rot = torch.bmm(h, Q[:, : j + 1, : j + 1]).squeeze(1)  # (B, j + 1)
+        a = rot[:, j]
+        rjj = torch.hypot(a, hnext)
+        # A (numerically) zero pivot means A is singular on the Krylov space: drop
+        # the direction and stop the sample's cycle instead of dividing by zero.
+        ok = active & (rjj > (self.null_tol * self.anorm).clamp_min(self.tiny))
+        rinv = torch.where(ok, rjj.clamp_min(self.tiny).reciprocal(), 0.0)
+        c = torch.where(ok, a * rinv, 1.0)
+        s = hnext * rinv
+        rot[:, j] = rjj
+        self.RT[:, j, : j + 1] = rot
+        givens_t = torch.stack((c, -s, s, c), dim=1).view(B, 2, 2)
+        Q[:, : j + 2, j : j + 2] = torch.bmm(Q[:, : j + 2, j : j + 2], givens_t)
+        return ok, beta * Q[:, 0, j + 1].abs()
+
+    def append(self, i: int, w: Tensor, hnext: Tensor, active: Tensor) -> None:
+        """``v_i = w / hnext`` for the samples still active (zero for the others)."""
+        scale = torch.where(active, hnext.clamp_min(self.tiny).reciprocal(), 0.0)
+        self.V.set(i, w * scale[:, None])
+
+    def solution(self, x: Tensor, beta: Tensor, k: int, kept: Tensor) -> Tensor:
+        """``x + V_k y`` with ``y`` the least-squares solution of the cycle's ``k`` steps."""
+        # Least squares in the rotated basis, R y = g with g = beta Omega e_1, restricted
+        # per sample to its first `kept` columns (the others get an identity column and a
+        # zero right-hand side, hence y = 0 there).  Solved as y^T R^T = g^T.
+        use = self.cols[:k] < kept[:, None]
+        RT_eff = torch.where(use[:, :, None], self.RT[:, :k, :k], self.eye[:k, :k])
+        g = torch.where(use, beta[:, None] * self.Q[:, 0, :k], 0.0).unsqueeze(1)
+        y = torch.linalg.solve_triangular(RT_eff, g, upper=False, left=False)  # (B, 1, k)
+        x1 = x.unsqueeze(1)
+        start = 0
+        for v in self.V.parts(k):
+            x1 = torch.baddbmm(x1, y[:, :, start : start + v.shape[1]], v)
+            start += v.shape[1]
+        return x1.squeeze(1)

@@ -10,15 +10,12 @@ from torch import Tensor
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    MatVec,
-    _check_floating,
-    _check_rhs,
     _check_tolerances,
     _initial_guess,
-    _Operator,
     _tolerance,
     batched_norm,
 )
+from ._operator import AbstractLinearOperator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +77,9 @@ class Neumann(AbstractLinearSolver):
                 "Pass e.g. damping=1.0 (the plain Neumann series) or a smaller step."
             )
 
-    def solve(self, matvec: MatVec, rhs: Tensor, x0: Tensor | None = None) -> LinearSolution:
+    def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
+            x0: Tensor | None) -> LinearSolution:
         """Solve ``A x = rhs`` row by row; see the class docstring."""
-        _check_rhs("Neumann", rhs, x0)
-        _check_floating("Neumann", rhs)
-        op = _Operator("Neumann", matvec, rhs)
-        with torch.no_grad():
-            return self._solve(op, rhs.detach(), x0)
-
-    def _solve(self, op: _Operator, rhs: Tensor, x0: Tensor | None) -> LinearSolution:
         B = rhs.shape[0]
         _, tol = _tolerance(rhs, self.rtol, self.atol)
         x = _initial_guess(rhs, x0)

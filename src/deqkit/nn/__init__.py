@@ -1,5 +1,9 @@
 """Neural-network modules built on the deqkit core."""
 
+from ..stability import cached_parametrizations as cached_parametrizations
+from ..stability import scale_to_contractive as scale_to_contractive
+from ..stability import spectral_norm as spectral_norm
+from ..stability import weight_norm as weight_norm
 from ._cache import FixedPointCache as FixedPointCache
 from ._deq import DEQ as DEQ
 from ._deq import DEQWarning as DEQWarning
@@ -12,7 +16,3 @@ from ._monotone import ForwardBackward as ForwardBackward
 from ._monotone import MonotoneDEQ as MonotoneDEQ
 from ._monotone import MonotoneLinear as MonotoneLinear
 from ._monotone import PeacemanRachford as PeacemanRachford
-from ._parametrizations import cached_parametrizations as cached_parametrizations
-from ._parametrizations import scale_to_contractive as scale_to_contractive
-from ._parametrizations import spectral_norm as spectral_norm
-from ._parametrizations import weight_norm as weight_norm

@@ -8,16 +8,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .._fixed_point import fixed_point, resolve_solver
-from .._flatten import StateShapeError
+from .._flatten import StateShapeError, flatten, make_layout, unflatten
 from .._solution import RESULTS, Solution
 from ..adjoint._base import AbstractAdjoint
 from ..adjoint.implicit import ImplicitAdjoint
 from ..solvers._base import AbstractFixedPointSolver
+from ..stability.parametrizations import parametrization_cache
+from ..stability.regularisers import jacobian_frobenius_reg
+from ._cache import FixedPointCache
 from ._dropout import VariationalDropout
-from ._parametrizations import cached_parametrizations
 
 
 class DEQWarning(RuntimeWarning):
@@ -32,16 +33,6 @@ class DEQWarning(RuntimeWarning):
         >>> caught[0].category.__name__, layer.last_solution.result
         ('DEQWarning', <RESULTS.diverged: 3>)
     """
-
-
-def parametrization_cache(cell: Any) -> contextlib.AbstractContextManager:
-    """:func:`cached_parametrizations` for a cell module with parametrized submodules (spectral
-    or weight norm computed once per solve); a no-op context for anything else."""
-    if isinstance(cell, nn.Module) and any(
-        parametrize.is_parametrized(m) for m in cell.modules()
-    ):
-        return cached_parametrizations(cell)
-    return contextlib.nullcontext()
 
 
 def _positional_masks(module: nn.Module) -> bool:
@@ -204,8 +195,6 @@ class DEQ(nn.Module):
             >>> int(layer.last_solution.stats["nstep"].max()), torch.allclose(z, 2 * x)
             (0, True)
         """
-        from ._cache import FixedPointCache
-
         if not isinstance(cache, FixedPointCache):
             raise TypeError(
                 f"DEQ.warm_start: `cache` must be a dk.nn.FixedPointCache, got "
@@ -277,9 +266,6 @@ class DEQ(nn.Module):
         and independent of the adjoint used for the equilibrium. Tuple states are handled.
         Call it after a forward pass in training mode.
         """
-        from .._flatten import flatten, make_layout, unflatten
-        from .._regularisers import jacobian_frobenius_reg
-
         if self._last_call is None:
             raise RuntimeError(
                 "DEQ.jacobian_regularisation() needs a forward pass first: call the layer, "

@@ -64,6 +64,9 @@ class VariationalDropout(nn.Module):
     """
 
     mask: Tensor | None
+    # Inverted dropout with drop probability ``p``: :func:`deqkit.lipschitz_upper_bound` bounds
+    # it by ``1/(1-p)`` in training mode and 1 in eval mode, as it does ``nn.Dropout``.
+    inverted_dropout = True
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()

@@ -57,6 +57,14 @@ class AbstractFixedPointSolver(abc.ABC):
 
     #: Whether :meth:`step` is differentiable with autograd (needed by ``UnrolledAdjoint``).
     supports_unrolled: bool = True
+    #: A solver with no tolerance test runs exactly ``max_steps`` updates (see FixedSteps).
+    fixed_steps: bool = False
+
+    def stages(self, max_steps: int) -> tuple[tuple[AbstractFixedPointSolver, int], ...]:
+        """``((solver, step budget), ...)`` run in turn by the engine, each on the samples the
+        ones before failed (:class:`~deqkit.FallbackChain`); an ordinary solver is one
+        stage, itself with the call's ``max_steps``."""
+        return ((self, max_steps),)
 
     def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> Any:
         """Build the initial state. The default has no state."""

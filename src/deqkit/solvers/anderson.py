@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,6 +61,52 @@ def _gram_row(r: Tensor, G: Tensor, matvec: bool) -> Tensor:
     if matvec:
         return torch.bmm(G, r.unsqueeze(2)).transpose(1, 2)
     return torch.matmul(r.unsqueeze(1), G.transpose(1, 2))
+
+
+def anderson_weights(
+    H: Tensor, slot: int, regularisation: float, *,
+    solve: Callable[[Tensor], Tensor] | None = None, dtype: torch.dtype | None = torch.float64,
+) -> Tensor:
+    r"""Anderson's mixing weights for a batch of Gram matrices ``H`` ``(W, n, n)``:
+
+    .. math:: \alpha = \frac{(H + \mu I)^{-1}\mathbf 1}{\mathbf 1^\top (H + \mu I)^{-1}
+              \mathbf 1}, \qquad \mu = \text{regularisation}\cdot\operatorname{tr}(H)/n,
+
+    the minimiser of :math:`\|\sum_i \alpha_i g_i\|^2` subject to :math:`\sum_i \alpha_i = 1`
+    (Walker & Ni 2011) with a Tikhonov term relative to the Gram matrix's scale. A sample whose
+    system is singular or non-finite gets weight 1 on ``slot`` (a plain fixed-point step), so
+    one bad sample never stops a solve. Returns a ``(W, 1, n)`` row (the shape of the mixing
+    ``bmm``) in ``dtype`` (float64 by default; None: ``H``'s). ``solve(A)`` replaces
+    ``torch.linalg.solve_ex(A, 1)`` (e.g. an elimination that exports to ONNX); it returns
+    ``A^{-1} 1`` as ``(W, n)``. Shared by :class:`Anderson`, :class:`~deqkit.HyperAnderson`
+    and the fixed-step export.
+
+    Example:
+        >>> import torch
+        >>> from deqkit.solvers.anderson import anderson_weights
+        >>> H = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])  # orthogonal residuals, |g|^2 = 1, 3
+        >>> anderson_weights(H, slot=1, regularisation=0.0)  # weights 3/4, 1/4
+        tensor([[[0.7500, 0.2500]]], dtype=torch.float64)
+    """
+    n = H.shape[-1]
+    A = H.to(dtype if dtype is not None else H.dtype, copy=True)
+    diag = A.diagonal(dim1=1, dim2=2)
+    # (H = 0, every residual exactly zero, is singular: the fallback below handles it)
+    if solve is None:  # the hot path: in place, constants made once per device
+        diag.add_(diag.sum(dim=1, keepdim=True), alpha=regularisation / n)
+        ones = _const("ones", n, A.dtype, A.device).expand(A.shape[0], n, 1)
+        y = torch.linalg.solve_ex(A, ones)[0].transpose(1, 2)  # (W, 1, n), a view
+        plain = _const("plain", (n, slot), A.dtype, A.device)
+    else:  # traceable (torch.export): no in-place update, constants built from the data
+        mu = diag.sum(dim=1) * (regularisation / n)
+        A = A + mu[:, None, None] * torch.eye(n, dtype=A.dtype, device=A.device)
+        y = solve(A).unsqueeze(1)
+        one = torch.ones_like(y[..., :1])
+        plain = torch.cat((0 * y[..., :slot], one, 0 * y[..., slot + 1:]), dim=2)
+    # A is positive definite when finite and H != 0, so s = 1^T A^-1 1 > 0; a singular or
+    # non-finite system (s is then inf or NaN) gets a plain step for that sample
+    s = y.sum(dim=2, keepdim=True)
+    return torch.where(s.abs() < float("inf"), y / s, plain)  # NaN < inf is False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,19 +217,7 @@ class Anderson(AbstractFixedPointSolver):
             if self.beta == 1.0:
                 return fz, None, state
             return torch.lerp(z, fz, self.beta), None, state
-        A = (H if full else H[:, :n, :n]).to(torch.float64, copy=True)
-        diag = A.diagonal(dim1=1, dim2=2)
-        # Relative Tikhonov term: regularisation * mean(diag H). H = 0 (every residual exactly
-        # zero) makes the system singular, which the fallback below handles.
-        diag.add_(diag.sum(dim=1, keepdim=True), alpha=self.regularisation / n)
-        ones = _const("ones", n, torch.float64, A.device).expand(A.shape[0], n, 1)
-        # y = (A^{-1} 1)^T as a (W, 1, n) row (a view), the shape the mixing bmm takes
-        y = torch.linalg.solve_ex(A, ones)[0].transpose(1, 2)
-        s = y.sum(dim=2, keepdim=True)
-        # Singular / non-finite system (s is then inf or NaN): plain step for that sample,
-        # i.e. weight 1 on the newest slot.
-        plain = _const("plain", (n, slot), torch.float64, A.device)
-        alpha = torch.where(s.abs() < float("inf"), y / s, plain)  # NaN < inf is False
+        alpha = anderson_weights(H if full else H[:, :n, :n], slot, self.regularisation)
         if alpha.dtype != z.dtype:
             alpha = alpha.to(z.dtype)
         if differentiable:

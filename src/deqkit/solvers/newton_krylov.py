@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..linear import GMRES, AbstractLinearSolver
+from ..linear import GMRES, AbstractLinearSolver, IdentityMinus, JacobianOperator
 from ._base import AbstractFixedPointSolver, FlatFn, check_positive_int, check_tolerances
 from ._linesearch import backtrack
 
@@ -69,11 +69,8 @@ class NewtonKrylov(AbstractFixedPointSolver):
     def step(
         self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: Any
     ) -> tuple[Tensor, Tensor | None, Any]:
-        def matvec(v: Tensor) -> Tensor:  # (I - J) v
-            _, jv = torch.func.jvp(fn, (z,), (v,))
-            return v - jv
-
-        inner = self.linear_solver.solve(matvec, r)
+        # (I - J) v with J v = torch.func.jvp(fn, (z,), (v,)): one call of fn per product.
+        inner = self.linear_solver.solve(IdentityMinus(JacobianOperator(fn, z)), r)
         # Where the inner solve made little progress (I - J nearly singular, e.g. far from the
         # fixed point of a cell that is only locally contractive) its direction is unreliable:
         # take the fixed-point step delta = r = f(z) - z for that sample instead.

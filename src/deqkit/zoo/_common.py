@@ -13,6 +13,7 @@ from ..adjoint.implicit import ImplicitAdjoint
 from ..adjoint.unrolled import UnrolledAdjoint
 from ..linear.gmres import GMRES
 from ..solvers.anderson import Anderson
+from ..solvers.fixed import FixedSteps
 from ..solvers.picard import Picard
 
 #: Forward solver used by the zoo's DEQ models when ``solver=None``.
@@ -100,11 +101,6 @@ def resolve(solver: Any, adjoint: Any) -> tuple[Any, AbstractAdjoint]:
     return solver, adjoint
 
 
-#: Tolerance of the unrolled baselines' Picard solver: tiny, so they run all ``depth`` steps
-#: (unless an iterate is an exact fixed point).
-UNROLLED_ATOL = 1e-30
-
-
 def unrolled_kwargs(owner: str, depth: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments turning a DEQ model into its weight-tied unrolled baseline."""
     check_int(owner, "depth", depth, 1)
@@ -115,7 +111,7 @@ def unrolled_kwargs(owner: str, depth: Any, kwargs: dict[str, Any]) -> dict[str,
             "use the DEQ model itself to choose a solver or an adjoint."
         )
     return dict(
-        solver=Picard(rtol=0.0, atol=UNROLLED_ATOL),
+        solver=FixedSteps(Picard()),
         adjoint=UnrolledAdjoint(),
         max_steps=depth,
         eval_max_steps=depth,

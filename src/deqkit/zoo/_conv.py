@@ -286,7 +286,7 @@ class UnrolledConv(ConvDEQ):
         \text{logits} = V\,\mathrm{pool}(z_L) + c,
 
     with ordinary backpropagation. It *is* a :class:`ConvDEQ` with
-    ``solver=dk.Picard(rtol=0, atol=1e-30)``, ``max_steps=eval_max_steps=depth`` and
+    ``solver=dk.FixedSteps(dk.Picard())``, ``max_steps=eval_max_steps=depth`` and
     ``adjoint=dk.UnrolledAdjoint()``.
 
     Args:

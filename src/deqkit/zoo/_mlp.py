@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..nn._deq import DEQ
 from ..nn._monotone import ForwardBackward, MonotoneDEQ, PeacemanRachford
-from ..nn._parametrizations import spectral_norm
+from ..stability import spectral_norm
 from ._common import (
     activation as _activation,
 )
@@ -141,7 +141,7 @@ class UnrolledMLP(DEQMLP):
     .. math:: z_0 = 0, \quad z_{k+1} = \phi(W z_k + U x + b), \quad \text{logits} = V z_L + c,
 
     trained with ordinary backpropagation through the ``depth`` steps. It *is* a
-    :class:`DEQMLP` with ``solver=dk.Picard(rtol=0, atol=1e-30)``, ``max_steps=eval_max_steps=
+    :class:`DEQMLP` with ``solver=dk.FixedSteps(dk.Picard())``, ``max_steps=eval_max_steps=
     depth`` and ``adjoint=dk.UnrolledAdjoint()`` (``model.deq.last_solution`` reports
     ``max_steps_reached`` by design: no tolerance is tested).
 

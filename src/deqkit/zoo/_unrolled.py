@@ -15,10 +15,11 @@ def unrolled(model_cls: type[nn.Module], depth: int, *args: Any, **kwargs: Any) 
     .. math:: z_0 = z_{\text{init}}, \qquad z_{k+1} = f(z_k, x), \quad k < L = \text{depth},
 
     with ordinary backpropagation through the steps. This is ``model_cls(*args,
-    solver=dk.Picard(rtol=0, atol=1e-30), adjoint=dk.UnrolledAdjoint(), max_steps=depth,
-    eval_max_steps=depth, **kwargs)``: no tolerance is tested, so ``model.deq.last_solution``
-    reports ``max_steps_reached`` by design. :class:`UnrolledMLP` and :class:`UnrolledConv` are
-    the registered shorthands for :class:`DEQMLP` and :class:`ConvDEQ`.
+    solver=dk.FixedSteps(dk.Picard()), adjoint=dk.UnrolledAdjoint(), max_steps=depth,
+    eval_max_steps=depth, **kwargs)``: no tolerance is tested and the output is the last
+    iterate; ``model.deq.last_solution`` reports the residual it reached. :class:`UnrolledMLP`
+    and :class:`UnrolledConv` are the registered shorthands for :class:`DEQMLP` and
+    :class:`ConvDEQ`.
 
     Args:
         model_cls: a zoo DEQ model class taking ``solver``, ``adjoint``, ``max_steps`` and

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..linear import JacobianOperator
+
 __all__ = ["fixed_point_correction_loss", "jacobian_frobenius_reg"]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -142,18 +144,11 @@ def jacobian_frobenius_reg(
             )
         per_sample = torch.zeros(batch, dtype=z.dtype, device=z.device)
         if fz.requires_grad:
+            # f(z)'s graph is kept: it may still be needed (task loss, probes)
+            jac = JacobianOperator.from_evaluation(zz, fz, create_graph=create_graph)
             for _ in range(n_samples):
                 v = torch.randn(fz.shape, generator=generator, dtype=fz.dtype, device=fz.device)
-                (vjac,) = torch.autograd.grad(
-                    fz,
-                    zz,
-                    v,
-                    create_graph=create_graph,
-                    retain_graph=True,  # f(z)'s graph may still be needed (task loss, probes)
-                    allow_unused=True,
-                    materialize_grads=True,
-                )
-                per_sample = per_sample + vjac.reshape(batch, -1).pow(2).sum(dim=1)
+                per_sample = per_sample + jac.rmv(v.reshape(batch, -1)).pow(2).sum(dim=1)
             per_sample = per_sample / n_samples
     if not create_graph:
         per_sample = per_sample.detach()

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._flatten import flatten, make_layout, unflatten
-from .nn._deq import DEQ, parametrization_cache
+from .._flatten import flatten, make_layout, unflatten
+from ..solvers.anderson import anderson_weights
+from ..stability.parametrizations import parametrization_cache
+from ._deq import DEQ
 
 __all__ = ["FixedStepDEQ", "FixedStepModel", "export_fixed_steps", "residual_at"]
 
@@ -30,8 +32,11 @@ def _spd_solve_ones(A: Tensor) -> Tensor:
 
     Gaussian elimination without pivoting (safe for SPD), unrolled over the static ``n``: only
     slicing and elementwise ops, so it exports to ONNX (which has no linear-solve operator).
+    ``A`` is first divided by its mean diagonal (the weights do not depend on the scale), which
+    keeps float32 elimination away from overflow and underflow.
     """
     n = A.shape[-1]
+    A = A / (A.diagonal(dim1=1, dim2=2).mean(dim=1) + torch.finfo(A.dtype).tiny)[:, None, None]
     rows = [
         torch.cat((A[:, i], torch.ones_like(A[:, i, :1])), dim=1) for i in range(n)
     ]  # augmented rows (B, n + 1)
@@ -130,19 +135,11 @@ class FixedStepDEQ(nn.Module):
         return self.deq.cell
 
     def _anderson_weights(self, G: list[Tensor]) -> Tensor:
-        n = len(G)
-        Gs = torch.stack(G, dim=1)  # (B, n, D)
+        Gs = torch.stack(G, dim=1)  # (B, n, D), oldest first
         H = torch.bmm(Gs, Gs.transpose(1, 2))  # (B, n, n)
-        diag = torch.diagonal(H, dim1=1, dim2=2)
-        scale = diag.sum(dim=1) / n + torch.finfo(H.dtype).tiny  # (B,)
-        eye = torch.eye(n, dtype=H.dtype, device=H.device)
-        A = H / scale[:, None, None] + self.regularisation * eye
-        y = _spd_solve_ones(A)
-        alpha = y / y.sum(dim=1, keepdim=True)
-        # newest slot only: a plain step
-        plain = torch.cat((torch.zeros_like(alpha[:, 1:]), torch.ones_like(alpha[:, :1])), dim=1)
-        ok = torch.isfinite(alpha).all(dim=1, keepdim=True)
-        return torch.where(ok, alpha, plain)
+        # the shared weights, with an elimination that exports to ONNX (no linear-solve op)
+        return anderson_weights(H, len(G) - 1, self.regularisation, solve=_spd_solve_ones,
+                                dtype=None).squeeze(1)
 
     def _solve(self, fn: Any, z: Tensor) -> Tensor:
         if self.solver == "picard":

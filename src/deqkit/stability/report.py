@@ -14,18 +14,37 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ._diagnostics import jacobian_spectral_norm, jacobian_spectral_radius
-from ._solution import RESULTS
-from .adjoint.implicit import ImplicitAdjoint
-from .linear import GMRES, AbstractLinearSolver
-from .nn._deq import DEQ, parametrization_cache
+from .._solution import RESULTS
+from ..adjoint.implicit import ImplicitAdjoint
+from ..linear import GMRES, AbstractLinearSolver
+from .diagnostics import jacobian_spectral_norm, jacobian_spectral_radius
+from .parametrizations import parametrization_cache
 
-__all__ = ["StabilityReport", "stability_report"]
+__all__ = ["DEQLike", "StabilityReport", "stability_report"]
+
+
+@runtime_checkable
+class DEQLike(Protocol):
+    """What :func:`stability_report` reads and sets on a layer; :class:`deqkit.nn.DEQ` has it.
+
+    An ``nn.Module`` called as ``layer(*inputs, z0=z0)`` that solves ``z = cell(z, *inputs)``
+    with the adjoint ``adjoint``, the keyword arguments ``fp_kwargs`` of
+    :func:`deqkit.fixed_point`, the flag ``throw`` and the step budgets ``max_steps``
+    (training) / ``eval_max_steps`` (eval), and stores the solve in ``last_solution``.
+    """
+
+    cell: Any
+    adjoint: Any
+    fp_kwargs: dict[str, Any]
+    throw: bool
+    max_steps: int
+    eval_max_steps: int
+    last_solution: Any
 
 _REMEDY = (
     "use spectral normalisation (dk.nn.spectral_norm) or Jacobian regularisation "
@@ -206,7 +225,7 @@ def _default_loss(z: Any) -> Tensor:
 
 
 @contextlib.contextmanager
-def _preserved(deq: DEQ) -> Iterator[None]:
+def _preserved(deq: DEQLike) -> Iterator[None]:
     """Restore the attributes the report changes, the ``last_solution`` and every buffer
     (spectral-norm power-iteration vectors, BatchNorm statistics) on exit."""
     saved = {
@@ -224,7 +243,7 @@ def _preserved(deq: DEQ) -> Iterator[None]:
 
 
 def stability_report(
-    deq: DEQ,
+    deq: DEQLike,
     *inputs: Any,
     loss_fn: Callable[[Any], Tensor] | None = None,
     backward_solver: AbstractLinearSolver | None = None,
@@ -275,7 +294,7 @@ def stability_report(
 
     Example:
         >>> import torch, deqkit as dk
-        >>> from deqkit._report import stability_report
+        >>> from deqkit.stability import stability_report
         >>> class Cell(torch.nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
@@ -291,7 +310,7 @@ def stability_report(
         DEQ stability report (4 samples, training mode, solver Anderson(...), max_steps 30)
         ...
     """
-    if not isinstance(deq, DEQ):
+    if not (isinstance(deq, nn.Module) and isinstance(deq, DEQLike)):
         raise TypeError(
             f"stability_report: `deq` must be a deqkit.nn.DEQ, got {type(deq).__name__}."
         )
@@ -413,7 +432,7 @@ def stability_report(
             f"the backward solve did not converge for {n_bfail} samples ({n_bfail}/{batch}; "
             f"worst residual {_stat(b_res, 'max'):.3g}): the gradient is inexact; increase "
             "the linear solver's max_steps, use dk.GMRES, add a phantom fallback "
-            "(dk.ImplicitAdjoint(fallback='phantom')), or " + _REMEDY + "."
+            "(dk.ImplicitAdjoint(fallback=dk.PhantomAdjoint())), or " + _REMEDY + "."
         )
 
     return StabilityReport(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from deqkit._diagnostics import jacobian_spectral_norm
+from .diagnostics import jacobian_spectral_norm
 
 __all__ = [
     "cached_parametrizations",
@@ -184,7 +184,7 @@ def spectral_norm(
     ``sqrt(prod k)`` times for stride 1; Gouk et al. 2021, Tsuzuku et al. 2018).  A conv cell
     with a bounded kernel is therefore not guaranteed contractive; check with
     ``lipschitz_upper_bound`` (with ``input_shape=``) or ``jacobian_spectral_norm`` from
-    :mod:`deqkit._diagnostics`.
+    :mod:`deqkit.stability.diagnostics`.
 
     Args:
         module: the layer (``nn.Linear``, ``nn.Conv*d``, ``nn.ConvTranspose*d``, ...).
@@ -357,6 +357,16 @@ def cached_parametrizations(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
+def parametrization_cache(cell: object) -> contextlib.AbstractContextManager:
+    """:func:`cached_parametrizations` for a cell module with parametrized submodules (spectral
+    or weight norm computed once per solve); a no-op context for anything else."""
+    if isinstance(cell, nn.Module) and any(
+        parametrize.is_parametrized(m) for m in cell.modules()
+    ):
+        return cached_parametrizations(cell)
+    return contextlib.nullcontext()
+
+
 def scale_to_contractive(
     f: Callable[[Tensor], Tensor],
     z: Tensor,
@@ -370,7 +380,7 @@ def scale_to_contractive(
     r"""Careful initialisation: rescale parameters until ``||J_f(z)||_2 < target``.
 
     Estimates :math:`s = \max_b \|J_f(z_b)\|_2` with
-    :func:`deqkit._diagnostics.jacobian_spectral_norm`; while ``s >= target`` multiplies every
+    :func:`deqkit.jacobian_spectral_norm`; while ``s >= target`` multiplies every
     tensor of ``params`` in place (under ``no_grad``) by the common factor
     ``c = 0.98 * target / s`` and re-estimates.  For a cell ``f = phi(W z + U x)`` with
     1-Lipschitz ``phi`` and ``params = [W]``, the Jacobian ``diag(phi') W`` scales by about

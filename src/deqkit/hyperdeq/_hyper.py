@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import (
+from .._fixed_point import fixed_point
+from ..solvers._base import (
     AbstractFixedPointSolver,
     FlatFn,
     check_positive_int,
     check_tolerances,
     put_slot,
 )
-from .anderson import Anderson
+from ..solvers.anderson import Anderson, anderson_weights
 
 _OWNER = "HyperAnderson"
 _TAU = 0.25  # smoothing (decades) of the hinge of train_hyper_solver(loss="tolerance")
@@ -182,7 +183,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
     Example:
         >>> import torch
         >>> import deqkit as dk
-        >>> from deqkit.solvers.hyper import HyperAnderson
+        >>> from deqkit.hyperdeq import HyperAnderson
         >>> _ = torch.manual_seed(0)
         >>> W = torch.randn(6, 6)
         >>> W = 0.8 * W / torch.linalg.matrix_norm(W, 2)
@@ -487,14 +488,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
 
         # Classical least-squares weights over the n valid slots (float64, detached).
         Hd = H.detach()
-        A = Hd[:, :n, :n].clone()
-        diag = A.diagonal(dim1=1, dim2=2)
-        diag.add_(diag.mean(dim=1, keepdim=True) * self.regularisation + 1e-300)
-        y = torch.linalg.solve_ex(A, A.new_ones(A.shape[0], n, 1))[0].squeeze(-1)
-        s = y.sum(dim=1, keepdim=True)
-        ok = torch.isfinite(s) & (s != 0) & torch.isfinite(y).all(dim=1, keepdim=True)
-        newest = F.one_hot(torch.tensor(slot, device=z.device), n).to(y.dtype)
-        alpha_ls = torch.where(ok, y / torch.where(ok, s, 1.0), newest)  # (W, n) slot order
+        alpha_ls = anderson_weights(Hd[:, :n, :n], slot, self.regularisation).squeeze(1)
 
         if self.update_net is None:  # least-squares weights, fixed damping
             alpha = alpha_ls.to(z.dtype)
@@ -753,7 +747,6 @@ def pretrain_initialiser(
     cell = _cell_of(deq_layer, "pretrain_initialiser")
     if target_solver is None:
         target_solver = Anderson(m=5, rtol=1e-6, atol=0)
-    from .._fixed_point import fixed_point  # local: avoid an import cycle
 
     modules = [c for c in (cell, deq_layer) if isinstance(c, nn.Module)]
     modes = [c.training for c in modules]
@@ -902,7 +895,7 @@ def train_hyper_solver(
     Example:
         >>> import torch
         >>> import deqkit as dk
-        >>> from deqkit.solvers.hyper import HyperAnderson, train_hyper_solver
+        >>> from deqkit.hyperdeq import HyperAnderson, train_hyper_solver
         >>> _ = torch.manual_seed(0)
         >>> lin = torch.nn.Linear(6, 6, bias=False)
         >>> layer = dk.nn.DEQ(lambda z, u: torch.tanh(0.6 * lin(z) + u))
@@ -971,7 +964,6 @@ def train_hyper_solver(
         )
     if target_solver is None:
         target_solver = Anderson(m=5, rtol=1e-6, atol=0)
-    from .._fixed_point import fixed_point  # local: avoid an import cycle
 
     params = [p for p in solver.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)

@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..linear import JacobianOperator
+
 CellFn = Callable[[Tensor], Tensor]
 
 __all__ = [
@@ -90,65 +92,19 @@ def _randn(shape: Sequence[int], like: Tensor, generator: torch.Generator | None
 
 
 # ---------------------------------------------------------------------- linearisation of f
-class _Linearisation:
-    """Products with the per-sample Jacobian of ``f`` at ``z`` from one evaluation of ``f``.
-
-    Vectors are flat ``(B, D)``.  ``vjp(u) = J^T u`` and ``jvp(v) = J v`` (double-VJP trick).
-    """
-
-    def __init__(self, f: CellFn, z: Tensor, name: str) -> None:
-        self.shape = z.shape
-        self.batch = z.shape[0]
-        self.zeros = False
-        with torch.enable_grad():
-            self.z = z.detach().requires_grad_(True)
-            fz = f(self.z)
-            if not isinstance(fz, Tensor) or fz.shape != z.shape:
-                got = tuple(fz.shape) if isinstance(fz, Tensor) else type(fz).__name__
-                raise ValueError(
-                    f"{name}: `f` must return a tensor of the same shape as z "
-                    f"{tuple(z.shape)}, got {got}."
-                )
-            self.fz = fz
-            if not fz.requires_grad:  # f does not depend on z (nor on anything differentiable)
-                self.zeros = True
-                return
-            # J^T w as a function of a dummy cotangent w: linear in w, so its derivative with
-            # respect to w in direction v is J v whatever the value of w.
-            self.w = torch.zeros_like(fz, requires_grad=True)
-            (g,) = torch.autograd.grad(
-                fz, self.z, self.w, create_graph=True, allow_unused=True, materialize_grads=True
+def _linearisation(f: CellFn, z: Tensor, name: str) -> JacobianOperator:
+    """The Jacobian of ``f`` at ``z`` (flat ``(B, D)`` products ``mv = J v``, ``rmv = J^T u``)
+    from one evaluation of ``f``, after checking that ``f`` keeps the shape of ``z``."""
+    with torch.enable_grad():
+        zr = z.detach().requires_grad_(True)
+        fz = f(zr)
+        if not isinstance(fz, Tensor) or fz.shape != z.shape:
+            got = tuple(fz.shape) if isinstance(fz, Tensor) else type(fz).__name__
+            raise ValueError(
+                f"{name}: `f` must return a tensor of the same shape as z "
+                f"{tuple(z.shape)}, got {got}."
             )
-            self.g = g
-            self.g_zero = not g.requires_grad  # J^T w independent of w: J == 0
-
-    def jvp(self, v: Tensor) -> Tensor:
-        if self.zeros or self.g_zero:
-            return torch.zeros_like(v)
-        with torch.enable_grad():
-            (out,) = torch.autograd.grad(
-                self.g,
-                self.w,
-                v.reshape(self.shape),
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        return out.detach().reshape(self.batch, -1)
-
-    def vjp(self, u: Tensor) -> Tensor:
-        if self.zeros:
-            return torch.zeros_like(u)
-        with torch.enable_grad():
-            (out,) = torch.autograd.grad(
-                self.fz,
-                self.z,
-                u.reshape(self.shape),
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        return out.detach().reshape(self.batch, -1)
+    return JacobianOperator.from_evaluation(zr, fz)
 
 
 # ------------------------------------------------------------------------------ spectral norm
@@ -205,15 +161,15 @@ def jacobian_spectral_norm(
     _check_f_z(name, f, z)
     _check_pos_int(name, "n_iter", n_iter, 100)
     _check_nonneg(name, "tol", tol, 1e-6)
-    lin = _Linearisation(f, z, name)
+    lin = _linearisation(f, z, name)
     batch = z.shape[0]
     v = _randn((batch, z[0].numel()), z, generator)
     v = v / v.norm(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
     sigma = torch.zeros(batch, dtype=z.dtype, device=z.device)
     for _ in range(n_iter):
-        u = lin.jvp(v)
+        u = lin.mv(v)
         new_sigma = u.norm(dim=1)
-        w = lin.vjp(u)
+        w = lin.rmv(u)
         wn = w.norm(dim=1, keepdim=True)
         # keep v where J^T J v vanished (sigma is then 0 for this sample, or v was unlucky)
         v = torch.where(wn > 0, w / wn.clamp_min(torch.finfo(z.dtype).tiny), v)
@@ -280,7 +236,7 @@ def jacobian_spectral_radius(
     name = "jacobian_spectral_radius"
     _check_f_z(name, f, z)
     _check_pos_int(name, "krylov_dim", krylov_dim, 30)
-    lin = _Linearisation(f, z, name)
+    lin = _linearisation(f, z, name)
     batch = z.shape[0]
     dim = z[0].numel()
     m = min(krylov_dim, dim)
@@ -293,7 +249,7 @@ def jacobian_spectral_radius(
     basis[:, 0] = q / q.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     active = torch.ones(batch, dtype=torch.bool, device=device)
     for j in range(m):
-        w = lin.jvp(basis[:, j])
+        w = lin.mv(basis[:, j])
         ref = w.norm(dim=1)
         for _ in range(2):  # MGS, then one re-orthogonalisation pass ("twice is enough")
             for i in range(j + 1):
@@ -358,9 +314,9 @@ def _activation_constant(layer: nn.Module) -> float | None:
         return _GELU_TANH if layer.approximate == "tanh" else _GELU_EXACT
     if isinstance(layer, (nn.SiLU,)):
         return _SILU
-    from deqkit.nn._dropout import VariationalDropout  # lazy: deqkit.nn imports this module
-
-    if isinstance(layer, (nn.Dropout, nn.AlphaDropout, VariationalDropout)):
+    if isinstance(layer, (nn.Dropout, nn.AlphaDropout)) or getattr(
+        layer, "inverted_dropout", False
+    ):
         p = float(getattr(layer, "p", 0.0))
         # identity in eval mode; inverted dropout scales kept units by 1/(1-p) in training
         return 1.0 / (1.0 - p) if layer.training and p < 1 else 1.0
@@ -466,8 +422,10 @@ def lipschitz_upper_bound(
       Unflatten: 1; Sigmoid: 1/4; Hardsigmoid: 1/6; LeakyReLU / PReLU: ``max(1, |slope|)``;
       ELU / CELU: ``max(1, alpha)``; SELU: ``scale * alpha`` (~1.758); GELU: ~1.1289
       (``Phi(sqrt 2) + sqrt 2 phi(sqrt 2)``); SiLU: ~1.0998; Tanhshrink: 1.
-    * ``nn.Dropout`` and deqkit's ``VariationalDropout``: 1 in eval mode, ``1/(1-p)`` in
-      training mode (inverted dropout rescales kept units; call ``module.eval()`` for 1).
+    * ``nn.Dropout`` and deqkit's ``VariationalDropout`` (any module whose class sets
+      ``inverted_dropout = True`` and holds the drop probability ``p``): 1 in eval mode,
+      ``1/(1-p)`` in training mode (inverted dropout rescales kept units; call
+      ``module.eval()`` for 1).
 
     ``nn.Sequential`` containers may be nested.
 
