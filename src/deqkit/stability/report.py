@@ -46,6 +46,13 @@ class DEQLike(Protocol):
     eval_max_steps: int
     last_solution: Any
 
+def _is_deq_like(layer: Any) -> bool:
+    """Whether ``layer`` has every member of :class:`DEQLike`. (Not ``isinstance`` on the
+    protocol: from Python 3.12 it looks attributes up statically, and a module's submodules,
+    such as ``cell``, are not instance attributes.)"""
+    return all(hasattr(layer, name) for name in DEQLike.__annotations__)
+
+
 _REMEDY = (
     "use spectral normalisation (dk.nn.spectral_norm) or Jacobian regularisation "
     "(dk.jacobian_frobenius_reg)"
@@ -310,7 +317,7 @@ def stability_report(
         DEQ stability report (4 samples, training mode, solver Anderson(...), max_steps 30)
         ...
     """
-    if not (isinstance(deq, nn.Module) and isinstance(deq, DEQLike)):
+    if not (isinstance(deq, nn.Module) and _is_deq_like(deq)):
         raise TypeError(
             f"stability_report: `deq` must be a deqkit.nn.DEQ, got {type(deq).__name__}."
         )
