@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ._checks import check_float, check_int
 from ._flatten import State, slice_args
 from ._iterate import LoopOptions, LoopOutput
 from ._primal import Primal
@@ -71,16 +72,10 @@ def _resolve_adjoint(adjoint: AbstractAdjoint | None) -> AbstractAdjoint:
 
 def _options(max_steps: int, args: tuple[Any, ...], compact: bool | None, compact_ratio: float,
              divergence_ratio: float | None, patience: int | None, trace: bool) -> LoopOptions:
-    for name, value, least in (("max_steps", max_steps, 0), ("patience", patience, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < least):
-            raise ValueError(f"`{name}` must be an int >= {least}, got {value!r}.")
-    if not isinstance(compact_ratio, (int, float)) or not 0 < compact_ratio <= 1:
-        raise ValueError(f"`compact_ratio` must be in (0, 1], got {compact_ratio!r}.")
-    if divergence_ratio is not None and not (
-        isinstance(divergence_ratio, (int, float)) and 1 < divergence_ratio < math.inf
-    ):
-        raise ValueError(f"`divergence_ratio` must be > 1 or None, got {divergence_ratio!r}.")
+    check_int("", "max_steps", max_steps, 0)
+    check_int("", "patience", patience, none=True)
+    check_float("", "compact_ratio", compact_ratio, gt=0, le=1)
+    check_float("", "divergence_ratio", divergence_ratio, gt=1, none=True)
     return LoopOptions(
         max_steps=max_steps, compact=bool(len(args) > 0 if compact is None else compact),
         compact_ratio=float(compact_ratio), divergence_ratio=divergence_ratio,

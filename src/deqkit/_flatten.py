@@ -144,15 +144,6 @@ def flat_fn(layout: Layout, f: Callable[..., State]) -> Callable[..., Tensor]:
     return g
 
 
-def all_finite(t: Tensor) -> bool:
-    """Whether every entry of ``t`` is finite, in one reduction pass plus one host sync.
-
-    A sum is finite when every entry is; the elementwise test (several passes over ``t``) runs
-    only when the sum is not, to tell a non-finite entry from an overflowing sum.
-    """
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
 def check_args(args: tuple[Any, ...], batch: int) -> bool:
     """Check that every tensor in ``args``, at any depth of tuples, lists and dicts, is
     per-sample (leading dimension ``batch``); return whether any sits inside a container."""

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._checks import all_finite
 from ._flatten import (
     Layout,
     State,
-    all_finite,
     check_args,
     check_output,
     flat_fn,

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import check_choice
 from ..linear import GMRES, AbstractLinearSolver, IdentityMinus, JacobianOperator, Neumann
 from ._base import AbstractAdjoint, OneEvaluation, finite_rows, refuse_higher_order
 from .jacobian_free import JacobianFreeAdjoint, PhantomAdjoint
@@ -150,11 +151,7 @@ class ImplicitAdjoint(OneEvaluation):
                 "dk.BiCGStab(), dk.Neumann(), dk.Dense()), got "
                 f"{type(self.linear_solver).__name__}."
             )
-        if self.on_failure not in _ON_FAILURE:
-            raise ValueError(
-                f"ImplicitAdjoint: `on_failure` must be one of {_ON_FAILURE}, "
-                f"got {self.on_failure!r}."
-            )
+        check_choice("ImplicitAdjoint", "on_failure", self.on_failure, _ON_FAILURE)
         if isinstance(self.fallback, str) and self.fallback == "phantom":
             warnings.warn(
                 "ImplicitAdjoint(fallback='phantom', fallback_steps=..., fallback_damping=...) "

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_float, check_int
 from ._base import AbstractAdjoint, OneEvaluation, Primal, finite_rows, first_order
 
 
@@ -71,10 +72,8 @@ class PhantomAdjoint(AbstractAdjoint):
     damping: float = 0.5
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"PhantomAdjoint: `steps` must be an int >= 1, got {self.steps!r}.")
-        if not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"PhantomAdjoint: `damping` must be in (0, 1], got {self.damping!r}.")
+        check_int("PhantomAdjoint", "steps", self.steps)
+        check_float("PhantomAdjoint", "damping", self.damping, gt=0, le=1)
 
     def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
         z0 = primal.run().value

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_float
 from ._base import OneEvaluation, finite_rows, first_order
 
 
@@ -76,11 +77,8 @@ class OneStepAdjoint(OneEvaluation):
     residual_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        w = self.residual_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-            raise ValueError(
-                f"OneStepAdjoint: `residual_weight` must be a float >= 0, got {w!r}; e.g. 1.0."
-            )
+        check_float("OneStepAdjoint", "residual_weight", self.residual_weight, ge=0,
+                    finite=False, example=1.0)
 
     def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any]) -> Tensor:
         z = z_in.detach()

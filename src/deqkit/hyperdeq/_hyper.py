@@ -18,14 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_float, check_int, check_tolerances
 from .._fixed_point import fixed_point
-from ..solvers._base import (
-    AbstractFixedPointSolver,
-    FlatFn,
-    check_positive_int,
-    check_tolerances,
-    put_slot,
-)
+from ..solvers._base import AbstractFixedPointSolver, FlatFn, put_slot
 from ..solvers.anderson import Anderson, anderson_weights
 
 _OWNER = "HyperAnderson"
@@ -247,14 +242,11 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
                 f"a tuple of positive ints such as (32, 8, 8) or (128,), got {state_shape!r}."
             )
         check_tolerances(_OWNER, rtol, atol)
-        check_positive_int(_OWNER, "m", m)
-        check_positive_int(_OWNER, "features", features)
-        if hidden is not None:
-            check_positive_int(_OWNER, "hidden", hidden)
-        if init_hidden is not None:
-            check_positive_int(_OWNER, "init_hidden", init_hidden)
-        if isinstance(init_layers, bool) or not isinstance(init_layers, int) or init_layers < 0:
-            raise ValueError(f"{_OWNER}: `init_layers` must be an int >= 0, got {init_layers!r}.")
+        check_int(_OWNER, "m", m)
+        check_int(_OWNER, "features", features)
+        check_int(_OWNER, "hidden", hidden, none=True)
+        check_int(_OWNER, "init_hidden", init_hidden, none=True)
+        check_int(_OWNER, "init_layers", init_layers, 0)
         if init_layers and init_hidden is None:
             raise ValueError(f"{_OWNER}: `init_layers` > 0 needs `init_hidden` (the width).")
         _check_groups("init_groups", init_groups, shape[0])
@@ -262,48 +254,14 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             raise ValueError(f"{_OWNER}: at most 3 spatial dimensions, got {shape!r}.")
         if in_channels is None:
             in_channels = shape[0]
-        check_positive_int(_OWNER, "in_channels", in_channels)
-        if (
-            isinstance(beta_max, bool)
-            or not isinstance(beta_max, (int, float))
-            or not 0 < beta_max < math.inf
-        ):
-            raise ValueError(f"{_OWNER}: `beta_max` must be a finite float > 0, got {beta_max!r}.")
-        if (
-            isinstance(beta_init, bool)
-            or not isinstance(beta_init, (int, float))
-            or not 0 < beta_init < beta_max
-        ):
-            raise ValueError(
-                f"{_OWNER}: `beta_init` must be in (0, beta_max={beta_max}), got {beta_init!r}."
-            )
-        if safeguard is not None and (
-            isinstance(safeguard, bool)
-            or not isinstance(safeguard, (int, float))
-            or not 1 <= safeguard < math.inf
-        ):
-            raise ValueError(
-                f"{_OWNER}: `safeguard` must be a finite float >= 1 or None, got {safeguard!r}."
-            )
-        if (
-            isinstance(regularisation, bool)
-            or not isinstance(regularisation, (int, float))
-            or not 0 <= regularisation < math.inf
-        ):
-            raise ValueError(
-                f"{_OWNER}: `regularisation` must be a finite float >= 0, got "
-                f"{regularisation!r}."
-            )
-        if precondition is not None and (
-            isinstance(precondition, bool)
-            or not isinstance(precondition, (int, float))
-            or not 0 <= precondition < 1
-        ):
-            raise ValueError(
-                f"{_OWNER}: `precondition` must be None or a float in [0, 1), got "
-                f"{precondition!r}."
-            )
-        check_positive_int(_OWNER, "precondition_hidden", precondition_hidden)
+        check_int(_OWNER, "in_channels", in_channels)
+        check_float(_OWNER, "beta_max", beta_max, gt=0)
+        check_float(_OWNER, "beta_init", beta_init, gt=0, lt=beta_max,
+                    example=f"0.9 (below beta_max={beta_max})")
+        check_float(_OWNER, "safeguard", safeguard, ge=1, none=True)
+        check_float(_OWNER, "regularisation", regularisation, ge=0)
+        check_float(_OWNER, "precondition", precondition, ge=0, lt=1, none=True)
+        check_int(_OWNER, "precondition_hidden", precondition_hidden)
         _check_groups("precondition_groups", precondition_groups, shape[0])
         self.state_shape = shape
         self.channels = shape[0]
@@ -628,7 +586,7 @@ def _check_groups(name: str, groups: int | None, channels: int) -> None:
     """``groups`` (optional) must be a positive int dividing the state's channels."""
     if groups is None:
         return
-    check_positive_int(_OWNER, name, groups)
+    check_int(_OWNER, name, groups)
     if channels % groups:
         raise ValueError(
             f"{_OWNER}: `{name}` ({groups}) must divide the state channels ({channels})."
@@ -736,14 +694,10 @@ def pretrain_initialiser(
         raise TypeError(
             f"pretrain_initialiser: `solver` must be a HyperAnderson, got {type(solver).__name__}."
         )
-    check_positive_int("pretrain_initialiser", "steps", steps)
-    check_positive_int("pretrain_initialiser", "target_max_steps", target_max_steps)
-    if isinstance(cell_steps, bool) or not isinstance(cell_steps, int) or cell_steps < 0:
-        raise ValueError(
-            f"pretrain_initialiser: `cell_steps` must be an int >= 0, got {cell_steps!r}."
-        )
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
-        raise ValueError(f"pretrain_initialiser: `lr` must be a finite float > 0, got {lr!r}.")
+    check_int("pretrain_initialiser", "steps", steps)
+    check_int("pretrain_initialiser", "target_max_steps", target_max_steps)
+    check_int("pretrain_initialiser", "cell_steps", cell_steps, 0)
+    check_float("pretrain_initialiser", "lr", lr, gt=0)
     cell = _cell_of(deq_layer, "pretrain_initialiser")
     if target_solver is None:
         target_solver = Anderson(m=5, rtol=1e-6, atol=0)
@@ -909,30 +863,14 @@ def train_hyper_solver(
         raise TypeError(
             f"train_hyper_solver: `solver` must be a HyperAnderson, got {type(solver).__name__}."
         )
-    check_positive_int("train_hyper_solver", "steps", steps)
-    check_positive_int("train_hyper_solver", "k", k)
-    check_positive_int("train_hyper_solver", "target_max_steps", target_max_steps)
-    for name, value, strict in (
-        ("lr", lr, True),
-        ("init_weight", init_weight, False),
-        ("target_weight", target_weight, False),
-    ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-            or (strict and value == 0)
-        ):
-            raise ValueError(
-                f"train_hyper_solver: `{name}` must be a finite float "
-                f"{'> 0' if strict else '>= 0'}, got {value!r}."
-            )
-    if loss not in ("relative", "log", "tolerance"):
-        raise ValueError(
-            "train_hyper_solver: `loss` must be 'relative', 'log' or 'tolerance', got "
-            f"{loss!r}."
-        )
+    owner = "train_hyper_solver"
+    check_int(owner, "steps", steps)
+    check_int(owner, "k", k)
+    check_int(owner, "target_max_steps", target_max_steps)
+    check_float(owner, "lr", lr, gt=0)
+    check_float(owner, "init_weight", init_weight, ge=0)
+    check_float(owner, "target_weight", target_weight, ge=0)
+    check_choice(owner, "loss", loss, ("relative", "log", "tolerance"))
     try:
         tols = [float(t) for t in tolerances]
     except (TypeError, ValueError):
@@ -943,15 +881,8 @@ def train_hyper_solver(
             f"{tolerances!r}."
         )
     log_tols = [math.log10(t) for t in tols]
-    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
-        raise ValueError(f"train_hyper_solver: `grad_clip` must be > 0 or None, got {grad_clip!r}.")
-    if isinstance(init_pretrain_steps, bool) or not isinstance(init_pretrain_steps, int) or (
-        init_pretrain_steps < 0
-    ):
-        raise ValueError(
-            f"train_hyper_solver: `init_pretrain_steps` must be an int >= 0, got "
-            f"{init_pretrain_steps!r}."
-        )
+    check_float(owner, "grad_clip", grad_clip, gt=0, finite=False, none=True)
+    check_int(owner, "init_pretrain_steps", init_pretrain_steps, 0)
     cell = _cell_of(deq_layer, "train_hyper_solver")
     t_start = time.perf_counter()
     pre = None

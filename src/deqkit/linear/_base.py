@@ -58,24 +58,6 @@ class LinearSolution:
         return bool(self.converged.all())
 
 
-def _check_tolerances(name: str, rtol: float, atol: float, max_steps: int) -> None:
-    for arg, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0 <= value < float("inf"):
-            raise ValueError(
-                f"{name}: `{arg}` must be a finite number >= 0, got {value!r}. "
-                f"Pass e.g. {arg}=1e-6."
-            )
-    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
-        raise ValueError(
-            f"{name}: `max_steps` must be a positive int, got {max_steps!r}. "
-            "Pass e.g. max_steps=100."
-        )
-    if rtol == 0 and atol == 0:
-        # Allowed (runs exactly max_steps iterations), but say so in the docs of each solver.
-        pass
-
-
 class AbstractLinearSolver(abc.ABC):
     """Base class of the batched linear solvers: one ``solve`` template, two hooks.
 

@@ -7,10 +7,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from .._checks import check_int, check_tolerances
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    _check_tolerances,
     _initial_guess,
     _tolerance,
     batched_norm,
@@ -85,7 +85,9 @@ class BiCGStab(AbstractLinearSolver):
     max_steps: int = 100
 
     def __post_init__(self) -> None:
-        _check_tolerances("BiCGStab", self.rtol, self.atol, self.max_steps)
+        # rtol = atol = 0 is allowed: exactly max_steps iterations
+        check_tolerances("BiCGStab", self.rtol, self.atol, both_zero=True, example="1e-6")
+        check_int("BiCGStab", "max_steps", self.max_steps, example=100)
 
     def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
             x0: Tensor | None) -> LinearSolution:

@@ -7,10 +7,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from .._checks import check_int, check_tolerances
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    _check_tolerances,
     _initial_guess,
     _tolerance,
     batched_norm,
@@ -69,12 +69,10 @@ class Dense(AbstractLinearSolver):
     max_size: int = 4096
 
     def __post_init__(self) -> None:
-        _check_tolerances("Dense", self.rtol, self.atol, self.max_steps)
-        n = self.max_size
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(
-                f"Dense: `max_size` must be a positive int, got {n!r}. Pass e.g. max_size=4096."
-            )
+        # rtol = atol = 0 is allowed: exactly max_steps iterations
+        check_tolerances("Dense", self.rtol, self.atol, both_zero=True, example="1e-6")
+        check_int("Dense", "max_steps", self.max_steps, example=100)
+        check_int("Dense", "max_size", self.max_size, example=4096)
 
     def prepare(self, op: AbstractLinearOperator) -> _Factors:
         """Assemble the ``(B, D, D)`` matrices (``D`` products) and LU-factorise them, once."""

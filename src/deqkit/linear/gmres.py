@@ -7,10 +7,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from .._checks import check_choice, check_int, check_tolerances
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    _check_tolerances,
     _initial_guess,
     _tolerance,
     batched_norm,
@@ -144,17 +144,12 @@ class GMRES(AbstractLinearSolver):
     orthogonalization: str = "cgs2"
 
     def __post_init__(self) -> None:
-        _check_tolerances("GMRES", self.rtol, self.atol, self.max_steps)
-        if not isinstance(self.restart, int) or isinstance(self.restart, bool) or self.restart < 1:
-            raise ValueError(
-                f"GMRES: `restart` (Krylov dimension per cycle) must be a positive int, "
-                f"got {self.restart!r}. Pass e.g. restart=30."
-            )
-        if self.orthogonalization not in _ORTHOGONALIZATIONS:
-            raise ValueError(
-                f"GMRES: `orthogonalization` must be one of {_ORTHOGONALIZATIONS}, "
-                f"got {self.orthogonalization!r}. Pass e.g. orthogonalization='mgs'."
-            )
+        # rtol = atol = 0 is allowed: exactly max_steps iterations
+        check_tolerances("GMRES", self.rtol, self.atol, both_zero=True, example="1e-6")
+        check_int("GMRES", "max_steps", self.max_steps, example=100)
+        check_int("GMRES", "restart", self.restart, example="30 (the Krylov dimension per cycle)")
+        check_choice("GMRES", "orthogonalization", self.orthogonalization, _ORTHOGONALIZATIONS,
+                     example="'mgs'")
 
     def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
             x0: Tensor | None) -> LinearSolution:

@@ -7,10 +7,10 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from .._checks import check_float, check_int, check_tolerances
 from ._base import (
     AbstractLinearSolver,
     LinearSolution,
-    _check_tolerances,
     _initial_guess,
     _tolerance,
     batched_norm,
@@ -69,13 +69,11 @@ class Neumann(AbstractLinearSolver):
     damping: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_tolerances("Neumann", self.rtol, self.atol, self.max_steps)
-        d = self.damping
-        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d <= 2:
-            raise ValueError(
-                f"Neumann: `damping` must be a number in (0, 2], got {d!r}. "
-                "Pass e.g. damping=1.0 (the plain Neumann series) or a smaller step."
-            )
+        # rtol = atol = 0 is allowed: exactly max_steps iterations
+        check_tolerances("Neumann", self.rtol, self.atol, both_zero=True, example="1e-6")
+        check_int("Neumann", "max_steps", self.max_steps, example=100)
+        check_float("Neumann", "damping", self.damping, gt=0, le=2,
+                    example="1.0 (the plain Neumann series) or a smaller step")
 
     def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
             x0: Tensor | None) -> LinearSolution:

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_bool, check_int
 from .._flatten import Layout, flatten, make_layout, unflatten
 
 State = Any  # Tensor | tuple[Tensor, ...]
@@ -68,15 +69,9 @@ class FixedPointCache:
         only_converged: bool = True,
         storage_device: torch.device | str | None = None,
     ) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(
-                f"FixedPointCache: `capacity` must be an int >= 1 (the number of sample ids), "
-                f"got {capacity!r}; e.g. capacity=len(train_set)."
-            )
-        if not isinstance(only_converged, bool):
-            raise TypeError(
-                f"FixedPointCache: `only_converged` must be a bool, got {only_converged!r}."
-            )
+        check_int("FixedPointCache", "capacity", capacity,
+                  example="len(train_set) (one slot per sample id)")
+        check_bool("FixedPointCache", "only_converged", only_converged)
         self.capacity = capacity
         self.only_converged = only_converged
         self.storage_device = None if storage_device is None else torch.device(storage_device)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checks import check_int
 from .._fixed_point import fixed_point, resolve_solver
 from .._flatten import StateShapeError, flatten, make_layout, unflatten
 from .._solution import RESULTS, Solution
@@ -145,11 +146,8 @@ class DEQ(nn.Module):
                 f"{list(self._FP_KWARGS)} besides solver, adjoint, max_steps, eval_max_steps, "
                 "throw, compact."
             )
-        for name, value in (("max_steps", max_steps), ("eval_max_steps", eval_max_steps)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0
-            ):
-                raise ValueError(f"DEQ: `{name}` must be an int >= 0, got {value!r}.")
+        check_int("DEQ", "max_steps", max_steps, 0)
+        check_int("DEQ", "eval_max_steps", eval_max_steps, 0, none=True)
         self.cell = cell
         self.solver = resolve_solver(solver)
         self.adjoint = adjoint if adjoint is not None else ImplicitAdjoint()

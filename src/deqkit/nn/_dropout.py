@@ -16,9 +16,9 @@ the modules are the identity.
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
+
+from .._checks import check_float
 
 __all__ = ["VariationalDropout", "VariationalDropout2d", "reset_dropout", "select_dropout"]
 
@@ -70,17 +70,8 @@ class VariationalDropout(nn.Module):
 
     def __init__(self, p: float = 0.1) -> None:
         super().__init__()
-        if (
-            not isinstance(p, (int, float))
-            or isinstance(p, bool)
-            or not math.isfinite(p)
-            or not 0 <= p < 1
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: `p` must be a probability in [0, 1), got {p!r}. "
-                "Pass e.g. p=0.1."
-            )
-        self.p = float(p)
+        self.p = check_float(type(self).__name__, "p", p, ge=0, lt=1,
+                             example="0.1 (the drop probability)")
         self.register_buffer("mask", None, persistent=False)
 
     def _mask_shape(self, x: Tensor) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_float, check_int
 from .._flatten import flatten, make_layout, unflatten
 from ..solvers.anderson import anderson_weights
 from ..stability.parametrizations import parametrization_cache
@@ -108,18 +109,12 @@ class FixedStepDEQ(nn.Module):
         super().__init__()
         if not isinstance(deq, DEQ):
             raise TypeError(f"FixedStepDEQ: `deq` must be a dk.nn.DEQ, got {type(deq).__name__}.")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"FixedStepDEQ: `steps` must be an int >= 1, got {steps!r}.")
-        if solver not in _SOLVERS:
-            raise ValueError(f"FixedStepDEQ: `solver` must be one of {_SOLVERS}, got {solver!r}.")
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"FixedStepDEQ: `m` must be an int >= 1, got {m!r}.")
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 < beta <= 1:
-            raise ValueError(f"FixedStepDEQ: `beta` must be in (0, 1], got {beta!r}.")
-        if not isinstance(regularisation, (int, float)) or not regularisation > 0:
-            raise ValueError(
-                f"FixedStepDEQ: `regularisation` must be a float > 0, got {regularisation!r}."
-            )
+        owner = "FixedStepDEQ"
+        check_int(owner, "steps", steps)
+        check_choice(owner, "solver", solver, _SOLVERS)
+        check_int(owner, "m", m)
+        check_float(owner, "beta", beta, gt=0, le=1)
+        check_float(owner, "regularisation", regularisation, gt=0, finite=False)
         self.deq = deq
         self.training = deq.training  # not .train(): that would recurse into the shared cell
         self.steps = steps

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils.checkpoint import checkpoint
 
+from .._checks import check_float, check_int
+
 __all__ = ["HyperNetwork"]
 
 
@@ -185,22 +187,10 @@ class HyperNetwork(nn.Module):
         name = type(self).__name__
         if not isinstance(target, nn.Module):
             raise TypeError(f"{name}: `target` must be an nn.Module, got {type(target).__name__}.")
-        for arg, val, low in (
-            ("context_dim", context_dim, 1),
-            ("hidden", hidden, 1),
-            ("depth", depth, 0),
-        ):
-            if not isinstance(val, int) or isinstance(val, bool) or val < low:
-                raise ValueError(f"{name}: `{arg}` must be an int >= {low}, got {val!r}.")
-        if (
-            not isinstance(init_scale, int | float)
-            or isinstance(init_scale, bool)
-            or not math.isfinite(init_scale)
-            or init_scale < 0
-        ):
-            raise ValueError(
-                f"{name}: `init_scale` must be a finite float >= 0, got {init_scale!r}."
-            )
+        check_int(name, "context_dim", context_dim)
+        check_int(name, "hidden", hidden)
+        check_int(name, "depth", depth, 0)
+        check_float(name, "init_scale", init_scale, ge=0)
 
         named = dict(target.named_parameters())
         if not named:
@@ -284,12 +274,7 @@ class HyperNetwork(nn.Module):
 
     @chunk_size.setter
     def chunk_size(self, value: int | None) -> None:
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(
-                f"{type(self).__name__}: `chunk_size` must be None or an int >= 1, got {value!r}."
-            )
+        check_int(type(self).__name__, "chunk_size", value, none=True)
         self._chunk_size = value
 
     @property

@@ -15,11 +15,11 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_float, check_int, check_tolerances
 from .._fixed_point import fixed_point, resolve_solver
 from .._solution import RESULTS, Solution
 from ..adjoint._base import AbstractAdjoint
@@ -27,21 +27,6 @@ from ..adjoint.implicit import ImplicitAdjoint
 from ..solvers._base import AbstractFixedPointSolver
 from ..solvers.picard import Picard
 from ._deq import DEQWarning
-
-
-def _check_positive(owner: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value > 0
-    ):
-        raise ValueError(f"{owner}: `{name}` must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def _check_nonneg(owner: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        math.isfinite(value) and value >= 0
-    ):
-        raise ValueError(f"{owner}: `{name}` must be a finite number >= 0, got {value!r}.")
 
 
 class MonotoneLinear(nn.Module):
@@ -71,10 +56,8 @@ class MonotoneLinear(nn.Module):
 
     def __init__(self, width: int, m: float = 0.05) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"MonotoneLinear: `width` must be an int >= 1, got {width!r}.")
-        self.width = width
-        self.m = _check_positive("MonotoneLinear", "m", m)
+        self.width = check_int("MonotoneLinear", "width", width)
+        self.m = check_float("MonotoneLinear", "m", m, gt=0)
         scale = 1.0 / math.sqrt(width)
         self.A = nn.Parameter(scale * torch.randn(width, width))
         self.B = nn.Parameter(scale * torch.randn(width, width))
@@ -100,7 +83,7 @@ class MonotoneLinear(nn.Module):
             alpha: the step size :math:`\alpha > 0`.
             weight: a precomputed :meth:`weight` (optional, to share its graph).
         """
-        alpha = _check_positive("MonotoneLinear.factorise", "alpha", alpha)
+        alpha = check_float("MonotoneLinear.factorise", "alpha", alpha, gt=0)
         W = self.weight() if weight is None else weight
         eye = torch.eye(self.width, dtype=W.dtype, device=W.device)
         LU, piv = torch.linalg.lu_factor((1.0 + alpha) * eye - alpha * W)
@@ -158,13 +141,9 @@ class ForwardBackward:
 
     def __post_init__(self) -> None:
         if self.alpha != "auto":
-            if isinstance(self.alpha, str):
-                raise ValueError(
-                    f"ForwardBackward: `alpha` must be a number > 0 or 'auto', got {self.alpha!r}."
-                )
-            _check_positive("ForwardBackward", "alpha", self.alpha)
-        _check_nonneg("ForwardBackward", "rtol", self.rtol)
-        _check_nonneg("ForwardBackward", "atol", self.atol)
+            check_float("ForwardBackward", "alpha", self.alpha, gt=0,
+                        example="'auto' (from the monotonicity bound) or 0.5")
+        check_tolerances("ForwardBackward", self.rtol, self.atol, both_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +190,8 @@ class PeacemanRachford:
     atol: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check_positive("PeacemanRachford", "alpha", self.alpha)
-        _check_nonneg("PeacemanRachford", "rtol", self.rtol)
-        _check_nonneg("PeacemanRachford", "atol", self.atol)
+        check_float("PeacemanRachford", "alpha", self.alpha, gt=0)
+        check_tolerances("PeacemanRachford", self.rtol, self.atol, both_zero=True)
 
 
 class MonotoneDEQ(nn.Module):
@@ -276,9 +254,8 @@ class MonotoneDEQ(nn.Module):
         throw: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MonotoneDEQ: `{name}` must be an int >= 1, got {value!r}.")
+        check_int("MonotoneDEQ", "in_features", in_features)
+        check_int("MonotoneDEQ", "width", width)
         if splitting is None:
             splitting = PeacemanRachford()
         if not isinstance(splitting, (ForwardBackward, PeacemanRachford)):
@@ -286,8 +263,7 @@ class MonotoneDEQ(nn.Module):
                 "MonotoneDEQ: `splitting` must be dk.nn.ForwardBackward(...) or "
                 f"dk.nn.PeacemanRachford(...), got {type(splitting).__name__}."
             )
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-            raise ValueError(f"MonotoneDEQ: `max_steps` must be an int >= 0, got {max_steps!r}.")
+        check_int("MonotoneDEQ", "max_steps", max_steps, 0)
         if adjoint is not None and not isinstance(adjoint, AbstractAdjoint):
             raise TypeError(
                 "MonotoneDEQ: `adjoint` must be a deqkit adjoint, got "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -95,37 +94,6 @@ def select_rows(state: Any, index: Tensor) -> Any:
         f"Cannot compact a solver state of type {type(state).__name__}: override "
         "`select(state, index)` in the solver, or pass compact=False to fixed_point."
     )
-
-
-def check_tolerances(name: str, rtol: float, atol: float) -> None:
-    for arg, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not 0 <= value < math.inf:
-            raise ValueError(
-                f"{name}: `{arg}` must be a finite float >= 0, got {value!r}; e.g. {arg}=1e-5 "
-                "(a tolerance of inf would count every iterate as converged)."
-            )
-    if rtol == 0 and atol == 0:
-        raise ValueError(
-            f"{name}: `rtol` and `atol` are both 0, so the solver could never stop before "
-            "max_steps; set at least one of them (e.g. rtol=1e-5)."
-        )
-
-
-def check_finite_nonnegative(name: str, arg: str, value: Any, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 <= value < math.inf:
-        raise ValueError(f"{name}: `{arg}` must be a finite float >= 0, got {value!r}; {hint}")
-
-
-def check_positive_int(name: str, arg: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: `{arg}` must be an int >= {minimum}, got {value!r}.")
-
-
-def check_unit_interval(name: str, arg: str, value: Any, upper: float = 1.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= upper:
-        raise ValueError(f"{name}: `{arg}` must be in (0, {upper}], got {value!r}.")
 
 
 def put_slot(buf: Tensor, slot: int, value: Tensor) -> Tensor:

@@ -9,14 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import (
-    AbstractFixedPointSolver,
-    FlatFn,
-    check_finite_nonnegative,
-    check_positive_int,
-    check_tolerances,
-    check_unit_interval,
-)
+from .._checks import check_float, check_int, check_tolerances
+from ._base import AbstractFixedPointSolver, FlatFn
 
 
 @dataclasses.dataclass
@@ -158,12 +152,12 @@ class Anderson(AbstractFixedPointSolver):
 
     def __post_init__(self) -> None:
         check_tolerances("Anderson", self.rtol, self.atol)
-        check_positive_int("Anderson", "m", self.m)
-        check_unit_interval("Anderson", "beta", self.beta)
-        check_finite_nonnegative(
-            "Anderson", "regularisation", self.regularisation,
-            "e.g. regularisation=1e-8 (relative to the Gram matrix's scale; inf would turn "
-            "every step into a plain fixed-point step).",
+        check_int("Anderson", "m", self.m)
+        check_float("Anderson", "beta", self.beta, gt=0, le=1)
+        check_float(
+            "Anderson", "regularisation", self.regularisation, ge=0,
+            example="1e-8 (relative to the Gram matrix's scale; inf would turn every step into "
+            "a plain fixed-point step)",
         )
 
     def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> _AndersonState:

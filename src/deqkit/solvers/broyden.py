@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import AbstractFixedPointSolver, FlatFn, check_positive_int, check_tolerances
+from .._checks import check_bool, check_int, check_tolerances
+from ._base import AbstractFixedPointSolver, FlatFn
 from ._linesearch import backtrack
 
 
@@ -84,10 +85,9 @@ class Broyden(AbstractFixedPointSolver):
 
     def __post_init__(self) -> None:
         check_tolerances("Broyden", self.rtol, self.atol)
-        check_positive_int("Broyden", "memory", self.memory)
-        check_positive_int("Broyden", "max_halvings", self.max_halvings, minimum=0)
-        if not isinstance(self.line_search, bool):
-            raise TypeError(f"Broyden: `line_search` must be a bool, got {self.line_search!r}.")
+        check_int("Broyden", "memory", self.memory)
+        check_int("Broyden", "max_halvings", self.max_halvings, 0)
+        check_bool("Broyden", "line_search", self.line_search)
 
     def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> _BroydenState:
         m = max(1, min(self.memory, max_steps))

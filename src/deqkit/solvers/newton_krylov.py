@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import check_int, check_tolerances
 from ..linear import GMRES, AbstractLinearSolver, IdentityMinus, JacobianOperator
-from ._base import AbstractFixedPointSolver, FlatFn, check_positive_int, check_tolerances
+from ._base import AbstractFixedPointSolver, FlatFn
 from ._linesearch import backtrack
 
 
@@ -59,7 +60,7 @@ class NewtonKrylov(AbstractFixedPointSolver):
 
     def __post_init__(self) -> None:
         check_tolerances("NewtonKrylov", self.rtol, self.atol)
-        check_positive_int("NewtonKrylov", "max_halvings", self.max_halvings, minimum=0)
+        check_int("NewtonKrylov", "max_halvings", self.max_halvings, 0)
         if not isinstance(self.linear_solver, AbstractLinearSolver):
             raise TypeError(
                 "NewtonKrylov: `linear_solver` must be a deqkit linear solver such as "

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import AbstractFixedPointSolver, FlatFn, check_tolerances, check_unit_interval
+from .._checks import check_float, check_tolerances
+from ._base import AbstractFixedPointSolver, FlatFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Picard(AbstractFixedPointSolver):
 
     def __post_init__(self) -> None:
         check_tolerances("Picard", self.rtol, self.atol)
-        check_unit_interval("Picard", "damping", self.damping)
+        check_float("Picard", "damping", self.damping, gt=0, le=1)
 
     def step(
         self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: Any

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_float, check_int
 from ..linear import JacobianOperator
 
 CellFn = Callable[[Tensor], Tensor]
@@ -64,26 +65,6 @@ def _check_f_z(name: str, f: object, z: object) -> None:
         raise ValueError(
             f"{name}: `z` must be a floating-point tensor, got dtype {z.dtype}. "
             f"Convert it with z.float() or z.double()."
-        )
-
-
-def _check_pos_int(name: str, arg: str, value: object, example: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(
-            f"{name}: `{arg}` must be a positive int, got {value!r}. Pass e.g. {arg}={example}."
-        )
-
-
-def _check_nonneg(name: str, arg: str, value: object, example: float) -> None:
-    if (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"{name}: `{arg}` must be a finite non-negative number, got {value!r}. "
-            f"Pass e.g. {arg}={example}."
         )
 
 
@@ -159,8 +140,8 @@ def jacobian_spectral_norm(
     """
     name = "jacobian_spectral_norm"
     _check_f_z(name, f, z)
-    _check_pos_int(name, "n_iter", n_iter, 100)
-    _check_nonneg(name, "tol", tol, 1e-6)
+    check_int(name, "n_iter", n_iter, example=100)
+    check_float(name, "tol", tol, ge=0, example="1e-6")
     lin = _linearisation(f, z, name)
     batch = z.shape[0]
     v = _randn((batch, z[0].numel()), z, generator)
@@ -235,7 +216,7 @@ def jacobian_spectral_radius(
     """
     name = "jacobian_spectral_radius"
     _check_f_z(name, f, z)
-    _check_pos_int(name, "krylov_dim", krylov_dim, 30)
+    check_int(name, "krylov_dim", krylov_dim, example=30)
     lin = _linearisation(f, z, name)
     batch = z.shape[0]
     dim = z[0].numel()
@@ -464,7 +445,7 @@ def lipschitz_upper_bound(
     name = "lipschitz_upper_bound"
     if not isinstance(module, nn.Module):
         raise TypeError(f"{name}: `module` must be an nn.Module, got {type(module).__name__}.")
-    _check_pos_int(name, "n_iter", n_iter, 100)
+    check_int(name, "n_iter", n_iter, example=100)
     layers = _leaves(module)
     unsupported = sorted(
         {

@@ -16,14 +16,15 @@ every access (unless cached).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .._checks import check_float, check_int
 from .diagnostics import jacobian_spectral_norm
 
 __all__ = [
@@ -40,8 +41,10 @@ _EXACT_INIT_NUMEL = 1 << 22
 _N_INIT_MIN, _N_INIT_MAX, _INIT_RTOL = 15, 100, 1e-7
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _check_dim(fn: str, dim: Any, name: str, weight: Tensor, ndim: int) -> None:
+    """``dim`` (``None`` allowed) must be an axis of ``weight``, one of ``ndim`` axes."""
+    check_int(fn, "dim", dim, -ndim, maximum=ndim - 1, none=True,
+              example=f"0 (an axis of {name!r}, of shape {tuple(weight.shape)})")
 
 
 def _check_module_tensor(fn: str, module: object, name: object) -> Tensor:
@@ -214,24 +217,9 @@ def spectral_norm(
     """
     fn = "spectral_norm"
     weight = _check_module_tensor(fn, module, name)
-    if not _is_number(bound) or not math.isfinite(bound) or bound <= 0:
-        raise ValueError(
-            f"{fn}: `bound` must be a finite positive number, got {bound!r}. "
-            "Pass e.g. bound=0.9 for a contractive layer."
-        )
-    if (
-        not isinstance(n_power_iterations, int)
-        or isinstance(n_power_iterations, bool)
-        or n_power_iterations < 1
-    ):
-        raise ValueError(
-            f"{fn}: `n_power_iterations` must be an int >= 1, got {n_power_iterations!r}. "
-            "Pass e.g. n_power_iterations=1."
-        )
-    if not _is_number(eps) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(
-            f"{fn}: `eps` must be a small positive number, got {eps!r}. Pass e.g. eps=1e-12."
-        )
+    check_float(fn, "bound", bound, gt=0, example="0.9 (a contractive layer)")
+    check_int(fn, "n_power_iterations", n_power_iterations, example=1)
+    check_float(fn, "eps", eps, gt=0, example="1e-12")
     if weight.ndim < 2:
         raise ValueError(
             f"{fn}: tensor {name!r} must have at least 2 dimensions to have a spectral norm, "
@@ -243,11 +231,7 @@ def spectral_norm(
             if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
             else 0
         )
-    if not isinstance(dim, int) or isinstance(dim, bool) or not -weight.ndim <= dim < weight.ndim:
-        raise ValueError(
-            f"{fn}: `dim` must be None or an int in [-{weight.ndim}, {weight.ndim - 1}] for "
-            f"{name!r} of shape {tuple(weight.shape)}, got {dim!r}. Pass e.g. dim=0."
-        )
+    _check_dim(fn, dim, name, weight, weight.ndim)
     dim = dim % weight.ndim
     parametrize.register_parametrization(
         module, name, _SpectralNormBound(weight, bound, n_power_iterations, eps, dim)
@@ -287,15 +271,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: int | None = 0) ->
     """
     fn = "weight_norm"
     weight = _check_module_tensor(fn, module, name)
-    if dim is not None and (
-        not isinstance(dim, int)
-        or isinstance(dim, bool)
-        or not -max(weight.ndim, 1) <= dim < max(weight.ndim, 1)
-    ):
-        raise ValueError(
-            f"{fn}: `dim` must be None or an int in [-{weight.ndim}, {weight.ndim - 1}] for "
-            f"{name!r} of shape {tuple(weight.shape)}, got {dim!r}. Pass e.g. dim=0."
-        )
+    _check_dim(fn, dim, name, weight, max(weight.ndim, 1))
     return torch.nn.utils.parametrizations.weight_norm(module, name=name, dim=dim)
 
 
@@ -430,16 +406,9 @@ def scale_to_contractive(
         True
     """
     fn = "scale_to_contractive"
-    if not _is_number(target) or not math.isfinite(target) or target <= 0:
-        raise ValueError(
-            f"{fn}: `target` must be a finite positive number, got {target!r}. "
-            "Pass e.g. target=0.9."
-        )
-    for arg, value, example in (("n_iter", n_iter, 50), ("max_rounds", max_rounds, 10)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(
-                f"{fn}: `{arg}` must be a positive int, got {value!r}. Pass e.g. {arg}={example}."
-            )
+    check_float(fn, "target", target, gt=0, example=0.9)
+    check_int(fn, "n_iter", n_iter, example=50)
+    check_int(fn, "max_rounds", max_rounds, example=10)
     if isinstance(params, Tensor):
         params = [params]
     params = list(params)

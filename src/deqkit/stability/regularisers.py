@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .._checks import check_bool, check_choice, check_float, check_int
 from ..linear import JacobianOperator
 
 __all__ = ["fixed_point_correction_loss", "jacobian_frobenius_reg"]
@@ -108,18 +109,11 @@ def jacobian_frobenius_reg(
             f"{name}: `z` must be a floating-point tensor of shape (B, ...) with B >= 1 and at "
             f"least one element, got shape {tuple(z.shape)} and dtype {z.dtype}."
         )
-    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples < 1:
-        raise ValueError(
-            f"{name}: `n_samples` must be a positive int, got {n_samples!r}. Pass e.g. n_samples=1."
-        )
-    if not isinstance(normalise, bool):
-        raise ValueError(f"{name}: `normalise` must be True or False, got {normalise!r}.")
+    check_int(name, "n_samples", n_samples, example=1)
+    check_bool(name, "normalise", normalise, error=ValueError)
+    check_choice(name, "reduction", reduction, ("mean", "sum", "none", None))
     if reduction is None:
         reduction = "mean" if normalise else "sum"
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(
-            f"{name}: `reduction` must be 'mean', 'sum', 'none' or None, got {reduction!r}."
-        )
     batch = z.shape[0]
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
@@ -222,15 +216,7 @@ def fixed_point_correction_loss(
     for i, state in enumerate(states):
         if not isinstance(state, Tensor):
             raise TypeError(f"{name}: `states[{i}]` must be a tensor, got {type(state).__name__}.")
-    if (
-        not isinstance(gamma, (int, float))
-        or isinstance(gamma, bool)
-        or not math.isfinite(gamma)
-        or not 0 <= gamma <= 1
-    ):
-        raise ValueError(
-            f"{name}: `gamma` must be a number in [0, 1], got {gamma!r}. Pass e.g. gamma=0.8."
-        )
+    check_float(name, "gamma", gamma, ge=0, le=1, example=0.8)
     n = len(states)
     total: Tensor | None = None
     terms: list[Tensor] = []

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_int
 from .._fixed_point import resolve_solver
 from ..adjoint._base import AbstractAdjoint
 from ..adjoint.implicit import ImplicitAdjoint
@@ -47,21 +47,6 @@ def default_adjoint() -> ImplicitAdjoint:
     return ImplicitAdjoint(
         GMRES(rtol=1e-4, atol=1e-8, max_steps=20, restart=20), on_failure="ignore"
     )
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}: `{name}` must be an int >= {minimum}, got {value!r}.")
-    return value
-
-
-def check_float(owner: str, name: str, value: Any, *, low: float = 0.0,
-                strict: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= low if strict else value < low):
-        op = ">" if strict else ">="
-        raise ValueError(f"{owner}: `{name}` must be a finite number {op} {low}, got {value!r}.")
-    return float(value)
 
 
 def check_in_shape(owner: str, in_shape: Any, ranks: tuple[int, ...] = (1, 2, 3)) -> tuple:
@@ -121,9 +106,7 @@ def unrolled_kwargs(owner: str, depth: Any, kwargs: dict[str, Any]) -> dict[str,
 
 def activation(owner: str, name: str) -> nn.Module:
     table = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
-    if name not in table:
-        raise ValueError(f"{owner}: `activation` must be one of {sorted(table)}, got {name!r}.")
-    return table[name]()
+    return table[check_choice(owner, "activation", name, sorted(table))]()
 
 
 def conv_cls(owner: str, rank: int) -> tuple[type[nn.Module], int]:

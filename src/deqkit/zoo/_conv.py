@@ -9,14 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_float, check_int
 from ..nn._deq import DEQ
 from ..nn._dropout import VariationalDropout2d, reset_dropout
 from ._common import (
-    check_float,
     check_groups,
     check_in_shape,
     check_input,
-    check_int,
     check_num_classes,
     conv_cls,
     resolve,
@@ -34,13 +33,6 @@ def _same_padding(owner: str, kernel_size: Any, dilation: Any) -> int:
     if kernel_size % 2 == 0:
         raise ValueError(f"{owner}: `kernel_size` must be odd, got {kernel_size!r}.")
     return dilation * (kernel_size - 1) // 2
-
-
-def _check_p(owner: str, name: str, p: Any) -> float:
-    check_float(owner, name, p, strict=False)
-    if p >= 1:
-        raise ValueError(f"{owner}: `{name}` must be in [0, 1), got {p!r}.")
-    return float(p)
 
 
 def _small_init(conv: nn.Module, std: float = CELL_INIT_STD) -> None:
@@ -134,7 +126,7 @@ class ResidualCell(nn.Module):
         check_groups("ResidualCell", hidden, groups)
         pad1 = _same_padding("ResidualCell", kernel_size, dilation)
         pad2 = _same_padding("ResidualCell", kernel_size, 1)
-        dropout = _check_p("ResidualCell", "dropout", dropout)
+        dropout = check_float("ResidualCell", "dropout", dropout, ge=0, lt=1)
         self.conv1 = conv(channels, hidden, kernel_size, padding=pad1, dilation=dilation,
                           bias=False)
         self.gn1 = nn.GroupNorm(groups, hidden, affine=True)
@@ -241,11 +233,10 @@ class ConvDEQ(nn.Module):
         channels = check_int(owner, "channels", channels)
         check_groups(owner, channels, groups)
         conv, spatial = conv_cls(owner, len(self.in_shape))
-        if head not in ("pool", "flatten"):
-            raise ValueError(f"{owner}: `head` must be 'pool' or 'flatten', got {head!r}.")
+        check_choice(owner, "head", head, ("pool", "flatten"))
         _same_padding(owner, stem_kernel, 1)
         check_int(owner, "stem_stride", stem_stride)
-        head_dropout = _check_p(owner, "head_dropout", head_dropout)
+        head_dropout = check_float(owner, "head_dropout", head_dropout, ge=0, lt=1)
         solver, adjoint = resolve(solver, adjoint)
         self.stem = _stem(conv, self.in_shape[0], channels, groups, stem_kernel, stem_stride)
         # spatial shape of the state after the (possibly strided) stem
@@ -358,8 +349,7 @@ class ResNetConv(nn.Module):
         self.depth = check_int(owner, "depth", depth, 1)
         check_groups(owner, channels, groups)
         conv, spatial = conv_cls(owner, len(self.in_shape))
-        if head not in ("pool", "flatten"):
-            raise ValueError(f"{owner}: `head` must be 'pool' or 'flatten', got {head!r}.")
+        check_choice(owner, "head", head, ("pool", "flatten"))
         self.stem = _stem(conv, self.in_shape[0], channels, groups)
         self.blocks = nn.ModuleList(
             ResidualCell(channels, groups, spatial, init_std=init_std) for _ in range(depth)

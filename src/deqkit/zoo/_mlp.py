@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._checks import check_float, check_int
 from ..nn._deq import DEQ
 from ..nn._monotone import ForwardBackward, MonotoneDEQ, PeacemanRachford
 from ..stability import spectral_norm
@@ -14,10 +15,8 @@ from ._common import (
     activation as _activation,
 )
 from ._common import (
-    check_float,
     check_in_shape,
     check_input,
-    check_int,
     check_num_classes,
     resolve,
     unrolled_kwargs,
@@ -51,7 +50,7 @@ class MLPCell(nn.Module):
         super().__init__()
         self.linear = nn.Linear(width, width, bias=False)
         if spectral_bound is not None:
-            check_float("MLPCell", "spectral_bound", spectral_bound)
+            check_float("MLPCell", "spectral_bound", spectral_bound, gt=0)
             spectral_norm(self.linear, bound=spectral_bound)
         self.act = _activation("MLPCell", activation)
 

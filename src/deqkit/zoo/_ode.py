@@ -8,12 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_float, check_int
 from ._common import activation as _activation
 from ._common import (
-    check_float,
     check_in_shape,
     check_input,
-    check_int,
     check_num_classes,
 )
 
@@ -99,9 +98,9 @@ class NeuralODEClassifier(nn.Module):
         self.in_shape = check_in_shape(owner, in_shape)
         num_classes = check_num_classes(owner, num_classes)
         width = check_int(owner, "width", width)
-        self.rtol = check_float(owner, "rtol", rtol)
-        self.atol = check_float(owner, "atol", atol)
-        self.t_final = check_float(owner, "t_final", t_final)
+        self.rtol = check_float(owner, "rtol", rtol, gt=0)
+        self.atol = check_float(owner, "atol", atol, gt=0)
+        self.t_final = check_float(owner, "t_final", t_final, gt=0)
         self.method = method
         self.adjoint = bool(adjoint)
         self.inject = nn.Linear(math.prod(self.in_shape), width)

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_float, check_int
 from ..adjoint.onestep import OneStepAdjoint
 from ..nn._deq import DEQ
 from ..nn._dropout import VariationalDropout, reset_dropout
 from ..solvers.picard import Picard
-from ._common import check_float, check_int
 
 
 class CausalSelfAttention(nn.Module):
@@ -116,9 +116,7 @@ class _LanguageModel(nn.Module):
         check_int(owner, "n_heads", n_heads)
         check_int(owner, "d_ff", d_ff)
         self.block_size = check_int(owner, "block_size", block_size)
-        check_float(owner, "dropout", dropout, strict=False)
-        if dropout >= 1:
-            raise ValueError(f"{owner}: `dropout` must be in [0, 1), got {dropout!r}.")
+        check_float(owner, "dropout", dropout, ge=0, lt=1)
         if d_model % n_heads:
             raise ValueError(
                 f"{owner}: `d_model` ({d_model}) must be divisible by `n_heads` ({n_heads})."
