@@ -174,6 +174,26 @@ def test_fallback_retry_keeps_the_stopping_scale():
     assert not bool(sol.stats["converged"].any())
 
 
+def test_fixed_steps_claims_no_convergence():
+    # exactly max_steps updates, no tolerance test: never "successful"/"converged", and throw
+    # raises only for a real failure
+    x = torch.ones(3, 2, dtype=F64)
+    sol = dk.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros_like(x), dk.FixedSteps(),
+                         args=(x,), max_steps=3)
+    assert sol.result is dk.RESULTS.max_steps_reached and not bool(sol.stats["converged"].any())
+    torch.testing.assert_close(sol.value, 1.75 * x)  # the last iterate
+    f, xo = _overflow_problem()
+    with pytest.raises(dk.SolverError, match="nonfinite"):
+        dk.fixed_point(f, torch.zeros(4, 3), dk.FixedSteps(), args=(xo,), max_steps=3)
+    # float32 Picard lands exactly on its fixed point, then rounding moves the residual off 0:
+    # neither that nor divergence_ratio=None stops a fixed-step solve before its steps
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for ratio in (None, 1e4):
+        sol = dk.fixed_point(lambda z, x: 0.3 * torch.tanh(z) + x, torch.zeros(8, 4),
+                             dk.FixedSteps(), args=(x,), max_steps=64, divergence_ratio=ratio)
+        assert sol.stats["nstep"].tolist() == [64] * 8 and sol.result.name == "max_steps_reached"
+
+
 # ------------------------------------------------------------------ second order (item 3)
 
 FIRST_ORDER = [dk.ImplicitAdjoint(), dk.JacobianFreeAdjoint(), dk.PhantomAdjoint(),

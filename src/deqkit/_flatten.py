@@ -144,15 +144,12 @@ def flat_fn(layout: Layout, f: Callable[..., State]) -> Callable[..., Tensor]:
     return g
 
 
-def check_args(args: tuple[Any, ...], batch: int) -> bool:
+def check_args(args: tuple[Any, ...], batch: int) -> None:
     """Check that every tensor in ``args``, at any depth of tuples, lists and dicts, is
-    per-sample (leading dimension ``batch``); return whether any sits inside a container."""
-    nested = False
+    per-sample (leading dimension ``batch``)."""
 
-    def visit(a: Any, path: str, depth: int) -> None:
-        nonlocal nested
+    def visit(a: Any, path: str) -> None:
         if isinstance(a, Tensor):
-            nested = nested or depth > 0
             if a.dim() == 0 or a.shape[0] != batch:
                 raise ValueError(
                     f"`{path}` has shape {tuple(a.shape)}, but tensors in `args` (also inside "
@@ -162,14 +159,13 @@ def check_args(args: tuple[Any, ...], batch: int) -> bool:
                 )
         elif isinstance(a, dict):
             for key, v in a.items():
-                visit(v, f"{path}[{key!r}]", depth + 1)
+                visit(v, f"{path}[{key!r}]")
         elif isinstance(a, (tuple, list)):
             for j, v in enumerate(a):
-                visit(v, f"{path}[{j}]", depth + 1)
+                visit(v, f"{path}[{j}]")
 
     for i, a in enumerate(args):
-        visit(a, f"args[{i}]", 0)
-    return nested
+        visit(a, f"args[{i}]")
 
 
 def slice_args(args: tuple[Any, ...], rows: Tensor) -> tuple[Any, ...]:

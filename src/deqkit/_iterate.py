@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._flatten import slice_args
 from ._solution import RESULTS
 from .solvers._base import AbstractFixedPointSolver
 
@@ -72,7 +73,7 @@ class LoopOptions:
     probe: float | None = None
     # unit roundoff of the least precise dtype f computes in (None: that of z0)
     eps: float | None = None
-    slice_args: SliceArgs | None = None
+    slice_args: SliceArgs = slice_args
 
 
 class BatchCouplingError(ValueError):
@@ -99,10 +100,6 @@ def reference(z0: Tensor, r0: Tensor, f0: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(torch.isfinite(s0), s0, 0.0), r0
 
 
-def slice_top_level(args: tuple[Any, ...], rows: Tensor) -> tuple[Any, ...]:
-    return tuple(a[rows] if isinstance(a, Tensor) else a for a in args)
-
-
 # ----------------------------------------------------------------------------------- ledger
 
 
@@ -122,7 +119,10 @@ class Ledger:
         dev = z0.device
         self.max_steps, self.opts, self.ref = opts.max_steps, opts, ref
         self.rtol, self.atol = float(solver.rtol), float(solver.atol)
-        self.tested = not getattr(solver, "fixed_steps", False)  # FixedSteps: no test
+        self.tested = not solver.fixed_steps  # FixedSteps: no tolerance test
+        # what a sample that passes the test is: a fixed-step solve only completes its steps
+        self.done_code = RESULTS.successful.code if self.tested \
+            else RESULTS.max_steps_reached.code
         # A huge finite ratio still flags inf residuals (inf <= finite is False).
         self.runaway = opts.divergence_ratio is not None
         self.div = float(opts.divergence_ratio) if self.runaway else 1e300
@@ -174,7 +174,12 @@ class Ledger:
         else:  # a fixed-step solve completes at its last step, with a finite residual
             conv = torch.isfinite(absr) & (k == self.max_steps)
         # NaN/inf residuals and divergence both fail `absr <= div * best`.
-        bad = ~(absr <= self.best_abs * self.div) if k > 0 else ~torch.isfinite(absr)
+        if k == 0 or not self.runaway:
+            bad = ~torch.isfinite(absr)
+        elif self.tested:  # (a residual of exactly 0 converges before it can be a "best")
+            bad = ~(absr <= self.best_abs * self.div)
+        else:  # fixed steps: an exact fixed point, then rounding noise, is no divergence
+            bad = ~(absr <= torch.fmax(self.best_abs, fnorm * self.eps) * self.div)
         improved = absr < self.best_abs
         if self.since_best is not None:  # oscillation / stagnation: no new lowest residual
             self.since_best = torch.where(improved, 0, self.since_best + 1)
@@ -233,7 +238,7 @@ class Ledger:
         val = torch.where(c.unsqueeze(1), z[sel], self.best_z[sel])
         a = torch.where(conv, self.absr, self.best_abs)[sel]  # (select, then gather once)
         fnn = torch.where(conv, self.fnorm, self.best_fn)[sel]
-        code = torch.where(c, RESULTS.successful.code, self._failure_codes(sel))
+        code = torch.where(c, self.done_code, self._failure_codes(sel))
         self._write(g, val, a, fnn)
         self.out_nstep.index_fill_(0, g, k)
         self.out_status.index_copy_(0, g, code)
@@ -437,7 +442,7 @@ def iterate(
     by more than ``probe`` (relative): :class:`BatchCouplingError` otherwise.
     """
     led = Ledger(z0, solver, opts, ref)
-    ev = Evaluator(fn, args, z0.shape[0], opts.slice_args or slice_top_level)
+    ev = Evaluator(fn, args, z0.shape[0], opts.slice_args)
     max_steps, probed, state = opts.max_steps, opts.probe is None, None
     z = z0
     fz = ev.with_graph(z, graph) if graph and max_steps == 0 else ev(z)
@@ -505,7 +510,7 @@ def run_stages(
             break
         sub_opts = dataclasses.replace(opts, max_steps=budget, trace=False, probe=None)
         if opts.compact:  # the retry runs on the failed samples only
-            slicer = opts.slice_args or slice_top_level
+            slicer = opts.slice_args
             sub = iterate(fn, loop.value[failed], slicer(args, failed), stage, sub_opts,
                           ref=(s0[failed], r0[failed]))
             pick: Tensor | slice = slice(None)

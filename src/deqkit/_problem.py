@@ -174,7 +174,7 @@ def _check_tolerance_precision(
         return
     for s, _ in solver.stages(max_steps):
         rtol, atol = float(s.rtol), float(s.atol)
-        if max(rtol, atol) < eps and not getattr(s, "fixed_steps", False):
+        if max(rtol, atol) < eps and not s.fixed_steps:
             suggest = 10 ** math.ceil(math.log10(eps))
             warnings.warn(
                 f"{type(s).__name__}(rtol={rtol:g}, atol={atol:g}) is below the precision of a "

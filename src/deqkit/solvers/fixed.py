@@ -17,11 +17,11 @@ class FixedSteps(AbstractFixedPointSolver):
 
     A weight-tied network of fixed depth (``dk.FixedSteps(dk.Picard())`` with ``max_steps=L``
     is ``L`` applications of the cell), or a fixed compute budget. The residual of the
-    returned value is still measured and reported (``stats["abs_residual"]``); a sample is
-    ``successful`` when all its steps ran with finite values (and, with ``divergence_ratio``
-    set, neither diverged nor ran off), since that is all a fixed-step solve asks for. The
-    returned value is the last iterate (not the lowest-residual one: that is what a fixed-depth
-    network computes).
+    returned value is still measured and reported (``stats["abs_residual"]``). No tolerance is
+    claimed, so a sample that completes its steps is reported ``max_steps_reached`` (never
+    ``successful``, never ``converged``), and ``throw=True`` raises only for a sample that became
+    non-finite or (with ``divergence_ratio`` set) diverged. The returned value is the last
+    iterate (not the lowest-residual one: that is what a fixed-depth network computes).
 
     Args:
         solver: the solver whose steps run (its tolerances are not used). Default:
