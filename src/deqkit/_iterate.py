@@ -178,7 +178,8 @@ class Ledger:
             bad = ~torch.isfinite(absr)
         elif self.tested:  # (a residual of exactly 0 converges before it can be a "best")
             bad = ~(absr <= self.best_abs * self.div)
-        else:  # fixed steps: an exact fixed point, then rounding noise, is no divergence
+        else:  # fixed steps (best = the previous iterate): a blow-up within one step; an
+            # exact fixed point followed by rounding noise is none
             bad = ~(absr <= torch.fmax(self.best_abs, fnorm * self.eps) * self.div)
         improved = absr < self.best_abs
         if self.since_best is not None:  # oscillation / stagnation: no new lowest residual
@@ -199,7 +200,9 @@ class Ledger:
         if k == self.max_steps and not self.stopped_early:
             # returned value == z for rows that converge here or whose best iterate is z
             self.reuse_rows = self.conv | improved if sel is not None else improved
-        self._update_best(z, improved, flags[1])
+        # (a fixed-step solve returns its last iterate: its "best" is the latest finite one,
+        # which costs no copy of the state)
+        self._update_best(z, improved, flags[1] or not self.tested)
         return sel
 
     def _confirm(self, conv: Tensor, bad: Tensor) -> Tensor | None:

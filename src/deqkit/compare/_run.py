@@ -27,7 +27,7 @@ from ._memory import PEAK_METHOD, SAVED_METHOD, verify_peak_method
 from ._models import MODELS, accuracy, build_models, n_params, train_model
 from ._report import build_rows, fmt_bytes, markdown_report, markdown_table, write_json, write_plots
 
-DEFAULTS = dict(width=64, depth=8, epochs=12, batch=64, lr=3e-3, sweep="4,8,16,32,64",
+DEFAULTS = dict(width=64, depth=8, epochs=12, batch=64, lr=3e-3, sweep="4,8,16,32,64,128",
                 tols="1e-2,1e-4,1e-6,1e-8", homeo_steps=200, target=None)
 QUICK = dict(epochs=2, sweep="4,16,64", tols="1e-2,1e-8", homeo_steps=100)
 TARGETS = {"digits": 0.95, "mnist1d": 0.6}
@@ -284,7 +284,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="batch size (default 64)")
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--sweep", default=None,
-                   help="depths/steps of the memory sweep (default 4,8,16,32,64)")
+                   help="depths/steps of the memory sweep (default 4,8,16,32,64,128)")
     p.add_argument("--tols", default=None,
                    help="backward tolerances of the gradient study (default 1e-2,1e-4,1e-6,1e-8)")
     p.add_argument("--homeo-steps", type=int, default=None,
