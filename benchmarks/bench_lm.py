@@ -65,7 +65,7 @@ its eval step budget), plus the DEQ's forward steps and relative residual.
 
 Memory of one training step (forward + loss + backward, same batch, same method for every
 model, measured once at initialisation and once after training, outside the budget), with the
-helpers of ``deqkit.compare._memory``:
+helpers of ``deqkit.app.compare.memory``:
 
 * peak live bytes: torch.profiler memory events (every CPU allocation inside the step,
   parameter gradients and autograd.Function ctx attributes included, parameters and optimiser
@@ -101,14 +101,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import deqkit as dk
 from _deqbench import RESULTS_DIR, environment, header_lines, md_table
 from deqkit.adjoint import OneStepAdjoint
-from deqkit.cli._train import solver_stats
-from deqkit.compare._memory import (
+from deqkit.app.compare.memory import (
     PEAK_METHOD,
     SAVED_METHOD,
     peak_live_bytes,
     saved_tensor_bytes,
     verify_peak_method,
 )
+from deqkit.app.train.engine import solver_stats
 from deqkit.data import load_dataset
 from deqkit.zoo._transformer import DEQTransformerLM, TransformerLM
 

@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from deqkit.__main__ import main
-from deqkit.cli._config import TrainConfig, from_mapping, load_file
-from deqkit.cli._train import load_checkpoint, train
+from deqkit.app.config import TrainConfig, from_mapping, load_file
+from deqkit.app.main import main
+from deqkit.app.train.engine import load_checkpoint, train
 
 pytest.importorskip("sklearn")
 
@@ -133,7 +133,7 @@ def test_existing_run_needs_resume_and_corrupt_checkpoint(tmp_path):
 
 
 def test_random_shift_rolls_each_sample():
-    from deqkit.cli._train import random_shift
+    from deqkit.app.train.engine import random_shift
 
     torch.manual_seed(0)
     x = torch.arange(10.0).repeat(4, 1, 1)  # (4, 1, 10)
@@ -202,7 +202,7 @@ def test_model_preset_fills_only_unset_keys(tmp_path, monkeypatch):
     """`deqkit train --model deq_transformer` gets the LM's training recipe (one Picard step,
     one-step adjoint, lr 1e-2) unless a flag sets a key; the resolved values are recorded."""
     seen = {}
-    monkeypatch.setattr("deqkit.cli._train.train",
+    monkeypatch.setattr("deqkit.app.train.engine.train",
                         lambda cfg, **kw: seen.setdefault("cfg", cfg))
     main(["train", "--model", "deq_transformer", "--data", "text", "--out",
           str(tmp_path / "a")])
@@ -222,7 +222,7 @@ def test_ema_weights_are_evaluated_and_equal_the_hand_computed_average(tmp_path,
     checkpoint holds both (so `deqkit eval` scores the average)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import deqkit.cli._train as tr
+    import deqkit.app.train.engine as tr
 
     decay = 0.5  # far from 1, so the average differs clearly from the last weights
     steps: list[dict[int, torch.Tensor]] = []  # raw parameters after every optimiser step

@@ -13,10 +13,10 @@ import textwrap
 import pytest
 import torch
 
-from deqkit.__main__ import main
-from deqkit.cli import _files
-from deqkit.cli._config import TrainConfig
-from deqkit.cli._train import TrainingDiverged, evaluate, load_checkpoint, train
+from deqkit.app import files as _files
+from deqkit.app.config import TrainConfig
+from deqkit.app.main import main
+from deqkit.app.train.engine import TrainingDiverged, evaluate, load_checkpoint, train
 
 pytest.importorskip("sklearn")
 
@@ -37,10 +37,10 @@ _DRIVER = textwrap.dedent("""
     import json, os, sys, traceback
     import torch
     torch.set_num_threads(1)
-    from deqkit.__main__ import main
-    from deqkit.cli import _files
-    from deqkit.cli._config import TrainConfig
-    from deqkit.cli._train import train
+    from deqkit.app.main import main
+    from deqkit.app import files as _files
+    from deqkit.app.config import TrainConfig
+    from deqkit.app.train.engine import train
 
     base, kw = sys.argv[1], json.loads(sys.argv[2])
     quiet = lambda *a, **k: None
@@ -71,7 +71,7 @@ _DRIVER = textwrap.dedent("""
         return 0
 
     # warm up here (imports, data, a forward without autograd) so each child starts warm
-    from deqkit.cli._train import build_model
+    from deqkit.app.train.engine import build_model
     from deqkit.data import load_dataset
     cfg0 = TrainConfig(**kw)
     splits = load_dataset(cfg0.data, seed=cfg0.seed, subset=cfg0.subset)
@@ -279,7 +279,7 @@ def test_read_only_run_folder_at_start(tmp_path, monkeypatch, capsys):
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from deqkit.cli._files import RunLock
+    from deqkit.app.files import RunLock
     lock = RunLock(sys.argv[1])
     lock.acquire()
     print("locked", flush=True)
@@ -337,7 +337,7 @@ def test_lock_is_released_after_errors(tmp_path):
 def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
     """A NaN loss in epoch 2 stops the run (no NaN epoch is recorded or saved) and the error
     names the epoch, the step, the last good checkpoint and the remedies."""
-    import deqkit.cli._train as tr
+    import deqkit.app.train.engine as tr
 
     real = tr._loss_and_correct
     calls = []
@@ -386,7 +386,7 @@ def test_backward_failures_accept_per_sample_overflow_flags():
     are not solve failures, and solver_stats reads both forms."""
     from types import SimpleNamespace
 
-    from deqkit.cli._train import backward_failures, solver_stats
+    from deqkit.app.train.engine import backward_failures, solver_stats
 
     stats = {"nstep": torch.tensor([3, 3, 3, 3]), "rel_residual": torch.zeros(4),
              "converged": torch.ones(4, dtype=torch.bool), "nfev": torch.tensor(4)}

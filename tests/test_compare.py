@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import deqkit as dk
-from deqkit.compare import (
+from deqkit.app.compare import (
     add_compare_parser,
     deq_gradient_accuracy,
     effective_depth,
@@ -26,8 +26,8 @@ from deqkit.compare import (
     training_speed,
     verify_peak_method,
 )
-from deqkit.compare._measure import _forced_deq, explicit_gradient_accuracy
-from deqkit.compare._models import build_models, train_model
+from deqkit.app.compare.measure import _forced_deq, explicit_gradient_accuracy
+from deqkit.app.compare.models import build_models, train_model
 from deqkit.zoo import DEQMLP, NeuralODEClassifier, ResNetMLP, UnrolledMLP
 
 MIB = 1 << 20

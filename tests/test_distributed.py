@@ -24,9 +24,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import deqkit as dk
-from deqkit.cli import _distributed as dd
-from deqkit.cli._config import TrainConfig
-from deqkit.cli._train import train
+from deqkit.app.config import TrainConfig
+from deqkit.app.train import distributed as dd
+from deqkit.app.train.engine import train
 from deqkit.stability import jacobian_frobenius_reg
 
 pytestmark = pytest.mark.skipif(

@@ -606,7 +606,7 @@ def test_gmres_basis_memory_follows_the_iterations_used():
     """The Krylov basis is allocated as a cycle grows (8 vectors, then doubling): a solve that
     converges in a few steps with restart=60 holds ~8 state-sized vectors per sample, not 61,
     and a long cycle still gets its full basis (and the same answer as before)."""
-    from deqkit.compare._memory import peak_live_bytes
+    from deqkit.app.compare.memory import peak_live_bytes
 
     B, D = 8, 4096
     vec = B * D * 8  # one float64 state-sized vector for the whole batch

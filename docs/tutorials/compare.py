@@ -28,7 +28,7 @@ import json
 import os
 from pathlib import Path
 
-from deqkit.__main__ import main
+from deqkit.app.main import main
 
 SMALL = os.environ.get("DEQKIT_TUTORIAL_SMALL") == "1"
 out = Path(os.environ.get("DEQKIT_TUTORIAL_OUT", "runs/tutorials")) / "compare"

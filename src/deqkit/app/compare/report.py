@@ -7,7 +7,7 @@ import math
 import os
 from typing import Any
 
-from ._models import MODELS
+from .models import MODELS
 
 #: The document's table: property -> (standard L layers, Neural ODE, DEQ).
 CLAIMS: dict[str, tuple[str, str, str]] = {

@@ -14,8 +14,8 @@ from torch import Tensor, nn
 import deqkit as dk
 from deqkit.zoo import DEQMLP, NeuralODEClassifier, ResNetMLP, UnrolledMLP
 
-from ._memory import fit_slope, peak_live_bytes, saved_tensor_bytes
-from ._models import f_evals, ode_logits
+from .memory import fit_slope, peak_live_bytes, saved_tensor_bytes
+from .models import f_evals, ode_logits
 
 # --------------------------------------------------------------------------------------------
 # 1. forward computation and 3. effective depth

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._config import TrainConfig, from_mapping, resolve_device, validate
-from ._files import (
+from ..config import TrainConfig, from_mapping, resolve_device, validate
+from ..files import (
     FAULTS,
     RunError,
     RunLock,
@@ -46,7 +46,7 @@ class TrainingDiverged(RunError):
 
 def build_model(cfg: TrainConfig, spec: Any) -> nn.Module:
     """Instantiate ``cfg.model`` for the data ``spec``; DEQ models get the solver and adjoint."""
-    from .. import zoo
+    from ... import zoo
 
     if cfg.model not in zoo.MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {sorted(zoo.MODELS)}.")
@@ -176,7 +176,7 @@ def evaluate(model: nn.Module, dataset: Any, batch_size: int, text: bool,
              env: Any = None, precision: str = "fp32") -> dict[str, float]:
     """Loss, accuracy (and bpc for text) and mean per-batch solver statistics on ``dataset``.
 
-    With a distributed ``env`` (``deqkit.cli._distributed.DistEnv``) every rank evaluates its
+    With a distributed ``env`` (``deqkit.app.train.distributed.DistEnv``) every rank evaluates its
     chunk of each batch of ``batch_size`` and the numbers are reduced over the ranks; the
     result (on every rank) is that of one process evaluating the whole set.
     """
@@ -219,7 +219,7 @@ def _eval_batch(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, te
 
 def _evaluate_distributed(model: nn.Module, dataset: Any, batch_size: int, text: bool,
                           env: Any, precision: str = "fp32") -> dict[str, float]:
-    from . import _distributed as dd
+    from . import distributed as dd
 
     model = dd.unwrap(model)
     model.eval()
@@ -337,7 +337,7 @@ def _maybe_ema(ema: WeightEMA | None, model: nn.Module) -> Any:
 
 
 def save_checkpoint(obj: Any, path: str) -> None:
-    """``torch.save`` through :func:`~deqkit.cli._files.write_file`: a kill never leaves a
+    """``torch.save`` through :func:`~deqkit.app.files.write_file`: a kill never leaves a
     torn file."""
     write_file(path, lambda fh: torch.save(obj, fh))
 
@@ -429,7 +429,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, stop_after: int | None = No
     of every global batch of ``batch_size``, metrics are reduced over the ranks, and only
     rank 0 logs and writes files. Every rank returns the same summary.
     """
-    from . import _distributed as dd
+    from . import distributed as dd
 
     FAULTS.reset()
     env = dd.detect(cfg.device)
@@ -578,8 +578,8 @@ def _diverged_message(loss: float, epoch: int, step: int, cfg: TrainConfig) -> s
 
 def _train(cfg: TrainConfig, env: Any, lock: RunLock | None, *, resume: bool,
            stop_after: int | None, log: Any) -> dict[str, Any]:
-    from ..data import load_dataset
-    from . import _distributed as dd
+    from ...data import load_dataset
+    from . import distributed as dd
 
     dist_on, main = env.enabled, env.is_main
     if cfg.threads:
@@ -646,7 +646,7 @@ def _train(cfg: TrainConfig, env: Any, lock: RunLock | None, *, resume: bool,
             best_val, best_epoch = _repair_best(run_dir, ckpt, log)
             rewrite_metrics(metrics_path, history)
             if cfg.plots:
-                from ._plots import plot_history
+                from .plots import plot_history
 
                 plot_history(history, run_dir)
         log(f"resuming {run_dir} after epoch {start_epoch}")
@@ -678,7 +678,7 @@ def _train(cfg: TrainConfig, env: Any, lock: RunLock | None, *, resume: bool,
                 "warm_start: --warm-start works in single-process training only (each "
                 "process would keep its own cache); drop it under torchrun."
             )
-        from ..nn import FixedPointCache
+        from ...nn import FixedPointCache
 
         warm_cache = FixedPointCache(len(splits.train))
         if ckpt is not None and ckpt.get("warm_start") is not None:
@@ -847,7 +847,7 @@ def _train(cfg: TrainConfig, env: Any, lock: RunLock | None, *, resume: bool,
             if improved:
                 save_checkpoint(best_state, os.path.join(run_dir, BEST))
             if cfg.plots:
-                from ._plots import plot_history
+                from .plots import plot_history
 
                 plot_history(history, run_dir)
         env.barrier()  # the checkpoint of this epoch is on disk before any rank goes on
@@ -868,7 +868,7 @@ def _train(cfg: TrainConfig, env: Any, lock: RunLock | None, *, resume: bool,
             write_file(os.path.join(run_dir, "summary.json"),
                        json.dumps(summary, indent=2).encode())
             if cfg.plots and deq is not None:
-                from ._plots import plot_residual_traces
+                from .plots import plot_residual_traces
 
                 with _maybe_ema(ema, core):
                     plot_model = core
@@ -891,7 +891,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
 def eval_checkpoint(path: str, *, max_steps: int | None = None, split: str = "test",
                     device: str | None = None, log: Any = print) -> dict[str, Any]:
     """``deqkit eval``: test metrics and solver statistics of a checkpoint."""
-    from ..data import load_dataset
+    from ...data import load_dataset
 
     ckpt = load_checkpoint(path)
     cfg = from_mapping(dict(ckpt["config"]), source=f"checkpoint {path!r}")

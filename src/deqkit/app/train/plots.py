@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._files import write_file
+from ..files import write_file
 
 
 def _save(fig: Any, path: str) -> None:

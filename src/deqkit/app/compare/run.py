@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ._expressiveness import homeomorphism_experiment
-from ._measure import (
+from .expressiveness import homeomorphism_experiment
+from .measure import (
     deq_gradient_accuracy,
     effective_depth,
     explicit_gradient_accuracy,
@@ -23,9 +23,9 @@ from ._measure import (
     sweep_factories,
     training_speed,
 )
-from ._memory import PEAK_METHOD, SAVED_METHOD, verify_peak_method
-from ._models import MODELS, accuracy, build_models, n_params, train_model
-from ._report import build_rows, fmt_bytes, markdown_report, markdown_table, write_json, write_plots
+from .memory import PEAK_METHOD, SAVED_METHOD, verify_peak_method
+from .models import MODELS, accuracy, build_models, n_params, train_model
+from .report import build_rows, fmt_bytes, markdown_report, markdown_table, write_json, write_plots
 
 DEFAULTS = dict(width=64, depth=8, epochs=12, batch=64, lr=3e-3, sweep="4,8,16,32,64,128",
                 tols="1e-2,1e-4,1e-6,1e-8", homeo_steps=200, target=None)
@@ -310,11 +310,3 @@ def compare_command(args: argparse.Namespace) -> int:
         print(markdown_table(build_rows(res)))
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deqkit.compare")
-    sub = parser.add_subparsers(dest="command")
-    add_compare_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["compare", *argv])
-    return int(args.func(args))

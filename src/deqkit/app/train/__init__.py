@@ -1,0 +1,1 @@
+"""The one training engine behind ``deqkit train``, ``deqkit compare`` and the benchmarks."""
