@@ -10,9 +10,11 @@ from typing import Any
 
 import deqkit as dk
 
-SOLVERS = ("anderson", "picard", "broyden", "newton_krylov")
-ADJOINTS = ("implicit", "jfb", "phantom", "unrolled", "onestep")
-BACKWARD_SOLVERS = ("gmres", "bicgstab", "neumann", "dense")
+from . import names
+
+SOLVERS = tuple(names.SOLVERS)
+ADJOINTS = tuple(names.ADJOINTS)
+BACKWARD_SOLVERS = tuple(names.LINEAR_SOLVERS)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -63,6 +65,7 @@ class TrainConfig:
     log_every: int = 0
     progress: bool = True
     plots: bool = True
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
@@ -74,30 +77,16 @@ class TrainConfig:
         return self.out or os.path.join("runs", f"{self.model}-{self.data}-seed{self.seed}")
 
     def build_solver(self) -> dk.AbstractFixedPointSolver:
-        cls = {"anderson": dk.Anderson, "picard": dk.Picard, "broyden": dk.Broyden,
-               "newton_krylov": dk.NewtonKrylov}[self.solver]
-        try:
-            return cls(rtol=self.rtol, atol=self.atol, **self.solver_args)
-        except TypeError as err:
-            raise ValueError(f"solver_args {self.solver_args} do not fit {cls.__name__}: {err}") \
-                from None
+        return names.build_solver(self.solver, rtol=self.rtol, atol=self.atol,
+                                  **self.solver_args)
 
     def build_adjoint(self) -> dk.AbstractAdjoint:
-        if self.adjoint == "jfb":
-            return dk.JacobianFreeAdjoint()
-        if self.adjoint == "phantom":
-            return dk.PhantomAdjoint(self.phantom_steps, self.phantom_damping)
-        if self.adjoint == "unrolled":
-            return dk.UnrolledAdjoint()
-        if self.adjoint == "onestep":
-            return dk.OneStepAdjoint(self.residual_weight)
-        lin_cls = {"gmres": dk.GMRES, "bicgstab": dk.BiCGStab, "neumann": dk.Neumann,
-                   "dense": dk.Dense}[self.backward_solver]
-        if lin_cls is dk.Dense:
-            lin = dk.Dense()
-        else:
-            lin = lin_cls(rtol=self.backward_rtol, atol=0.0, max_steps=self.backward_max_steps)
-        return dk.ImplicitAdjoint(lin, on_failure="ignore")
+        lin = names.build_linear_solver(self.backward_solver, rtol=self.backward_rtol, atol=0.0,
+                                        max_steps=self.backward_max_steps)
+        return names.build_adjoint(self.adjoint, linear_solver=lin,
+                                   phantom_steps=self.phantom_steps,
+                                   phantom_damping=self.phantom_damping,
+                                   residual_weight=self.residual_weight)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -176,7 +165,7 @@ def validate(cfg: TrainConfig) -> None:
     choice("precision", PRECISIONS)
     if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
         _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    for key in ("progress", "plots", "warm_start"):
+    for key in ("progress", "plots", "warm_start", "tensorboard"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "expected true or false")
 
