@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install -q -c constraints.txt
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev,data,cli,ode,export,docs]'
+	$(PIP) -e '.[dev,data,cli,ode,export,docs,tensorboard]'
 	touch $@
 
 install: $(VENV)/.installed

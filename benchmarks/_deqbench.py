@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -121,7 +122,14 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 class TanhCell:
-    """f(z, x) = tanh(z W^T + x U^T + b): shared by P1/P1' (Gaussian W) and H/H2 (symmetric W)."""
+    """f(z, x) = tanh(z W^T + x U^T + b): shared by P1/P1' (Gaussian W) and H/H2 (symmetric W).
+
+    The maths of ``deqkit.zoo.MLPCell`` (``tanh(W z + u)`` with ``u = U x + b``), kept as plain
+    tensors rather than the zoo module on purpose: the benchmarks set the spectrum of ``W``
+    exactly, differentiate with respect to a ``W`` they own (``type(f)(W, U, b)``), and time f
+    itself (bench_floor, repro_findings), so a module call or a precomputed injection would
+    change what is measured.
+    """
 
     def __init__(self, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor) -> None:
         self.W, self.U, self.b = W, U, b
@@ -165,7 +173,10 @@ class ConvCell(torch.nn.Module):
 
     The ResNet-style DEQ cell of the implicit-layers tutorial (Kolter, Duvenaud, Johnson), with
     input injection ``x`` of the shape of ``z``. The conv weights are N(0, 0.01^2), which makes
-    the map contractive enough for plain iteration (rho(J) measured in the output)."""
+    the map contractive enough for plain iteration (rho(J) measured in the output). Not
+    ``deqkit.zoo.ResidualCell``: that is the MDEQ block, which normalises before the first
+    ReLU (``relu(GN1(conv1 z))`` instead of ``GN1(relu(conv1 z))``); P3's numbers are kept
+    comparable with earlier reports by keeping the tutorial's order."""
 
     def __init__(self, channels: int = 32, groups: int = 4, std: float = 0.01) -> None:
         super().__init__()
@@ -223,7 +234,5 @@ def _double(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     if isinstance(f, TanhCell):
         return TanhCell(f.W.double(), f.U.double(), f.b.double())
     if isinstance(f, torch.nn.Module):
-        import copy
-
         return copy.deepcopy(f).double()
     return f

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deqkit.nn._hyper import HyperNetwork
+from deqkit.nn import HyperNetwork
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONTEXT_DIM, BATCH, HIDDEN, CHUNK = 8, 32, 16, 65536

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -177,7 +178,7 @@ def nfev_only(model: Any, u: torch.Tensor, make_solver: Any, start: Any, max_ste
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=7)
     ap.add_argument("--m", type=int, default=4, help="HyperAnderson memory")
@@ -212,15 +213,39 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.epochs, a.hyper_steps, a.pretrain_steps = 2, 20, 100
-    torch.set_num_threads(1)
-    env = environment()
-    splits = load_dataset("digits", seed=a.seed)
+    return a
 
+
+@dataclasses.dataclass
+class Bench:
+    """The frozen model, its injections per split, and what the stages record."""
+
+    a: argparse.Namespace
+    model: Any
+    model_time: float
+    acc_default: float
+    before: dict[str, torch.Tensor]
+    u_te: torch.Tensor
+    yte: torch.Tensor
+    u_va: torch.Tensor
+    u_tr: list[torch.Tensor]
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rows: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def evaluate(self, make_solver: Any, start: Any) -> dict[str, Any]:
+        return evaluate(self.model, self.u_te, self.yte, make_solver, start, self.a.max_steps)
+
+    def val_nfev(self, make_solver: Any, start: Any) -> dict:
+        return nfev_only(self.model, self.u_va, make_solver, start, self.a.max_steps)
+
+
+def setup(a: argparse.Namespace) -> Bench:
+    """Train the DEQ (then frozen) and compute its injections on every split."""
+    splits = load_dataset("digits", seed=a.seed)
     model, model_time = train_model(splits, a.epochs, a.seed)
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
-    n_model = sum(p.numel() for p in model.parameters())
     before = copy.deepcopy(model.state_dict())
     xte, yte = splits.test.tensors
     xva, _ = splits.val.tensors
@@ -230,18 +255,20 @@ def main() -> None:
         u_te = model.stem(xte)
         u_va = model.stem(xva)
         u_tr = [model.stem(xb) for xb, _ in batches(xtr, None, 64, None)]
-    zeros = torch.zeros_like
+    n_model = sum(p.numel() for p in model.parameters())
     print(f"model: {n_model} parameters, trained in {model_time:.1f} s, test acc "
           f"{acc_default:.4f} (default solver)", flush=True)
+    return Bench(a, model, model_time, acc_default, before, u_te, yte, u_va, u_tr)
 
-    rows: dict[str, Any] = {}
+
+def tune_anderson(b: Bench) -> Any:
+    """The grid of Anderson settings from a zero start; returns the best one's maker."""
     grid = {}
     for m in (3, 4, 5, 8):
         for beta in (1.0, 0.8):
-            res = evaluate(
-                model, u_te, yte,
+            res = b.evaluate(
                 lambda tol, m=m, beta=beta: dk.Anderson(m=m, beta=beta, rtol=tol, atol=0),
-                zeros, a.max_steps,
+                torch.zeros_like,
             )
             grid[f"m={m},beta={beta}"] = res
             print(f"Anderson m={m} beta={beta}: "
@@ -251,22 +278,27 @@ def main() -> None:
         return (-r["1e-4"]["converged"], r["1e-4"]["mean_nfev"], r["1e-3"]["mean_nfev"])
 
     best_name = min(grid, key=lambda k: key(grid[k]))
-    base_name = f"Anderson ({best_name}), zero start [tuned]"
-    rows[base_name] = grid[best_name]
+    b.info.update(grid=grid, best_name=best_name, base_name=f"Anderson ({best_name}), zero "
+                  "start [tuned]")
+    b.rows[b.info["base_name"]] = grid[best_name]
     bm = int(best_name.split(",")[0].split("=")[1])
     bb = float(best_name.split(",")[1].split("=")[1])
 
     def tuned(tol: float) -> dk.Anderson:
         return dk.Anderson(m=bm, beta=bb, rtol=tol, atol=0)
 
-    base_val = nfev_only(model, u_va, tuned, zeros, a.max_steps)
+    b.info["base_val"] = b.val_nfev(tuned, torch.zeros_like)
+    return tuned
 
-    kappas = [float(k) for k in a.kappas.split(",")]
+
+def make_solver(b: Bench, kappa: float) -> HyperAnderson:
+    """The benchmark's HyperAnderson and its parameter counts and initialiser cost."""
+    a = b.a
     torch.manual_seed(a.seed)
     solver = HyperAnderson(
-        tuple(u_te.shape[1:]), m=a.m, init_groups=a.init_groups, init_layers=a.init_layers,
+        tuple(b.u_te.shape[1:]), m=a.m, init_groups=a.init_groups, init_layers=a.init_layers,
         init_hidden=a.init_hidden or None, init_separable=bool(a.init_separable),
-        precondition=kappas[0], beta_init=1.0, beta_max=2.0, safeguard=2.0,
+        precondition=kappa, beta_init=1.0, beta_max=2.0, safeguard=2.0,
         precondition_groups=a.precondition_groups or None,
         precondition_hidden=a.precondition_hidden,
         hidden=16 if a.train_update else None,  # None: plain Anderson weights, no parameters
@@ -274,44 +306,60 @@ def main() -> None:
     n_solver = sum(p.numel() for p in solver.parameters())
     n_init = sum(p.numel() for p in solver.init_map.parameters())
     n_pre = solver.pre_gain.numel() + sum(p.numel() for p in solver.pre_net.parameters())
-    n_upd = n_solver - n_init - n_pre
-    init_cost = macs(solver.init_map, u_te[:8]) / macs(model.deq.cell, zeros(u_te[:8]), u_te[:8])
+    u8 = b.u_te[:8]
+    b.info.update(n_solver=n_solver, n_init=n_init, n_pre=n_pre,
+                  n_upd=n_solver - n_init - n_pre,
+                  init_cost=macs(solver.init_map, u8) / macs(b.model.deq.cell,
+                                                             torch.zeros_like(u8), u8))
+    return solver
 
+
+def with_tol(solver: HyperAnderson) -> Any:
     def hyper_maker(tol: float) -> HyperAnderson:
         solver.rtol, solver.atol = tol, 0.0
         return solver
+
+    return hyper_maker
+
+
+def val_ratio(b: Bench, solver: HyperAnderson) -> tuple[float, dict]:
+    """The worst-tolerance f-eval ratio of tuned Anderson to the solver on the val split."""
+    hv = b.val_nfev(with_tol(solver), solver.initial_state)
+    return min(b.info["base_val"][t] / hv[t] for t in TOLS), hv
+
+
+def pretrain_and_pick_kappa(b: Bench, solver: HyperAnderson, kappas: list[float]) -> None:
+    """(a) initialiser pretraining; (b) the preconditioner gain picked on the val split."""
+    a = b.a
+    pre = pretrain_initialiser(
+        b.model.deq, b.u_tr, solver, steps=a.pretrain_steps, lr=3e-3, cell_steps=1,
+        seed=a.seed,
+    )
+    print(f"initialiser pretrained in {pre['time_s']:.1f} s, loss {pre['loss'][-1]:.4f}",
+          flush=True)
 
     def set_kappa(kappa: float) -> None:
         with torch.no_grad():
             solver.pre_gain.fill_(-math.log1p(-kappa))
 
-    # (a) initialiser pretraining.
-    t_train = time.perf_counter()
-    pre = pretrain_initialiser(
-        model.deq, u_tr, solver, steps=a.pretrain_steps, lr=3e-3, cell_steps=1, seed=a.seed
-    )
-    print(f"initialiser pretrained in {pre['time_s']:.1f} s, loss {pre['loss'][-1]:.4f}",
-          flush=True)
-
-    def val_ratio() -> tuple[float, dict]:
-        hv = nfev_only(model, u_va, hyper_maker, solver.initial_state, a.max_steps)
-        return min(base_val[t] / hv[t] for t in TOLS), hv
-
-    # (b) preconditioner gain on the validation split.
     kappa_val = {}
     for kappa in kappas:
         set_kappa(kappa)
-        kappa_val[kappa] = val_ratio()
+        kappa_val[kappa] = val_ratio(b, solver)
         print(f"  kappa {kappa}: val f evals {kappa_val[kappa][1]}", flush=True)
     kappa = max(kappas, key=lambda k: kappa_val[k][0])
     set_kappa(kappa)
     # Ablation: the preconditioner's structure alone (untrained network, zero start).
-    rows[f"HyperAnderson, untrained preconditioner (kappa={kappa}), zero start"] = evaluate(
-        model, u_te, yte, hyper_maker, zeros, a.max_steps
-    )
-    stage_a = (kappa_val[kappa][0], copy.deepcopy(solver.state_dict()))
+    b.rows[f"HyperAnderson, untrained preconditioner (kappa={kappa}), zero start"] = \
+        b.evaluate(with_tol(solver), torch.zeros_like)
+    b.info.update(pre=pre, kappa=kappa, kappa_val=kappa_val,
+                  stage_a=(kappa_val[kappa][0], copy.deepcopy(solver.state_dict())))
 
-    # (c) joint unrolled training.
+
+def joint_training(b: Bench, solver: HyperAnderson) -> None:
+    """(c) joint unrolled training, validated every ``--val-every`` steps; (d) keep the
+    better of the pretrained and the best joint state on the val split."""
+    a = b.a
     log_every = max(1, a.hyper_steps // 5)
     best_c: list[Any] = [-math.inf, None, None, 0]  # val ratio, state, val nfev, step
 
@@ -319,7 +367,7 @@ def main() -> None:
         if i % log_every == 0 or i == a.hyper_steps - 1:
             print(f"  joint step {i}: loss {v:.4f}", flush=True)
         if (i + 1) % a.val_every == 0 or i == a.hyper_steps - 1:  # early stopping on val
-            ratio, hv = val_ratio()
+            ratio, hv = val_ratio(b, solver)
             if ratio > best_c[0]:
                 best_c[:] = [ratio, copy.deepcopy(solver.state_dict()), hv, i + 1]
 
@@ -327,126 +375,163 @@ def main() -> None:
 
     class Shuffled:
         def __iter__(self):
-            for i in torch.randperm(len(u_tr), generator=gen).tolist():
-                yield u_tr[i]
+            for i in torch.randperm(len(b.u_tr), generator=gen).tolist():
+                yield b.u_tr[i]
 
     train = train_hyper_solver(
-        model.deq, Shuffled(), solver, steps=a.hyper_steps, k=a.unroll, lr=a.hyper_lr,
+        b.model.deq, Shuffled(), solver, steps=a.hyper_steps, k=a.unroll, lr=a.hyper_lr,
         loss="tolerance", tolerances=tuple(TOLS.values()), init_weight=0.0, callback=cb,
     )
-    stage_c = (best_c[0], best_c[2])
-    # (d) keep the better stage on the validation split.
+    stage_a, stage_c = b.info["stage_a"], (best_c[0], best_c[2])
     chosen = f"joint, step {best_c[3]}" if stage_c[0] >= stage_a[0] else "pretrained"
     solver.load_state_dict(best_c[1] if stage_c[0] >= stage_a[0] else stage_a[1])
-    train_time = time.perf_counter() - t_train
-    solver.eval()
-    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    no_grad = all(p.grad is None for p in model.parameters())
-    print(f"solver trained in {train_time:.1f} s (pretraining {pre['time_s']:.1f} s, joint "
-          f"{train['time_s']:.1f} s); val worst-tolerance ratio: after pretraining "
-          f"{stage_a[0]:.3f}, after joint training {stage_c[0]:.3f} -> keep {chosen}; "
-          f"model unchanged: {unchanged}, no grads: {no_grad}", flush=True)
+    b.info.update(train=train, stage_c=stage_c, chosen=chosen)
 
+
+def evaluate_test_split(b: Bench, solver: HyperAnderson, tuned: Any) -> None:
+    """The initial state's error and the test rows from the predicted start."""
     with torch.no_grad():
-        z0 = solver.initial_state(u_te)
-        ref = solve(model, u_te, zeros(u_te), dk.Anderson(m=5, rtol=1e-6, atol=0), 200).value
+        z0 = solver.initial_state(b.u_te)
+        ref = solve(b.model, b.u_te, torch.zeros_like(b.u_te),
+                    dk.Anderson(m=5, rtol=1e-6, atol=0), 200).value
         init_err = float(
             ((z0 - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).mean()
         )
-        z1 = model.deq.cell(z0, u_te)  # the solve's first (counted) step
+        z1 = b.model.deq.cell(z0, b.u_te)  # the solve's first (counted) step
         step1_err = float(
             ((z1 - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)).mean()
         )
-
-    rows[f"Anderson ({best_name}), predicted z0"] = evaluate(
-        model, u_te, yte, tuned, solver.initial_state, a.max_steps
+    b.info.update(init_err=init_err, step1_err=step1_err)
+    b.rows[f"Anderson ({b.info['best_name']}), predicted z0"] = b.evaluate(
+        tuned, solver.initial_state
     )
     if solver.precondition_groups is not None:  # ablation: same weights, no projection
         solver.precondition_groups = None
-        rows["HyperAnderson (same weights), no GroupNorm projection, predicted z0"] = evaluate(
-            model, u_te, yte, hyper_maker, solver.initial_state, a.max_steps
-        )
-        solver.precondition_groups = a.precondition_groups
-    hyp_name = f"HyperAnderson (trained, {chosen}), predicted z0"
-    rows[hyp_name] = evaluate(model, u_te, yte, hyper_maker, solver.initial_state, a.max_steps)
-    base = rows[base_name]
-    hyp = rows[hyp_name]
+        b.rows["HyperAnderson (same weights), no GroupNorm projection, predicted z0"] = \
+            b.evaluate(with_tol(solver), solver.initial_state)
+        solver.precondition_groups = b.a.precondition_groups
+    b.info["hyp_name"] = f"HyperAnderson (trained, {b.info['chosen']}), predicted z0"
+    b.rows[b.info["hyp_name"]] = b.evaluate(with_tol(solver), solver.initial_state)
+
+
+def compare(b: Bench) -> dict[str, Any]:
+    """Speed-ups of the trained solver over tuned Anderson, and whether the target is met."""
+    base, hyp = b.rows[b.info["base_name"]], b.rows[b.info["hyp_name"]]
     speedup = {t: base[t]["mean_nfev"] / hyp[t]["mean_nfev"] for t in base}
     speedup_compute = {
-        t: base[t]["mean_nfev"] / (hyp[t]["mean_nfev"] + init_cost) for t in base
+        t: base[t]["mean_nfev"] / (hyp[t]["mean_nfev"] + b.info["init_cost"]) for t in base
     }
     acc_delta = {t: hyp[t]["accuracy"] - base[t]["accuracy"] for t in base}
     met = all(s >= 2.0 for s in speedup.values()) and all(
         abs(d) <= 0.005 for d in acc_delta.values()
     ) and all(hyp[t]["converged"] >= base[t]["converged"] for t in base)
+    return {"speedup_nfev": speedup, "speedup_including_initialiser_compute": speedup_compute,
+            "accuracy_delta": acc_delta, "target_met": met}
 
+
+def markdown(b: Bench, cmp: dict[str, Any]) -> tuple[str, str]:
+    """The table of rows and the one-paragraph summary."""
     lines = [
         "| solver | f evals to 1e-3 | f evals to 1e-4 | reached 1e-4 | wall 1e-4 (s) | "
         "test acc (1e-3) | test acc (1e-4) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
+    for name, r in b.rows.items():
         lines.append(
             f"| {name} | {r['1e-3']['mean_nfev']:.2f} | {r['1e-4']['mean_nfev']:.2f} | "
             f"{r['1e-4']['converged']:.3f} | {r['1e-4']['wall_s']:.3f} | "
             f"{r['1e-3']['accuracy']:.4f} | {r['1e-4']['accuracy']:.4f} |"
         )
-    table = "\n".join(lines)
+    i, n_model = b.info, b.info["n_model"]
     summary = (
-        f"model {n_model} params (trained {model_time:.1f} s, default-solver test acc "
-        f"{acc_default:.4f}); HyperAnderson {n_solver} extra params "
-        f"({100 * n_solver / n_model:.1f}% of the model: initialiser {n_init}, "
-        f"preconditioner {n_pre}, Anderson-weight network {n_upd}"
-        f"{'' if a.train_update else ' (none: plain Anderson weights)'}), trained "
-        f"{train_time:.1f} s (kappa {kappa} picked on val; kept: {chosen}); initialiser cost "
-        f"{init_cost:.2f} f evaluations (MACs); initial-state rel. error {init_err:.3f} (after "
-        f"the first plain step f(z0): {step1_err:.3f}); f-eval reduction vs tuned Anderson: "
-        + ", ".join(f"{t}: {s:.2f}x" for t, s in speedup.items())
+        f"model {n_model} params (trained {b.model_time:.1f} s, default-solver test acc "
+        f"{b.acc_default:.4f}); HyperAnderson {i['n_solver']} extra params "
+        f"({100 * i['n_solver'] / n_model:.1f}% of the model: initialiser {i['n_init']}, "
+        f"preconditioner {i['n_pre']}, Anderson-weight network {i['n_upd']}"
+        f"{'' if b.a.train_update else ' (none: plain Anderson weights)'}), trained "
+        f"{i['train_time']:.1f} s (kappa {i['kappa']} picked on val; kept: {i['chosen']}); "
+        f"initialiser cost {i['init_cost']:.2f} f evaluations (MACs); initial-state rel. "
+        f"error {i['init_err']:.3f} (after the first plain step f(z0): {i['step1_err']:.3f}); "
+        "f-eval reduction vs tuned Anderson: "
+        + ", ".join(f"{t}: {s:.2f}x" for t, s in cmp["speedup_nfev"].items())
         + "; counting the initialiser's compute: "
-        + ", ".join(f"{t}: {s:.2f}x" for t, s in speedup_compute.items())
-        + f"; target (>= 2x f evals at both tolerances, accuracy unchanged) met: {met}"
+        + ", ".join(f"{t}: {s:.2f}x"
+                    for t, s in cmp["speedup_including_initialiser_compute"].items())
+        + f"; target (>= 2x f evals at both tolerances, accuracy unchanged) met: "
+        f"{cmp['target_met']}"
     )
+    return "\n".join(lines), summary
+
+
+def results(b: Bench, env: Any, cmp: dict[str, Any], table: str) -> dict[str, Any]:
+    """The JSON record of the run."""
+    i = b.info
+    return {
+        "environment": env,
+        "config": vars(b.a),
+        "model": {"parameters": i["n_model"], "train_time_s": b.model_time,
+                  "test_accuracy_default_solver": b.acc_default},
+        "hyper_solver": {"parameters": i["n_solver"], "initialiser_parameters": i["n_init"],
+                         "preconditioner_parameters": i["n_pre"],
+                         "update_network_parameters": i["n_upd"],
+                         "update_network_trained": b.a.train_update,
+                         "percent_of_model": 100 * i["n_solver"] / i["n_model"],
+                         "initialiser_cost_f_evals": i["init_cost"],
+                         "train_time_s": i["train_time"],
+                         "pretrain_time_s": i["pre"]["time_s"],
+                         "joint_time_s": i["train"]["time_s"],
+                         "pretrain_loss_last": i["pre"]["loss"][-1],
+                         "joint_loss_first": i["train"]["loss"][0],
+                         "joint_loss_last": i["train"]["loss"][-1],
+                         "kappa_val": {str(k): v[1] for k, v in i["kappa_val"].items()},
+                         "kappa": i["kappa"],
+                         "val_worst_ratio_pretrained": i["stage_a"][0],
+                         "val_worst_ratio_joint_best": i["stage_c"][0],
+                         "val_nfev_joint": i["stage_c"][1],
+                         "val_nfev_tuned_anderson": i["base_val"],
+                         "kept": i["chosen"],
+                         "initial_state_rel_error": i["init_err"],
+                         "first_step_rel_error": i["step1_err"],
+                         "model_unchanged": i["unchanged"],
+                         "model_grads_none": i["no_grad"]},
+        "anderson_grid": i["grid"],
+        "tuned_anderson": i["best_name"],
+        "rows": b.rows,
+        **cmp,
+        "table": table,
+    }
+
+
+def main() -> None:
+    a = parse_args()
+    torch.set_num_threads(1)
+    env = environment()
+    b = setup(a)
+    b.info["n_model"] = sum(p.numel() for p in b.model.parameters())
+    tuned = tune_anderson(b)
+    kappas = [float(k) for k in a.kappas.split(",")]
+    solver = make_solver(b, kappas[0])
+    t_train = time.perf_counter()
+    pretrain_and_pick_kappa(b, solver, kappas)
+    joint_training(b, solver)
+    b.info["train_time"] = train_time = time.perf_counter() - t_train
+    solver.eval()
+    unchanged = all(torch.equal(b.before[k], v) for k, v in b.model.state_dict().items())
+    no_grad = all(p.grad is None for p in b.model.parameters())
+    b.info.update(unchanged=unchanged, no_grad=no_grad)
+    i = b.info
+    print(f"solver trained in {train_time:.1f} s (pretraining {i['pre']['time_s']:.1f} s, "
+          f"joint {i['train']['time_s']:.1f} s); val worst-tolerance ratio: after pretraining "
+          f"{i['stage_a'][0]:.3f}, after joint training {i['stage_c'][0]:.3f} -> keep "
+          f"{i['chosen']}; model unchanged: {unchanged}, no grads: {no_grad}", flush=True)
+    evaluate_test_split(b, solver, tuned)
+    cmp = compare(b)
+    table, summary = markdown(b, cmp)
     print()
     print(table)
     print()
     print(summary)
-
-    out = {
-        "environment": env,
-        "config": vars(a),
-        "model": {"parameters": n_model, "train_time_s": model_time,
-                  "test_accuracy_default_solver": acc_default},
-        "hyper_solver": {"parameters": n_solver, "initialiser_parameters": n_init,
-                         "preconditioner_parameters": n_pre,
-                         "update_network_parameters": n_upd,
-                         "update_network_trained": a.train_update,
-                         "percent_of_model": 100 * n_solver / n_model,
-                         "initialiser_cost_f_evals": init_cost,
-                         "train_time_s": train_time,
-                         "pretrain_time_s": pre["time_s"],
-                         "joint_time_s": train["time_s"],
-                         "pretrain_loss_last": pre["loss"][-1],
-                         "joint_loss_first": train["loss"][0],
-                         "joint_loss_last": train["loss"][-1],
-                         "kappa_val": {str(k): v[1] for k, v in kappa_val.items()},
-                         "kappa": kappa,
-                         "val_worst_ratio_pretrained": stage_a[0],
-                         "val_worst_ratio_joint_best": stage_c[0],
-                         "val_nfev_joint": stage_c[1],
-                         "val_nfev_tuned_anderson": base_val,
-                         "kept": chosen,
-                         "initial_state_rel_error": init_err,
-                         "first_step_rel_error": step1_err,
-                         "model_unchanged": unchanged, "model_grads_none": no_grad},
-        "anderson_grid": grid,
-        "tuned_anderson": best_name,
-        "rows": rows,
-        "speedup_nfev": speedup,
-        "speedup_including_initialiser_compute": speedup_compute,
-        "accuracy_delta": acc_delta,
-        "target_met": met,
-        "table": table,
-    }
+    out = results(b, env, cmp, table)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {a.out}")

@@ -20,7 +20,8 @@ Models (same per-layer size: d_model, n_heads, d_ff; same embeddings and LM head
 
 Training: every model gets the same budget of training time (``--budget`` seconds, by default
 process CPU time, ``--clock wall`` for wall-clock), one torch thread, batch 32 of 64-character
-blocks, the same shuffled batch order (seeded), AdamW (weight decay 0.01 on matrices only,
+blocks, the same shuffled batch order (``deqkit.app.train.fit``: full batches, reshuffled on
+every pass with ``--seed`` and the pass number), AdamW (weight decay 0.01 on matrices only,
 like ``deqkit train``), gradient clipping at 1.0, a linear warm-up over the first ``--warmup``
 steps and a cosine decay over the budget measured in *time*: the learning rate at a step is
 ``lr * 0.5 * (1 + cos(pi * t / budget))`` with ``t`` the training time used so far, and
@@ -59,7 +60,8 @@ about like one block, and a DEQ step still costs 1.2-1.4x an L=1 step (one cell 
 without graph from z = 0, then the one-step adjoint's evaluation with graph, which is also the
 driver's residual check).
 
-Evaluation: bits per character = summed cross-entropy / ln 2 / number of predicted characters,
+Evaluation (``deqkit.app.train.evaluate``, the one evaluation of ``deqkit train``): bits per
+character = summed cross-entropy / ln 2 / number of predicted characters,
 over all (input, target) blocks of the validation and test splits (model.eval(), the DEQ at
 its eval step budget), plus the DEQ's forward steps and relative residual.
 
@@ -100,7 +102,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deqkit as dk
 from _deqbench import RESULTS_DIR, environment, header_lines, md_table
-from deqkit.adjoint import OneStepAdjoint
 from deqkit.app.compare.memory import (
     PEAK_METHOD,
     SAVED_METHOD,
@@ -108,9 +109,9 @@ from deqkit.app.compare.memory import (
     saved_tensor_bytes,
     verify_peak_method,
 )
-from deqkit.app.train.engine import solver_stats
+from deqkit.app.train import StepInfo, StepOptions, evaluate, fit, make_optimizer, solver_stats
 from deqkit.data import load_dataset
-from deqkit.zoo._transformer import DEQTransformerLM, TransformerLM
+from deqkit.zoo import DEQTransformerLM, TransformerLM
 
 MIB = 1024.0 * 1024.0
 LN2 = math.log(2.0)
@@ -136,7 +137,7 @@ def build(kind: str, vocab: int, args: argparse.Namespace) -> nn.Module:
     if kind.startswith("L="):
         return TransformerLM(vocab, depth=int(kind[2:]), **size)
     if kind == "deq":  # the zoo defaults (Picard, OneStepAdjoint)
-        return DEQTransformerLM(vocab, adjoint=OneStepAdjoint(args.residual_weight),
+        return DEQTransformerLM(vocab, adjoint=dk.OneStepAdjoint(args.residual_weight),
                                 max_steps=args.deq_max_steps,
                                 eval_max_steps=args.deq_eval_steps, **size)
     return DEQTransformerLM(vocab, solver=dk.Anderson(m=5, rtol=1e-4, atol=1e-6),
@@ -154,14 +155,6 @@ def learning_rate(kind: str, args: argparse.Namespace) -> float:
     if kind.startswith("L="):
         return args.lr
     return args.deq_lr if kind == "deq" else args.extra_lr
-
-
-def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.endswith("bias") else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
 def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -229,47 +222,38 @@ class Clock:
 
 
 def train(model: nn.Module, data: Any, args: argparse.Namespace, lr: float) -> dict[str, Any]:
-    """Train for ``args.budget`` seconds of ``args.clock`` time; time-based cosine schedule."""
-    opt = make_optimizer(model, lr)
-    x_all, y_all = data.tensors
-    n = x_all.shape[0]
-    gen = torch.Generator().manual_seed(args.seed * 100_003 + 1)
-    order = torch.randperm(n, generator=gen)
-    pos = 0
+    """Train for ``args.budget`` seconds of ``args.clock`` time with
+    :func:`deqkit.app.train.fit` (full batches, reshuffled every pass over the data); the
+    time-based schedule sets the learning rate before every step and ends the fit once the
+    budget is used."""
+    # AdamW, weight decay 0.01 on matrices only (like `deqkit train`)
+    opt = make_optimizer(model, "adamw", lr, 0.01)
     clock = Clock(args.clock)
     budget = float(args.budget)
-    used = 0.0
-    wall = 0.0
-    steps = 0
     losses: list[float] = []
     stats: list[dict[str, float]] = []
-    model.train()
-    while used < budget:
-        c0, w0 = clock(), time.perf_counter()
-        if pos + args.batch > n:
-            order = torch.randperm(n, generator=gen)
-            pos = 0
-        idx = order[pos:pos + args.batch]
-        pos += args.batch
-        x, y = x_all[idx], y_all[idx]
+
+    def set_lr(steps: int, used: float) -> None:
         warm = min(1.0, (steps + 1) / args.warmup)
-        scale = warm * 0.5 * (1.0 + math.cos(math.pi * used / budget))
         for g in opt.param_groups:
-            g["lr"] = lr * scale
-        loss = lm_loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        used += clock() - c0
-        wall += time.perf_counter() - w0
-        steps += 1
-        losses.append(float(loss.detach()))
-        st = solver_stats(model)
-        if st:
-            stats.append(st)
+            g["lr"] = lr * warm * 0.5 * (1.0 + math.cos(math.pi * used / budget))
+
+    def on_step(info: StepInfo) -> bool:
+        losses.append(info.loss)
+        if info.stats:
+            stats.append(info.stats)
+        used = clock() - c0
+        set_lr(info.global_step, used)
+        return used >= budget  # the first step that would start after the budget: none
+
+    set_lr(0, 0.0)
+    c0, w0 = clock(), time.perf_counter()
+    res = fit(model, data, epochs=10**9, batch_size=args.batch, optimizer=opt, text=True,
+              options=StepOptions(grad_clip=1.0), seed=args.seed, drop_last=True,
+              on_step=on_step)
+    used, wall, steps = clock() - c0, time.perf_counter() - w0, res.state.step
     tail = max(1, len(losses) // 10)
-    res: dict[str, Any] = {
+    out: dict[str, Any] = {
         "steps": steps,
         "train_time": used,
         "train_wall": wall,
@@ -280,33 +264,16 @@ def train(model: nn.Module, data: Any, args: argparse.Namespace, lr: float) -> d
     if stats:
         for key in ("fwd_steps", "fwd_rel_res", "fwd_converged", "bwd_steps", "bwd_residual"):
             if key in stats[0]:
-                res[f"train_{key}"] = sum(s[key] for s in stats) / len(stats)
-                res[f"train_{key}_last10pct"] = sum(s[key] for s in stats[-tail:]) / tail
-    return res
+                out[f"train_{key}"] = sum(s[key] for s in stats) / len(stats)
+                out[f"train_{key}_last10pct"] = sum(s[key] for s in stats[-tail:]) / tail
+    return out
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: Any, batch: int) -> dict[str, float]:
-    """Bits per character over every predicted character of ``data``; DEQ solver stats."""
-    model.eval()
-    x_all, y_all = data.tensors
-    nll, count = 0.0, 0
-    agg: dict[str, float] = {}
-    nb = 0
-    for i in range(0, x_all.shape[0], batch):
-        x, y = x_all[i:i + batch], y_all[i:i + batch]
-        out = model(x)
-        nll += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
-                                     reduction="sum"))
-        count += y.numel()
-        for k, v in solver_stats(model).items():
-            agg[k] = agg.get(k, 0.0) + v
-        nb += 1
-    res = {"bpc": nll / count / LN2, "chars": count}
-    for k in ("fwd_steps", "fwd_steps_max", "fwd_rel_res", "fwd_converged"):
-        if k in agg:
-            res[k] = agg[k] / nb
-    return res
+def evaluate_lm(model: nn.Module, data: Any, batch: int) -> dict[str, float]:
+    """Bits per character over every predicted character of ``data`` (the shared
+    evaluation, :func:`deqkit.app.train.evaluate`), with the DEQ's solver statistics."""
+    res = evaluate(model, data, batch, text=True)
+    return {**res, "chars": int(data.tensors[1].numel())}
 
 
 # ----------------------------------------------------------------------------- main
@@ -316,7 +283,8 @@ def mib(n: float) -> str:
     return f"{n / MIB:.2f}"
 
 
-def main() -> None:
+def parse_args() -> tuple[argparse.Namespace, list[int], list[str]]:
+    """The command line; ``(args, explicit depths, extra DEQ recipes)``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: 6 s budget per model, depths 1,2,4 (< 1 min)")
@@ -355,16 +323,12 @@ def main() -> None:
     for e in extra:
         if e not in EXTRA_ADJOINTS:
             ap.error(f"--extra: unknown adjoint {e!r}; choose from {sorted(EXTRA_ADJOINTS)}")
+    return args, depths, extra
 
-    torch.set_num_threads(1)
-    env = environment()
-    splits = load_dataset("text", block_size=64, seed=args.seed)
+
+def print_header(args: argparse.Namespace, env: dict[str, Any], splits: Any, extra: list[str],
+                 check: Any) -> None:
     vocab = splits.spec.num_classes
-    kinds = ["deq", *extra, *(f"L={d}" for d in depths)]
-    x_mem, y_mem = splits.train.tensors[0][:args.batch], splits.train.tensors[1][:args.batch]
-    with quiet_stderr():
-        check = verify_peak_method()
-
     print(f"# Char-level LM, equal training time ({args.budget:g} s of {args.clock} time "
           "per model)\n")
     for line in header_lines(env)[:2]:  # the third line describes round-robin timing
@@ -383,31 +347,36 @@ def main() -> None:
           f"(eval), residual weight {args.residual_weight:g}")
     print(f"- peak-method check: {check}\n")
 
-    rows: list[dict[str, Any]] = []
-    for kind in kinds:
-        model = build(kind, vocab, args)
-        n_params = sum(p.numel() for p in model.parameters())
-        t0 = time.perf_counter()
-        mem_init = step_memory(model, x_mem, y_mem)  # no parameter update
-        lr = learning_rate(kind, args)
-        tr = train(model, splits.train, args, lr)
-        mem_end = step_memory(model, x_mem, y_mem)
-        val = evaluate(model, splits.val, args.batch)
-        test = evaluate(model, splits.test, args.batch)
-        row = {"model": label(kind), "kind": kind, "lr": lr, "params": n_params,
-               "param_bytes": 4 * n_params, **tr,
-               "memory_init": mem_init, "memory_end": mem_end, "val": val, "test": test,
-               "seconds_total": time.perf_counter() - t0}
-        rows.append(row)
-        deq = ""
-        if "train_fwd_steps" in tr:
-            deq = (f", fwd steps train {tr['train_fwd_steps']:.1f} (last 10%: "
-                   f"{tr['train_fwd_steps_last10pct']:.1f}), eval {val['fwd_steps']:.1f}, "
-                   f"eval rel res {val['fwd_rel_res']:.1e}")
-        print(f"{row['model']}: {tr['steps']} steps, val bpc {val['bpc']:.3f}, test bpc "
-              f"{test['bpc']:.3f}{deq}  ({row['seconds_total']:.0f} s)", flush=True)
 
-    headers = ["model", "params", "lr", "steps", f"{args.clock} time/step",
+def run_row(kind: str, splits: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Build, measure, train and evaluate one model; its row (also printed)."""
+    x_mem, y_mem = splits.train.tensors[0][:args.batch], splits.train.tensors[1][:args.batch]
+    model = build(kind, splits.spec.num_classes, args)
+    n_params = sum(p.numel() for p in model.parameters())
+    t0 = time.perf_counter()
+    mem_init = step_memory(model, x_mem, y_mem)  # no parameter update
+    lr = learning_rate(kind, args)
+    tr = train(model, splits.train, args, lr)
+    mem_end = step_memory(model, x_mem, y_mem)
+    val = evaluate_lm(model, splits.val, args.batch)
+    test = evaluate_lm(model, splits.test, args.batch)
+    row = {"model": label(kind), "kind": kind, "lr": lr, "params": n_params,
+           "param_bytes": 4 * n_params, **tr,
+           "memory_init": mem_init, "memory_end": mem_end, "val": val, "test": test,
+           "seconds_total": time.perf_counter() - t0}
+    deq = ""
+    if "train_fwd_steps" in tr:
+        deq = (f", fwd steps train {tr['train_fwd_steps']:.1f} (last 10%: "
+               f"{tr['train_fwd_steps_last10pct']:.1f}), eval {val['fwd_steps']:.1f}, "
+               f"eval rel res {val['fwd_rel_res']:.1e}")
+    print(f"{row['model']}: {tr['steps']} steps, val bpc {val['bpc']:.3f}, test bpc "
+          f"{test['bpc']:.3f}{deq}  ({row['seconds_total']:.0f} s)", flush=True)
+    return row
+
+
+def results_table(rows: list[dict[str, Any]], clock: str) -> str:
+    """The Markdown table of the rows."""
+    headers = ["model", "params", "lr", "steps", f"{clock} time/step",
                "peak MiB (end / init)", "saved MiB", "val bpc", "test bpc",
                "DEQ fwd steps (train / eval)", "DEQ rel res (train / eval)"]
     table = []
@@ -424,18 +393,11 @@ def main() -> None:
             mib(r["memory_end"]["saved_bytes"]), f"{r['val']['bpc']:.3f}",
             f"{r['test']['bpc']:.3f}", deq_steps, deq_res,
         ])
-    print()
-    print(md_table(headers, table))
-    print(f"\ntime/step: {args.clock} time per training step (budget / steps done); "
-          "peak: peak live bytes of one training step on the same batch after training / at "
-          "initialisation; saved: saved-for-backward bytes after training. DEQ fwd steps: "
-          "mean forward solver steps over the last 10% of training steps / over the "
-          "validation batches; DEQ rel res: mean relative residual of the training solve's "
-          "iterate over the last 10% of training steps / of the evaluation solve on "
-          "validation.")
-    print("The peak includes the parameter gradients (allocated in the step) but not the "
-          "parameters and the AdamW state (3 x 4 bytes per parameter, see params).")
+    return md_table(headers, table)
 
+
+def comparisons(rows: list[dict[str, Any]]) -> list[str]:
+    """Every DEQ row against every explicit row: bpc, steps and memory ratios."""
     notes = []
     for d in (r for r in rows if not r["kind"].startswith("L=")):
         for r in (r for r in rows if r["kind"].startswith("L=")):
@@ -446,13 +408,38 @@ def main() -> None:
                 f"test bpc {d['test']['bpc'] - r['test']['bpc']:+.3f}, steps "
                 f"x{d['steps'] / max(r['steps'], 1):.2f}, training-step peak "
                 f"memory x{peak:.2f}, saved-for-backward x{saved:.2f}")
-    print("\n" + "\n".join(f"- {n}" for n in notes))
+    return notes
 
+
+def main() -> None:
+    args, depths, extra = parse_args()
+    torch.set_num_threads(1)
+    env = environment()
+    splits = load_dataset("text", block_size=64, seed=args.seed)
+    with quiet_stderr():
+        check = verify_peak_method()
+    print_header(args, env, splits, extra, check)
+    kinds = ["deq", *extra, *(f"L={d}" for d in depths)]
+    rows = [run_row(kind, splits, args) for kind in kinds]
+    table = results_table(rows, args.clock)
+    print()
+    print(table)
+    print(f"\ntime/step: {args.clock} time per training step (budget / steps done); "
+          "peak: peak live bytes of one training step on the same batch after training / at "
+          "initialisation; saved: saved-for-backward bytes after training. DEQ fwd steps: "
+          "mean forward solver steps over the last 10% of training steps / over the "
+          "validation batches; DEQ rel res: mean relative residual of the training solve's "
+          "iterate over the last 10% of training steps / of the evaluation solve on "
+          "validation.")
+    print("The peak includes the parameter gradients (allocated in the step) but not the "
+          "parameters and the AdamW state (3 x 4 bytes per parameter, see params).")
+    notes = comparisons(rows)
+    print("\n" + "\n".join(f"- {n}" for n in notes))
     out = {"config": {k: v for k, v in vars(args).items()}, "depths": depths, "extra": extra,
            "environment": env, "loadavg_at_end": [round(v, 2) for v in os.getloadavg()],
-           "vocab_size": vocab, "peak_method": PEAK_METHOD, "saved_method": SAVED_METHOD,
-           "peak_method_check": check, "rows": rows, "table": md_table(headers, table),
-           "comparisons": notes}
+           "vocab_size": splits.spec.num_classes, "peak_method": PEAK_METHOD,
+           "saved_method": SAVED_METHOD, "peak_method_check": check, "rows": rows,
+           "table": table, "comparisons": notes}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=2, default=str)

@@ -48,26 +48,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deqkit as dk
 from _deqbench import RESULTS_DIR, environment, header_lines, make_tanh_problem, md_table
+from deqkit.app import names
 
 STEPS = [4, 8, 16, 32, 64]
 MIB = 1024.0 * 1024.0
 
 
-def make_adjoint(name: str) -> dk.AbstractAdjoint:
-    return {
-        "ImplicitAdjoint": lambda: dk.ImplicitAdjoint(dk.GMRES(rtol=1e-6, atol=0.0),
-                                                      on_failure="ignore"),
-        "JacobianFreeAdjoint": dk.JacobianFreeAdjoint,
-        "PhantomAdjoint(5)": lambda: dk.PhantomAdjoint(steps=5),
-        "UnrolledAdjoint": dk.UnrolledAdjoint,
-    }[name]()
-
-
-ADJOINTS = ["ImplicitAdjoint", "JacobianFreeAdjoint", "PhantomAdjoint(5)", "UnrolledAdjoint"]
-SOLVERS = {
-    "Picard": lambda: dk.Picard(rtol=1e-12, atol=0.0),
-    "Anderson": lambda: dk.Anderson(rtol=1e-12, atol=0.0),
+#: Table label -> (registry name, options) of each adjoint compared (deqkit.app.names).
+ADJOINT_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ImplicitAdjoint": ("implicit", {"linear_solver": names.build_linear_solver(
+        "gmres", rtol=1e-6, atol=0.0)}),
+    "JacobianFreeAdjoint": ("jfb", {}),
+    "PhantomAdjoint(5)": ("phantom", {"phantom_steps": 5}),
+    "UnrolledAdjoint": ("unrolled", {}),
 }
+ADJOINTS = list(ADJOINT_NAMES)
+#: Table label -> registry name of each forward solver (tolerance unreachable in float32).
+SOLVER_NAMES = {"Picard": "picard", "Anderson": "anderson"}
+SOLVERS = list(SOLVER_NAMES)
+
+
+def make_adjoint(label: str) -> dk.AbstractAdjoint:
+    """The adjoint of table row ``label``, built by the registry."""
+    name, options = ADJOINT_NAMES[label]
+    return names.build_adjoint(name, **options)
+
+
+def make_solver(label: str) -> dk.AbstractFixedPointSolver:
+    """The forward solver of table row ``label``: every solve runs exactly ``max_steps``."""
+    return names.build_solver(SOLVER_NAMES[label], rtol=1e-12, atol=0.0)
 
 
 def build() -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,7 +87,7 @@ def build() -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def training_step(f, x, z0, W, adjoint: str, solver: str, steps: int) -> dk.Solution:
     W.grad = None
-    sol = dk.fixed_point(f, z0, SOLVERS[solver](), make_adjoint(adjoint), max_steps=steps,
+    sol = dk.fixed_point(f, z0, make_solver(solver), make_adjoint(adjoint), max_steps=steps,
                          args=(x,), throw=False)
     sol.value.pow(2).sum().backward()
     return sol
@@ -119,7 +128,7 @@ def saved_bytes(adjoint: str, solver: str, steps: int) -> dict[str, Any]:
 
     W.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        sol = dk.fixed_point(f, z0, SOLVERS[solver](), make_adjoint(adjoint), max_steps=steps,
+        sol = dk.fixed_point(f, z0, make_solver(solver), make_adjoint(adjoint), max_steps=steps,
                              args=(x,), throw=False)
         loss = sol.value.pow(2).sum()
     gc.collect()
@@ -172,6 +181,84 @@ def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return b, my - b * mx
 
 
+def print_header(env: dict[str, Any], quick: bool, B: int, D: int, state_bytes: int) -> None:
+    """The report's title and method notes."""
+    print("# deqkit memory benchmark" + (" (--quick)" if quick else ""))
+    print()
+    print("\n".join(header_lines(env)))
+    print(f"- P1 float32: batch {B}, d {D}; one (B, D) state tensor = {state_bytes / MIB:.3f} MiB."
+          " Every solve runs exactly max_steps steps (rtol=1e-12, atol=0, throw=False).")
+    print("- Saved bytes: storages saved for backward during the forward pass (solve + loss), "
+          "recorded by a torch.autograd.graph.saved_tensors_hooks pack hook as "
+          "untyped_storage().nbytes(), de-duplicated by storage data_ptr, excluding W, U, b, x, "
+          "z0; weak references tell which are still alive when backward starts (\"held\") "
+          "and which were freed during the forward pass (counted only in the total). Not seen: "
+          "tensors kept as ctx attributes (ImplicitAdjoint's z*, 0.125 MiB). Slopes are "
+          "least-squares fits of bytes vs max_steps; 'state tensors/step' divides by one (B, D) "
+          "float32 tensor.")
+    print("- Peak RSS delta (noisy): fresh subprocess per configuration, "
+          "MALLOC_MMAP_THRESHOLD_=65536, peak reset via /proc/self/clear_refs after a warm-up; "
+          "VmHWM after one training step minus VmRSS before it. Includes the backward pass "
+          "(GMRES basis, etc.) and allocator effects.")
+    print()
+
+
+def measure_adjoint(solver: str, adjoint: str, steps_list: list[int], state_bytes: int,
+                    rss_too: bool, results: dict[str, Any]) -> tuple[list[str], ...]:
+    """Measure one (solver, adjoint) pair at every step count (appended to
+    ``results["configs"]``, slopes to ``results["slopes"]``); return its table rows (held,
+    total, RSS)."""
+    held, total, rss = [], [], []
+    for steps in steps_list:
+        s = saved_bytes(adjoint, solver, steps)
+        r = rss_delta(adjoint, solver, steps) if rss_too else {}
+        results["configs"].append({"solver": solver, "adjoint": adjoint,
+                                   "max_steps": steps, "saved": s, "rss": r})
+        held.append(float(s["held_bytes"]))
+        total.append(float(s["bytes"]))
+        rss.append(float(r.get("delta", float("nan"))))
+    xs = [float(v) for v in steps_list]
+    bh, ah = slope(xs, held)
+    bt, _ = slope(xs, total)
+    held_row = [adjoint] + [f"{v / MIB:.3f}" for v in held] + [f"{bh / 1024:.1f}",
+                                                               f"{bh / state_bytes:.2f}"]
+    total_row = [adjoint] + [f"{v / MIB:.3f}" for v in total] + [f"{bt / 1024:.1f}",
+                                                                 f"{bt / state_bytes:.2f}"]
+    sl = {"held_bytes_per_step": bh, "held_intercept": ah,
+          "held_state_tensors_per_step": bh / state_bytes, "saved_total_bytes_per_step": bt}
+    rss_row: list[str] = []
+    if rss_too:
+        ok = [(x_, v) for x_, v in zip(xs, rss) if v == v]
+        rb = slope([a for a, _ in ok], [v for _, v in ok])[0] if len(ok) >= 2 else None
+        rss_row = [adjoint] + [f"{v / MIB:.2f}" if v == v else "err" for v in rss] + [
+            f"{rb / 1024:.1f}" if rb is not None else "-"]
+        sl["rss_bytes_per_step"] = rb
+    results.setdefault("slopes", {})[f"{solver}/{adjoint}"] = sl
+    return held_row, total_row, rss_row
+
+
+def print_tables(solver: str, steps_list: list[int], held_rows: list[list[str]],
+                 total_rows: list[list[str]], rss_rows: list[list[str]]) -> None:
+    """The held / total / RSS tables of one forward solver (RSS only when measured)."""
+    cols = [f"{s} steps" for s in steps_list]
+    slope_cols = ["slope (KiB/step)", "slope (state tensors/step)"]
+    print(f"### {solver}: saved-for-backward memory held when backward starts (MiB)")
+    print()
+    print(md_table(["adjoint", *cols, *slope_cols], held_rows))
+    print()
+    print(f"### {solver}: all storages saved during the forward pass, incl. transient ones "
+          "(MiB)")
+    print()
+    print(md_table(["adjoint", *cols, *slope_cols], total_rows))
+    print()
+    if rss_rows:
+        print(f"### {solver}: peak RSS delta of one training step (MiB, noisy)")
+        print()
+        print(md_table(["adjoint", *cols, "slope (KiB/step)"], rss_rows))
+        print()
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer configurations (smoke run)")
@@ -192,74 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     _, _, z0, _ = build()
     B, D = z0.shape
     state_bytes = B * D * z0.element_size()
-
-    print("# deqkit memory benchmark" + (" (--quick)" if args.quick else ""))
-    print()
-    print("\n".join(header_lines(env)))
-    print(f"- P1 float32: batch {B}, d {D}; one (B, D) state tensor = {state_bytes / MIB:.3f} MiB."
-          " Every solve runs exactly max_steps steps (rtol=1e-12, atol=0, throw=False).")
-    print("- Saved bytes: storages saved for backward during the forward pass (solve + loss), "
-          "recorded by a torch.autograd.graph.saved_tensors_hooks pack hook as "
-          "untyped_storage().nbytes(), de-duplicated by storage data_ptr, excluding W, U, b, x, "
-          "z0; weak references tell which are still alive when backward starts (\"held\") "
-          "and which were freed during the forward pass (counted only in the total). Not seen: "
-          "tensors kept as ctx attributes (ImplicitAdjoint's z*, 0.125 MiB). Slopes are "
-          "least-squares fits of bytes vs max_steps; 'state tensors/step' divides by one (B, D) "
-          "float32 tensor.")
-    print("- Peak RSS delta (noisy): fresh subprocess per configuration, "
-          "MALLOC_MMAP_THRESHOLD_=65536, peak reset via /proc/self/clear_refs after a warm-up; "
-          "VmHWM after one training step minus VmRSS before it. Includes the backward pass "
-          "(GMRES basis, etc.) and allocator effects.")
-    print()
-
+    print_header(env, args.quick, B, D, state_bytes)
     results: dict[str, Any] = {"env": env, "quick": args.quick, "steps": steps_list,
                                "state_bytes": state_bytes, "configs": []}
     for solver in solvers:
-        held_rows, total_rows, rss_rows = [], [], []
-        for adjoint in ADJOINTS:
-            held, total, rss = [], [], []
-            for steps in steps_list:
-                s = saved_bytes(adjoint, solver, steps)
-                r = {} if args.no_rss else rss_delta(adjoint, solver, steps)
-                results["configs"].append({"solver": solver, "adjoint": adjoint,
-                                           "max_steps": steps, "saved": s, "rss": r})
-                held.append(float(s["held_bytes"]))
-                total.append(float(s["bytes"]))
-                rss.append(float(r.get("delta", float("nan"))))
-            xs = [float(v) for v in steps_list]
-            bh, ah = slope(xs, held)
-            bt, _ = slope(xs, total)
-            held_rows.append([adjoint] + [f"{v / MIB:.3f}" for v in held]
-                             + [f"{bh / 1024:.1f}", f"{bh / state_bytes:.2f}"])
-            total_rows.append([adjoint] + [f"{v / MIB:.3f}" for v in total]
-                              + [f"{bt / 1024:.1f}", f"{bt / state_bytes:.2f}"])
-            sl = {"held_bytes_per_step": bh, "held_intercept": ah,
-                  "held_state_tensors_per_step": bh / state_bytes,
-                  "saved_total_bytes_per_step": bt}
-            if not args.no_rss:
-                ok = [(x_, v) for x_, v in zip(xs, rss) if v == v]
-                rb = slope([a for a, _ in ok], [v for _, v in ok])[0] if len(ok) >= 2 else None
-                rss_rows.append([adjoint] + [f"{v / MIB:.2f}" if v == v else "err" for v in rss]
-                                + [f"{rb / 1024:.1f}" if rb is not None else "-"])
-                sl["rss_bytes_per_step"] = rb
-            results.setdefault("slopes", {})[f"{solver}/{adjoint}"] = sl
-        cols = [f"{s} steps" for s in steps_list]
-        slope_cols = ["slope (KiB/step)", "slope (state tensors/step)"]
-        print(f"### {solver}: saved-for-backward memory held when backward starts (MiB)")
-        print()
-        print(md_table(["adjoint", *cols, *slope_cols], held_rows))
-        print()
-        print(f"### {solver}: all storages saved during the forward pass, incl. transient ones "
-              "(MiB)")
-        print()
-        print(md_table(["adjoint", *cols, *slope_cols], total_rows))
-        print()
-        if not args.no_rss:
-            print(f"### {solver}: peak RSS delta of one training step (MiB, noisy)")
-            print()
-            print(md_table(["adjoint", *cols, "slope (KiB/step)"], rss_rows))
-            print()
-        sys.stdout.flush()
+        rows = [measure_adjoint(solver, adjoint, steps_list, state_bytes, not args.no_rss,
+                                results) for adjoint in ADJOINTS]
+        held_rows, total_rows, rss_rows = ([r[i] for r in rows if r[i]] for i in range(3))
+        print_tables(solver, steps_list, held_rows, total_rows, rss_rows)
 
     results["elapsed_s"] = time.perf_counter() - t0
     print(f"(total {results['elapsed_s']:.0f} s)")

@@ -22,7 +22,6 @@ Usage:  .venv/bin/python benchmarks/bench_solvers.py [--quick] [--out PATH]
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -51,11 +50,11 @@ from _deqbench import (
 )
 
 try:
-    import torchdeq
-    from torchdeq.solver import get_solver, register_solver
-    from torchdeq.solver.anderson import anderson_solver
+    from torchdeq.solver import get_solver
 except ImportError:  # pragma: no cover
     sys.exit("bench_solvers.py needs torchdeq (pip install torchdeq==0.1.0) for the comparison.")
+
+from _solvers_train import train_step_benchmark, train_table
 
 MAX_HALVINGS = 8
 PICARD_MAX = 1000
@@ -292,246 +291,6 @@ def solver_table(res: dict[str, Any], target: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training step: forward + implicit backward, float64
-# ---------------------------------------------------------------------------------------------
-
-
-class CountingBSolver:
-    """A TorchDEQ solver wrapper counting calls of the function it is given."""
-
-    def __init__(self, solver: Callable) -> None:
-        self.solver, self.calls = solver, 0
-
-    def __call__(self, func: Callable, x0: torch.Tensor, **kwargs: Any) -> Any:
-        def counted(y: torch.Tensor) -> torch.Tensor:
-            self.calls += 1
-            return func(y)
-
-        return self.solver(counted, x0, **kwargs)
-
-
-def dense_reference(f64, W: torch.Tensor, x: torch.Tensor, z0: torch.Tensor) -> dict[str, Any]:
-    """z* by a tight solve + two dense Newton refinements; the exact implicit gradient of
-    sum(z*^2) w.r.t. W from a dense (I - J)^T solve with J from autograd.functional.jacobian."""
-    B, D = z0.shape
-    with torch.no_grad():
-        sol = dk.fixed_point(f64, z0, dk.Anderson(rtol=1e-14, atol=0.0), max_steps=500,
-                             args=(x,), throw=False)
-    z = sol.value.detach()
-    eye = torch.eye(D, dtype=z.dtype)
-
-    def jac(zz: torch.Tensor) -> torch.Tensor:
-        Js = []
-        with torch.no_grad():
-            for b in range(B):
-                xb = x[b : b + 1]
-                Js.append(torch.autograd.functional.jacobian(
-                    lambda v, xb=xb: f64(v.unsqueeze(0), xb).squeeze(0), zz[b], vectorize=True))
-        return torch.stack(Js)
-
-    for _ in range(2):  # Newton refinement with the dense Jacobian
-        with torch.no_grad():
-            J = jac(z)
-            r = f64(z, x) - z
-            z = z + torch.linalg.solve(eye - J, r.unsqueeze(2)).squeeze(2)
-    J = jac(z)
-    res = rel_residual(f64, z, x)
-    u = torch.linalg.solve((eye - J).transpose(1, 2), (2 * z).unsqueeze(2)).squeeze(2)
-    with torch.enable_grad():
-        fz = f64(z, x)
-        (g,) = torch.autograd.grad(fz, W, u)
-    return {"z": z, "grad": g, "residual": float(res.max())}
-
-
-def train_step_benchmark(repeats: int, quick: bool) -> dict[str, Any]:
-    f32, x32, z032 = make_tanh_problem("gaussian", 0.9, seed=1)
-    W = f32.W.double().requires_grad_()
-    f64 = type(f32)(W, f32.U.double(), f32.b.double())
-    x, z0 = x32.double(), z032.double()
-
-    ref = dense_reference(f64, W, x, z0)
-    g_ref = ref["grad"]
-
-    def rel_err(g: torch.Tensor) -> float:
-        return float(torch.linalg.norm(g - g_ref) / torch.linalg.norm(g_ref))
-
-    # Cross-check the reference with deqkit's Dense adjoint.
-    W.grad = None
-    sol = dk.fixed_point(f64, z0, dk.Anderson(rtol=1e-14, atol=0.0),
-                         dk.ImplicitAdjoint(dk.Dense(rtol=1e-12, atol=0.0)), max_steps=500,
-                         args=(x,), throw=False)
-    sol.value.pow(2).sum().backward()
-    dense_check = rel_err(W.grad)
-
-    # ---- configurations -------------------------------------------------------------------
-    counters: dict[str, CountingBSolver] = {}
-
-    def td_bsolver(label: str, solver: Callable) -> str:
-        key = f"bench_{label}"
-        counters[key] = CountingBSolver(solver)
-        register_solver(key, counters[key])
-        return key
-
-    b_solvers = {
-        "anderson(lam=1e-4)": td_bsolver("anderson_lam1e-4", anderson_solver),
-        "anderson(lam=1e-10)": td_bsolver(
-            "anderson_lam1e-10", functools.partial(anderson_solver, lam=1e-10)),
-        "broyden": td_bsolver("broyden", get_solver("broyden")),
-        "fixed_point_iter": td_bsolver("fixed_point_iter", get_solver("fixed_point_iter")),
-    }
-    if quick:
-        b_solvers = {k: v for k, v in b_solvers.items()
-                     if k in ("anderson(lam=1e-10)", "fixed_point_iter")}
-    counted_f = [0]
-
-    def f_counted(z: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
-        counted_f[0] += 1
-        return f64(z, xx)
-
-    def deqkit_step(tf: float, tb: float, f: Callable = f64, fwd: str = "anderson",
-                    bwd: str = "gmres") -> Callable[[], dict[str, Any]]:
-        solver = (dk.Anderson(rtol=tf, atol=0.0) if fwd == "anderson"
-                  else dk.Picard(rtol=tf, atol=0.0))
-        lin = {"gmres": dk.GMRES, "neumann": dk.Neumann, "bicgstab": dk.BiCGStab}[bwd]
-        adjoint = dk.ImplicitAdjoint(lin(rtol=tb, atol=0.0, max_steps=200),
-                                     on_failure="ignore")
-
-        def step() -> dict[str, Any]:
-            W.grad = None
-            s = dk.fixed_point(f, z0, solver, adjoint, max_steps=300, args=(x,), throw=False)
-            s.value.pow(2).sum().backward()
-            return {"grad": W.grad, "fwd_nfev": int(s.stats["nfev"]),
-                    "bwd_matvec": int(s.backward.get("nmatvec", -1))}
-
-        return step
-
-    def torchdeq_step(bkey: str, tf: float, tb: float, f: Callable = f64,
-                      fwd: str = "anderson") -> Callable[[], dict[str, Any]]:
-        deq = torchdeq.get_deq(core="indexing", ift=True, f_solver=fwd, b_solver=bkey,
-                               f_max_iter=300, b_max_iter=300, f_tol=tf, b_tol=tb,
-                               f_stop_mode="rel", b_stop_mode="rel")
-
-        def func(z: torch.Tensor) -> torch.Tensor:
-            return f(z, x)
-
-        def step() -> dict[str, Any]:
-            W.grad = None
-            c0 = counters[bkey].calls
-            z_out, _info = deq(func, z0, solver_kwargs={"lam": 1e-10})
-            z_out[-1].pow(2).sum().backward()
-            return {"grad": W.grad, "bwd_matvec": counters[bkey].calls - c0}
-
-        return step
-
-    # Both libraries get their forward and backward choices: on P1 (rho(J*) ~ 0.33) plain
-    # fixed-point iteration converges as fast as Anderson in f evaluations, and GMRES on a
-    # disc-shaped spectrum of radius rho converges like the Neumann series.
-    configs: list[tuple[str, str, Callable[..., Callable[[], dict[str, Any]]]]] = [
-        ("deqkit", "Anderson(m=5) / ImplicitAdjoint(GMRES)", deqkit_step),
-        ("deqkit", "Anderson(m=5) / ImplicitAdjoint(Neumann)",
-         functools.partial(deqkit_step, bwd="neumann")),
-        ("deqkit", "Picard / ImplicitAdjoint(GMRES)",
-         functools.partial(deqkit_step, fwd="picard")),
-        ("deqkit", "Picard / ImplicitAdjoint(Neumann)",
-         functools.partial(deqkit_step, fwd="picard", bwd="neumann")),
-    ]
-    if quick:
-        configs = configs[:2]
-    for label, key in b_solvers.items():
-        configs.append(("torchdeq", f"anderson(lam=1e-10) / IFT b_solver={label}",
-                        functools.partial(torchdeq_step, key)))
-    configs.append(("torchdeq", "fixed_point_iter / IFT b_solver=fixed_point_iter",
-                    functools.partial(torchdeq_step, b_solvers["fixed_point_iter"],
-                                      fwd="fixed_point_iter")))
-
-    tols = [1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8, 1e-8, 3e-9, 1e-9, 1e-10, 1e-11]
-    if quick:
-        tols = [1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10]
-    target = 1e-6
-    rows = []
-    for lib, label, maker in configs:
-        best = None
-        n_eval = 0
-        for tf in tols:
-            # Skip forward tolerances that cannot reach the target even with the tightest b tol.
-            g = maker(tf, tols[-1])()["grad"].clone()
-            n_eval += 1
-            if rel_err(g) > target:
-                continue
-            for tb in tols:
-                step = maker(tf, tb)
-                out = step()
-                n_eval += 1
-                err = rel_err(out["grad"])
-                if err <= target:
-                    tm = Timer()
-                    for _ in range(2 if quick else 4):
-                        tm.run(step)
-                    # fastest probe (min over repeats: robust to load from other jobs)
-                    if best is None or tm.minimum < best["probe_time"]:
-                        best = {"tf": tf, "tb": tb, "err": err, "probe_time": tm.minimum}
-                    break
-        rows.append({"lib": lib, "config": label, "best": best, "search_evals": n_eval,
-                     "maker": maker})
-
-    # Final interleaved timing of each configuration at its best tolerances.
-    steps = {}
-    for r in rows:
-        if r["best"] is not None:
-            steps[r["config"]] = r["maker"](r["best"]["tf"], r["best"]["tb"])
-            steps[r["config"]]()  # warm-up
-    timers = {k: Timer() for k in steps}
-    for _ in range(repeats):
-        for k, step in steps.items():
-            timers[k].run(step)
-    out_rows = []
-    for r in rows:
-        row = {"lib": r["lib"], "config": r["config"], "search_evals": r["search_evals"]}
-        if r["best"] is None:
-            row["reached"] = False
-            out_rows.append(row)
-            continue
-        b = r["best"]
-        # One counted run for f-evaluation and matvec counts.
-        counted_f[0] = 0
-        info = r["maker"](b["tf"], b["tb"], f_counted)()
-        row.update(reached=True, f_tol=b["tf"], b_tol=b["tb"], grad_err=rel_err(info["grad"]),
-                   f_evals=counted_f[0], bwd_matvec=info["bwd_matvec"],
-                   lib_fwd_nfev=info.get("fwd_nfev"), time_median=timers[r["config"]].median,
-                   time_min=timers[r["config"]].minimum, repeats=repeats)
-        out_rows.append(row)
-    td = [r for r in out_rows if r["lib"] == "torchdeq" and r.get("reached")]
-    td_best = min(td, key=lambda r: r["time_median"]) if td else None
-    td_best_min = min(td, key=lambda r: r["time_min"]) if td else None
-    for r in out_rows:
-        if r.get("reached") and td_best is not None and td_best_min is not None:
-            r["ratio_vs_td_best"] = r["time_median"] / td_best["time_median"]
-            r["ratio_vs_td_best_min"] = r["time_min"] / td_best_min["time_min"]
-    return {"dtype": "float64", "problem": "P1 (d=256, batch 128, ||W||_2=0.9)",
-            "target_grad_err": target, "reference_residual": ref["residual"],
-            "reference_vs_dk_dense": dense_check, "rows": out_rows,
-            "td_best": td_best["config"] if td_best else None}
-
-
-def train_table(res: dict[str, Any]) -> str:
-    headers = ["library", "forward / backward", "f tol", "b tol", "grad rel err",
-               "f evals (all)", "bwd VJPs", "step time (median)", "min", "/ TorchDEQ best",
-               "/ TorchDEQ best (min)"]
-    rows = []
-    for r in res["rows"]:
-        if not r.get("reached"):
-            rows.append([r["lib"], r["config"], "-", "-", "not reached", "-", "-", "-", "-", "-",
-                         "-"])
-            continue
-        rows.append([r["lib"], r["config"], f"{r['f_tol']:.0e}", f"{r['b_tol']:.0e}",
-                     f"{r['grad_err']:.2e}", r["f_evals"], r["bwd_matvec"],
-                     fmt_time(r["time_median"]), fmt_time(r["time_min"]),
-                     f"{r.get('ratio_vs_td_best', float('nan')):.2f}",
-                     f"{r.get('ratio_vs_td_best_min', float('nan')):.2f}"])
-    return md_table(headers, rows)
-
-
-# ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
 
@@ -582,21 +341,9 @@ def targets_table(results: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     return table, items
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: P1 and P3, target 1e-5, 3 repeats, smaller training grid")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "bench_solvers.json"))
-    ap.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")
-    args = ap.parse_args(argv)
-
-    torch.set_num_threads(1)
-    t_start = time.perf_counter()
-    env = environment()
-    repeats = 3 if args.quick else 11
-    targets = [1e-5] if args.quick else [1e-5, 1e-6]
-
-    print("# deqkit solver benchmark" + (" (--quick)" if args.quick else ""))
+def print_header(env: dict[str, Any], repeats: int, quick: bool) -> None:
+    """The report's title and method notes."""
+    print("# deqkit solver benchmark" + (" (--quick)" if quick else ""))
     print()
     print("\n".join(header_lines(env)))
     print(f"- float32 forward solves under torch.no_grad(); {repeats} interleaved repeats after "
@@ -619,59 +366,86 @@ def main(argv: list[str] | None = None) -> int:
           "search).")
     print()
 
-    problems = [
-        ("P1", "P1: tanh(Wz+Ux+b), d=256, batch 128, Gaussian W, ||W||_2=0.9",
-         lambda: make_tanh_problem("gaussian", 0.9, seed=1)),
-        ("P1'", "P1': as P1 with ||W||_2=0.99",
-         lambda: make_tanh_problem("gaussian", 0.99, seed=1)),
-        ("P3", "P3: conv cell 32ch 8x8, batch 64, GroupNorm(4)",
-         lambda: make_conv_problem(seed=3)),
-        ("H", "H: tanh, symmetric W rho(W)=0.98, input scale 0.5, b=0",
-         lambda: make_tanh_problem("symmetric", 0.98, input_scale=0.5, bias_scale=0.0, seed=2)),
-        ("H2", "H2: tanh, symmetric W rho(W)=0.98, input scale 0.1, b=0",
-         lambda: make_tanh_problem("symmetric", 0.98, input_scale=0.1, bias_scale=0.0, seed=2)),
-    ]
-    if args.quick:
-        problems = [p for p in problems if p[0] in ("P1", "P3")]
 
+
+#: (key, description, builder) of every forward-solve problem.
+PROBLEMS: list[tuple[str, str, Callable[[], tuple[Any, torch.Tensor, torch.Tensor]]]] = [
+    ("P1", "P1: tanh(Wz+Ux+b), d=256, batch 128, Gaussian W, ||W||_2=0.9",
+     lambda: make_tanh_problem("gaussian", 0.9, seed=1)),
+    ("P1'", "P1': as P1 with ||W||_2=0.99",
+     lambda: make_tanh_problem("gaussian", 0.99, seed=1)),
+    ("P3", "P3: conv cell 32ch 8x8, batch 64, GroupNorm(4)",
+     lambda: make_conv_problem(seed=3)),
+    ("H", "H: tanh, symmetric W rho(W)=0.98, input scale 0.5, b=0",
+     lambda: make_tanh_problem("symmetric", 0.98, input_scale=0.5, bias_scale=0.0, seed=2)),
+    ("H2", "H2: tanh, symmetric W rho(W)=0.98, input scale 0.1, b=0",
+     lambda: make_tanh_problem("symmetric", 0.98, input_scale=0.1, bias_scale=0.0, seed=2)),
+]
+
+
+def run_problem(key: str, desc: str, build: Callable[[], Any], targets: list[float],
+                repeats: int) -> dict[str, Any]:
+    """Benchmark the forward solvers on one problem; print its tables."""
+    torch.manual_seed(0)
+    f, x, z0 = build()
+    res = bench_problem(desc, f, x, z0, targets, repeats)
+    res["key"] = key
+    # Spectral radius of the Jacobian at the equilibrium (from the tightest deqkit solve).
+    with torch.no_grad():
+        zs = dk.fixed_point(f, z0, dk.Anderson(rtol=1e-6, atol=0.0), max_steps=300,
+                            args=(x,), throw=False).value
+    rho = spectral_radius_estimate(f, zs, x)
+    res["rho_j"] = f"{float(rho.median()):.2f} (median), {float(rho.max()):.2f} (max)"
+    for tgt in res["targets"]:
+        print(solver_table(res, tgt))
+        print()
+    sys.stdout.flush()
+    return res
+
+
+def print_train(tr: dict[str, Any]) -> None:
+    """The training-step section of the report."""
+    print("### Training step on P1 in float64 (forward + implicit backward, loss = sum z*^2, "
+          "grad w.r.t. W), at gradient rel error <= 1e-6")
+    print()
+    print(f"Reference: float64 z* (Anderson rtol=1e-14 + 2 dense Newton refinements, rel "
+          f"residual {tr['reference_residual']:.1e}), exact gradient by a dense (I-J)^T solve "
+          f"with J from torch.autograd.functional.jacobian; agrees with "
+          f"dk.ImplicitAdjoint(dk.Dense()) to {tr['reference_vs_dk_dense']:.1e}. Each "
+          "configuration's (f tol, b tol) is the fastest pair on a grid that meets the error "
+          "target. TorchDEQ forward: anderson lam=1e-10 (its best forward); f evals count "
+          "every call of f, including the one carrying the IFT graph (and TorchDEQ's "
+          "recompute in backward).")
+    print()
+    print(train_table(tr))
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: P1 and P3, target 1e-5, 3 repeats, smaller training grid")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "bench_solvers.json"))
+    ap.add_argument("--skip-train", action="store_true", help="skip the training-step benchmark")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    env = environment()
+    repeats = 3 if args.quick else 11
+    targets = [1e-5] if args.quick else [1e-5, 1e-6]
+
+    print_header(env, repeats, args.quick)
+    problems = [p for p in PROBLEMS if not args.quick or p[0] in ("P1", "P3")]
     results: dict[str, Any] = {"env": env, "quick": args.quick, "repeats": repeats,
-                               "problems": []}
-    for key, desc, build in problems:
-        torch.manual_seed(0)
-        f, x, z0 = build()
-        res = bench_problem(desc, f, x, z0, targets, repeats)
-        res["key"] = key
-        # Spectral radius of the Jacobian at the equilibrium (from the tightest deqkit solve).
-        with torch.no_grad():
-            zs = dk.fixed_point(f, z0, dk.Anderson(rtol=1e-6, atol=0.0), max_steps=300,
-                                args=(x,), throw=False).value
-        rho = spectral_radius_estimate(f, zs, x)
-        res["rho_j"] = f"{float(rho.median()):.2f} (median), {float(rho.max()):.2f} (max)"
-        results["problems"].append(res)
-        for tgt in res["targets"]:
-            print(solver_table(res, tgt))
-            print()
-        sys.stdout.flush()
-
+                               "problems": [run_problem(*p, targets, repeats)
+                                            for p in problems]}
     if not args.skip_train:
         tr = train_step_benchmark(repeats=5 if args.quick else 11, quick=args.quick)
-        results["train_step"] = {k: v for k, v in tr.items()}
         for r in tr["rows"]:
             r.pop("maker", None)
-        print("### Training step on P1 in float64 (forward + implicit backward, loss = sum z*^2, "
-              "grad w.r.t. W), at gradient rel error <= 1e-6")
-        print()
-        print(f"Reference: float64 z* (Anderson rtol=1e-14 + 2 dense Newton refinements, rel "
-              f"residual {tr['reference_residual']:.1e}), exact gradient by a dense (I-J)^T solve "
-              f"with J from torch.autograd.functional.jacobian; agrees with "
-              f"dk.ImplicitAdjoint(dk.Dense()) to {tr['reference_vs_dk_dense']:.1e}. Each "
-              "configuration's (f tol, b tol) is the fastest pair on a grid that meets the error "
-              "target. TorchDEQ forward: anderson lam=1e-10 (its best forward); f evals count "
-              "every call of f, including the one carrying the IFT graph (and TorchDEQ's "
-              "recompute in backward).")
-        print()
-        print(train_table(tr))
-        print()
+        results["train_step"] = tr
+        print_train(tr)
 
     table, items = targets_table(results)
     results["targets_summary"] = items

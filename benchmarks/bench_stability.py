@@ -9,10 +9,11 @@ to 64 features, fixed permutation, 1297/250/250 train/val/test) in three variant
   Regularization");
 * ``spec_norm``   -- + bounded spectral normalisation ``dk.nn.spectral_norm(W, bound=0.9)``.
 
-Model: ``u = U x + b`` (input injection), ``z* = tanh(W z* + u)`` solved by ``dk.Anderson``
-(rtol 1e-4, max_steps 30) with the implicit adjoint (``dk.ImplicitAdjoint(dk.GMRES())``),
-logits ``= head(z*)``; Adam. ``W`` is initialised with a large spectral norm (1.0) so that the
-plain model drifts towards non-contractivity as it trains.
+Model: ``u = U x + b`` (input injection), ``z* = tanh(W z* + u)`` (the cell is
+``dk.zoo.MLPCell``) solved by ``dk.Anderson`` (rtol 1e-4, max_steps 30) with the implicit
+adjoint (``dk.ImplicitAdjoint(dk.GMRES())``), logits ``= head(z*)``; Adam. ``W`` is
+initialised with a large spectral norm (1.0) so that the plain model drifts towards
+non-contractivity as it trains.
 
 Per epoch it records the mean forward steps (training), the backward GMRES iterations and
 residual (training), the training loss, the validation accuracy, and a
@@ -49,27 +50,23 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 VARIANTS = ("plain", "jac_reg", "spec_norm")
 
 
-class Cell(nn.Module):
-    """``f(z, u) = tanh(W z + u)``; the input injection ``u = U x + b`` is computed outside."""
-
-    def __init__(self, width: int, init_norm: float) -> None:
-        super().__init__()
-        self.lin = nn.Linear(width, width, bias=False)
-        with torch.no_grad():
-            w = torch.randn(width, width) / math.sqrt(width)
-            self.lin.weight.copy_(init_norm * w / torch.linalg.matrix_norm(w, 2))
-
-    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.lin(z) + u)
+def make_cell(width: int, init_norm: float) -> dk.zoo.MLPCell:
+    """The zoo's DEQ MLP cell ``f(z, u) = tanh(W z + u)`` (the injection ``u = U x + b`` is
+    computed outside), unconstrained, with ``W`` rescaled to spectral norm ``init_norm``."""
+    cell = dk.zoo.MLPCell(width, spectral_bound=None)
+    with torch.no_grad():
+        w = torch.randn(width, width) / math.sqrt(width)
+        cell.linear.weight.copy_(init_norm * w / torch.linalg.matrix_norm(w, 2))
+    return cell
 
 
 class Model(nn.Module):
     def __init__(self, width: int, init_norm: float, spec_norm: bool, max_steps: int) -> None:
         super().__init__()
         self.inj = nn.Linear(64, width)
-        self.cell = Cell(width, init_norm)
-        if spec_norm:
-            dk.nn.spectral_norm(self.cell.lin, bound=0.9)
+        self.cell = make_cell(width, init_norm)
+        if spec_norm:  # bounded after the initial rescaling, as MLPCell(spectral_bound=0.9)
+            dk.nn.spectral_norm(self.cell.linear, bound=0.9)
         self.deq = dk.nn.DEQ(
             self.cell,
             solver=dk.Anderson(rtol=1e-4, atol=1e-6, m=5),
@@ -106,6 +103,65 @@ def accuracy(model: Model, X: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
+def train_epoch(model: Model, opt: torch.optim.Optimizer, variant: str, X: torch.Tensor,
+                y: torch.Tensor, gen: torch.Generator,
+                args: argparse.Namespace) -> dict[str, list[float]]:
+    """One epoch of training; per-step loss, regulariser, forward and backward statistics."""
+    model.train()
+    perm = torch.randperm(len(X), generator=gen)
+    st: dict[str, list[float]] = {k: [] for k in ("loss", "reg", "steps", "fconv", "bsteps",
+                                                  "bres", "bconv")}
+    for i in range(0, len(X), args.batch_size):
+        idx = perm[i : i + args.batch_size]
+        logits, z, u = model(X[idx])
+        loss = nn.functional.cross_entropy(logits, y[idx])
+        total = loss
+        if variant == "jac_reg":
+            reg = dk.jacobian_frobenius_reg(lambda v, u=u: model.cell(v, u), z)
+            total = loss + args.gamma * reg
+            st["reg"].append(reg.item())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sol = model.deq.last_solution
+        assert sol is not None
+        st["steps"].append(float(sol.stats["nstep"].float().mean()))
+        st["fconv"].append(float(sol.stats["converged"].float().mean()))
+        st["loss"].append(loss.item())
+        if "nstep" in sol.backward:
+            st["bsteps"].append(float(sol.backward["nstep"].float().mean()))
+            st["bres"].append(float(sol.backward["residual"].max()))
+            st["bconv"].append(float(sol.backward["converged"].float().mean()))
+    return st
+
+
+def _mean(v: list[float]) -> float | None:
+    return float(np.mean(v)) if v else None
+
+
+def epoch_record(epoch: int, st: dict[str, list[float]], val_acc: float, rep: Any,
+                 epoch_time: float) -> dict[str, Any]:
+    """The history entry of one epoch: training statistics and the validation diagnosis."""
+    return {
+        "epoch": epoch,
+        "train_loss": float(np.mean(st["loss"])),
+        "jac_reg": _mean(st["reg"]),
+        "fwd_steps": float(np.mean(st["steps"])),
+        "fwd_converged": float(np.mean(st["fconv"])),
+        "bwd_iters": _mean(st["bsteps"]),
+        "bwd_residual_max": float(np.max(st["bres"])) if st["bres"] else None,
+        "bwd_converged": _mean(st["bconv"]),
+        "val_acc": val_acc,
+        "val_fwd_steps": rep.mean_nstep,
+        "val_rho_mean": rep.rho_mean,
+        "val_rho_max": rep.rho_max,
+        "val_norm_mean": rep.norm_mean,
+        "val_bwd_converged": 1.0 - rep.n_backward_failed / rep.batch_size,
+        "val_warnings": rep.warnings,
+        "epoch_time_s": epoch_time,
+    }
+
+
 def run_variant(
     variant: str,
     data: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -122,31 +178,8 @@ def run_variant(
     history: list[dict[str, Any]] = []
     print(f"\n== {variant} ==")
     for epoch in range(1, args.epochs + 1):
-        model.train()
         t0 = time.perf_counter()
-        perm = torch.randperm(len(Xtr), generator=gen)
-        losses, regs, steps, bsteps, bres, bconv, fconv = [], [], [], [], [], [], []
-        for i in range(0, len(Xtr), args.batch_size):
-            idx = perm[i : i + args.batch_size]
-            logits, z, u = model(Xtr[idx])
-            loss = nn.functional.cross_entropy(logits, ytr[idx])
-            total = loss
-            if variant == "jac_reg":
-                reg = dk.jacobian_frobenius_reg(lambda v, u=u: model.cell(v, u), z)
-                total = loss + args.gamma * reg
-                regs.append(reg.item())
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sol = model.deq.last_solution
-            assert sol is not None
-            steps.append(float(sol.stats["nstep"].float().mean()))
-            fconv.append(float(sol.stats["converged"].float().mean()))
-            losses.append(loss.item())
-            if "nstep" in sol.backward:
-                bsteps.append(float(sol.backward["nstep"].float().mean()))
-                bres.append(float(sol.backward["residual"].max()))
-                bconv.append(float(sol.backward["converged"].float().mean()))
+        st = train_epoch(model, opt, variant, Xtr, ytr, gen, args)
         epoch_time = time.perf_counter() - t0
         val_acc = accuracy(model, Xva, yva)
         # diagnosis on the fixed validation set (eval mode), not timed
@@ -155,24 +188,7 @@ def run_variant(
             u_val = model.inj(Xva[: args.diag_batch])
         rep = stability_report(model.deq, u_val, krylov_dim=args.width)
         model.train()
-        rec = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "jac_reg": float(np.mean(regs)) if regs else None,
-            "fwd_steps": float(np.mean(steps)),
-            "fwd_converged": float(np.mean(fconv)),
-            "bwd_iters": float(np.mean(bsteps)) if bsteps else None,
-            "bwd_residual_max": float(np.max(bres)) if bres else None,
-            "bwd_converged": float(np.mean(bconv)) if bconv else None,
-            "val_acc": val_acc,
-            "val_fwd_steps": rep.mean_nstep,
-            "val_rho_mean": rep.rho_mean,
-            "val_rho_max": rep.rho_max,
-            "val_norm_mean": rep.norm_mean,
-            "val_bwd_converged": 1.0 - rep.n_backward_failed / rep.batch_size,
-            "val_warnings": rep.warnings,
-            "epoch_time_s": epoch_time,
-        }
+        rec = epoch_record(epoch, st, val_acc, rep, epoch_time)
         history.append(rec)
         print(
             f"epoch {epoch:2d}  loss {rec['train_loss']:.4f}  fwd steps {rec['fwd_steps']:5.2f}"

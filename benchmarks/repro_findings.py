@@ -14,6 +14,7 @@ Usage:  .venv/bin/python benchmarks/repro_findings.py   (~1 min)
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -104,13 +105,24 @@ def newton_krylov_p3() -> None:
     print()
 
 
+def _hv(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """H x = -x + U^T (V x) per sample: Broyden's inverse-Jacobian estimate H = -I + sum u v^T
+    (stored as in ``dk.Broyden``'s state, ``U``/``V`` of shape (B, n, D)) applied to ``x``."""
+    if U.shape[1] == 0:
+        return -x
+    return -x + torch.bmm(torch.linalg.vecdot(V, x.unsqueeze(1)).unsqueeze(1), U).squeeze(1)
+
+
+def _vh(U: torch.Tensor, V: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x^T H = -x + V^T (U x) per sample (see :func:`_hv`)."""
+    if U.shape[1] == 0:
+        return -x
+    return -x + torch.bmm(torch.linalg.vecdot(U, x.unsqueeze(1)).unsqueeze(1), V).squeeze(1)
+
+
 def _broyden_restart_fixed() -> type:
     """dk.Broyden whose memory restart computes the new pair relative to H = -I (the variant
     suggested in the report); used only to show the effect of the fix."""
-    import dataclasses
-
-    from deqkit.solvers.broyden import _hv, _vh
-
     @dataclasses.dataclass(frozen=True)
     class BroydenRestartFixed(dk.Broyden):
         def step(self, fn, z, fz, r, state):  # type: ignore[no-untyped-def]
@@ -140,8 +152,6 @@ def _broyden_restart_fixed() -> type:
 
 def broyden_h2() -> None:
     print("## 3. Broyden memory restart on H2 (symmetric W, rho(J*)~0.95), rtol=1e-6\n")
-    from deqkit.solvers.broyden import _hv
-
     f, x, z0 = make_tanh_problem("symmetric", 0.98, input_scale=0.1, bias_scale=0.0, seed=2)
     fixed = _broyden_restart_fixed()
     with torch.no_grad():

@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from deqkit.nn._hyper import HyperNetwork  # also exported as dk.nn.HyperNetwork
+from deqkit.nn import HyperNetwork
 
 
 def sample_tasks(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 
 from deqkit.app.config import TrainConfig, from_mapping, load_file
 from deqkit.app.main import main
-from deqkit.app.train.engine import load_checkpoint, train
+from deqkit.app.train import load_checkpoint, train
 
 pytest.importorskip("sklearn")
 
@@ -133,7 +133,7 @@ def test_existing_run_needs_resume_and_corrupt_checkpoint(tmp_path):
 
 
 def test_random_shift_rolls_each_sample():
-    from deqkit.app.train.engine import random_shift
+    from deqkit.app.train import random_shift
 
     torch.manual_seed(0)
     x = torch.arange(10.0).repeat(4, 1, 1)  # (4, 1, 10)
@@ -202,8 +202,8 @@ def test_model_preset_fills_only_unset_keys(tmp_path, monkeypatch):
     """`deqkit train --model deq_transformer` gets the LM's training recipe (one Picard step,
     one-step adjoint, lr 1e-2) unless a flag sets a key; the resolved values are recorded."""
     seen = {}
-    monkeypatch.setattr("deqkit.app.train.engine.train",
-                        lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    fake = lambda cfg, **kw: seen.setdefault("cfg", cfg)  # noqa: E731
+    monkeypatch.setattr("deqkit.app.train.train", fake)  # main.py imports it when it runs
     main(["train", "--model", "deq_transformer", "--data", "text", "--out",
           str(tmp_path / "a")])
     cfg = seen.pop("cfg")
@@ -220,9 +220,15 @@ def test_ema_weights_are_evaluated_and_equal_the_hand_computed_average(tmp_path,
     """`ema=d`: after optimiser step t the average is w_1 (t = 1), then d*avg + (1-d)*w_t;
     validation and test run on the average, training goes on from the raw weights, and the
     checkpoint holds both (so `deqkit eval` scores the average)."""
+    import importlib
+
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import deqkit.app.train.engine as tr
+    import deqkit.app.train as tr
+
+    # the modules (the package's `fit` and `evaluate` are the functions)
+    fit_module = importlib.import_module("deqkit.app.train.fit")
+    run_module = importlib.import_module("deqkit.app.train.run")
 
     decay = 0.5  # far from 1, so the average differs clearly from the last weights
     steps: list[dict[int, torch.Tensor]] = []  # raw parameters after every optimiser step
@@ -238,7 +244,8 @@ def test_ema_weights_are_evaluated_and_equal_the_hand_computed_average(tmp_path,
                                   for n, p in model.named_parameters()}))
         return real_evaluate(model, *args, **kwargs)
 
-    monkeypatch.setattr(tr, "evaluate", spy)
+    monkeypatch.setattr(fit_module, "evaluate", spy)  # validation
+    monkeypatch.setattr(run_module, "evaluate", spy)  # test
     try:
         summary = train(_cfg(tmp_path, "ema", ema=decay), log=lambda *_: None)
     finally:
@@ -267,7 +274,7 @@ def test_ema_weights_are_evaluated_and_equal_the_hand_computed_average(tmp_path,
             torch.testing.assert_close(value.double(), steps[-1][last[name][0]], rtol=0, atol=0)
             torch.testing.assert_close(ckpt["ema"]["params"][name].double(), last[name][1],
                                        rtol=0, atol=1e-6)
-    monkeypatch.setattr(tr, "evaluate", real_evaluate)
+    monkeypatch.undo()
     assert tr.eval_checkpoint(str(tmp_path / "ema" / "last.pt"),
                               log=lambda *_: None)["acc"] == summary["test_acc"]
     assert summary["train_cpu_time"] > 0 and "train_cpu_time" in ckpt["history"][0]

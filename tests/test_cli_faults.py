@@ -16,7 +16,7 @@ import torch
 from deqkit.app import files as _files
 from deqkit.app.config import TrainConfig
 from deqkit.app.main import main
-from deqkit.app.train.engine import TrainingDiverged, evaluate, load_checkpoint, train
+from deqkit.app.train import TrainingDiverged, evaluate, load_checkpoint, train
 
 pytest.importorskip("sklearn")
 
@@ -40,7 +40,7 @@ _DRIVER = textwrap.dedent("""
     from deqkit.app.main import main
     from deqkit.app import files as _files
     from deqkit.app.config import TrainConfig
-    from deqkit.app.train.engine import train
+    from deqkit.app.train import train
 
     base, kw = sys.argv[1], json.loads(sys.argv[2])
     quiet = lambda *a, **k: None
@@ -71,7 +71,7 @@ _DRIVER = textwrap.dedent("""
         return 0
 
     # warm up here (imports, data, a forward without autograd) so each child starts warm
-    from deqkit.app.train.engine import build_model
+    from deqkit.app.train import build_model
     from deqkit.data import load_dataset
     cfg0 = TrainConfig(**kw)
     splits = load_dataset(cfg0.data, seed=cfg0.seed, subset=cfg0.subset)
@@ -337,9 +337,11 @@ def test_lock_is_released_after_errors(tmp_path):
 def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys):
     """A NaN loss in epoch 2 stops the run (no NaN epoch is recorded or saved) and the error
     names the epoch, the step, the last good checkpoint and the remedies."""
-    import deqkit.app.train.engine as tr
+    import importlib
 
-    real = tr._loss_and_correct
+    tr = importlib.import_module("deqkit.app.train.evaluate")  # the module, not the function
+
+    real = tr.loss_and_correct
     calls = []
 
     def nan_in_epoch_2(*args):
@@ -348,7 +350,7 @@ def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys
             calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), c  # epoch 2, step 1
 
-    monkeypatch.setattr(tr, "_loss_and_correct", nan_in_epoch_2)
+    monkeypatch.setattr(tr, "loss_and_correct", nan_in_epoch_2)
     cfg = _tiny(tmp_path, "r")
     with pytest.raises(TrainingDiverged) as info:
         train(cfg, log=lambda *_: None)
@@ -361,7 +363,7 @@ def test_nonfinite_loss_stops_with_a_clear_message(tmp_path, monkeypatch, capsys
     assert [r["epoch"] for r in _records(tmp_path / "r" / "metrics.jsonl")] == [1]
     assert not (tmp_path / "r" / "train.lock").exists()
     # the command line: one line, exit status 1, even when no epoch finished
-    monkeypatch.setattr(tr, "_loss_and_correct", lambda *a: (real(*a)[0] * float("inf"), 0))
+    monkeypatch.setattr(tr, "loss_and_correct", lambda *a: (real(*a)[0] * float("inf"), 0))
     rc = main(["train", "--model", "deq_mlp", "--subset", "64", "--model-arg", "width=16",
                "--no-progress", "--no-plots", "--out", str(tmp_path / "b")])
     err = capsys.readouterr().err
@@ -386,7 +388,7 @@ def test_backward_failures_accept_per_sample_overflow_flags():
     are not solve failures, and solver_stats reads both forms."""
     from types import SimpleNamespace
 
-    from deqkit.app.train.engine import backward_failures, solver_stats
+    from deqkit.app.train import backward_failures, solver_stats
 
     stats = {"nstep": torch.tensor([3, 3, 3, 3]), "rel_residual": torch.zeros(4),
              "converged": torch.ones(4, dtype=torch.bool), "nfev": torch.tensor(4)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from deqkit.app.compare import (
     add_compare_parser,
     deq_gradient_accuracy,
     effective_depth,
+    explicit_gradient_accuracy,
     fit_slope,
+    forced_steps,
     forward_cost,
     gradient_error,
     homeomorphism_experiment,
@@ -22,11 +25,11 @@ from deqkit.app.compare import (
     ode_gradient_accuracy,
     peak_from_events,
     peak_live_bytes,
+    quiet_profiler,
     saved_tensor_bytes,
     training_speed,
     verify_peak_method,
 )
-from deqkit.app.compare.measure import _forced_deq, explicit_gradient_accuracy
 from deqkit.app.compare.models import build_models, train_model
 from deqkit.zoo import DEQMLP, NeuralODEClassifier, ResNetMLP, UnrolledMLP
 
@@ -54,6 +57,29 @@ def test_peak_live_bytes_two_live_tensors_and_a_freed_one():
 
     peak, _ = peak_live_bytes(alloc)
     assert 3 * MIB <= peak < 4 * MIB
+
+
+def test_quiet_profiler_drops_profiler_lines_only(capfd):
+    peak_live_bytes(lambda: torch.ones(16))
+    assert "profiler_st" not in capfd.readouterr().err  # kineto's start/stop lines
+    with quiet_profiler():
+        os.write(2, b"USDT: SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a real error\n")
+    err = capfd.readouterr().err
+    assert "a real error" in err and "SyncActivityProfilerHandler" not in err
+
+
+def test_forced_steps_runs_exactly_l_steps_and_restores_the_layer():
+    model = DEQMLP((6,), 3, width=8)
+    forced = forced_steps(model, 7, "picard", backward="neumann")
+    x = torch.randn(5, 6)
+    forced.train()
+    forced(x).sum().backward()
+    assert forced.deq.last_solution.stats["nstep"].tolist() == [7] * 5
+    layer = forced.model.deq  # a copy: its own settings are back after the call
+    assert type(layer.solver) is type(model.deq.solver)
+    assert layer.max_steps == model.deq.max_steps and layer.adjoint == model.deq.adjoint
+    assert forced.model is not model and model.deq.last_solution is None
 
 
 def test_peak_from_events_running_sum():
@@ -106,7 +132,7 @@ def test_deq_memory_flat_while_unrolled_grows():
     deq = DEQMLP((6,), 3, width=16)
     factories = {
         "unrolled": lambda L: UnrolledMLP((6,), 3, depth=L, width=16),
-        "deq": lambda L: _forced_deq(deq, L, "picard"),
+        "deq": lambda L: forced_steps(deq, L, "picard"),
     }
     res = memory_sweep(factories, [2, 4, 8], x, y)
     d, u = res["deq"], res["unrolled"]

@@ -139,7 +139,7 @@ def test_stability_report_and_spectral_norm_on_cuda():
 def test_cli_training_on_cuda(tmp_path):
     pytest.importorskip("sklearn")
     from deqkit.app.config import TrainConfig
-    from deqkit.app.train.engine import eval_checkpoint, train
+    from deqkit.app.train import eval_checkpoint, train
 
     cfg = TrainConfig(model="conv_deq", data="digits", subset=512, epochs=2, batch_size=64,
                       progress=False, plots=True, device=str(CUDA), precision="fp16",

@@ -26,7 +26,7 @@ from torch import nn
 import deqkit as dk
 from deqkit.app.config import TrainConfig
 from deqkit.app.train import distributed as dd
-from deqkit.app.train.engine import train
+from deqkit.app.train import train
 from deqkit.stability import jacobian_frobenius_reg
 
 pytestmark = pytest.mark.skipif(

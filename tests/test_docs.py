@@ -148,3 +148,78 @@ def test_guide_code_runs(page, capsys, monkeypatch):
     for block in blocks:
         exec(compile(block, page, "exec", dont_inherit=True), module.__dict__)
     capsys.readouterr()
+
+
+def _mathml_hook():
+    pytest.importorskip("latex2mathml")
+    path = DOCS / "_ext" / "mathml.py"
+    spec = importlib.util.spec_from_file_location("mathml_hook", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_formulas_become_mathml():
+    hook = _mathml_hook()
+    page = (
+        '<p>Find <span class="arithmatex">\\(z^\\star = f(z^\\star)\\)</span>.</p>\n'
+        '<div class="arithmatex">\\[\n\\begin{aligned} a &amp;= \\arg\\min_z \\Big\\|z\\Big\\|'
+        " \\\\ b &amp;= \\min\\!\\left(1, \\tfrac12\\right) \\end{aligned}\n\\]</div>"
+    )
+    out = hook.render(page)
+    assert out.count("<math ") == 2 and 'display="block"' in out and 'display="inline"' in out
+    assert '<span class="arithmatex"><math' in out and '<div class="arithmatex"><math' in out
+    assert '<annotation encoding="application/x-tex">z^\\star = f(z^\\star)</annotation>' in out
+    assert "<mtable" in out and "<mi>&amp;</mi>" not in out and "<mi>&</mi>" not in out
+    assert "\\arg" not in out.split("<annotation")[0]  # rewritten before conversion
+    with pytest.raises(ValueError, match="unconverted"):
+        hook.to_mathml("\\notacommand x", display=False)
+
+
+@pytest.mark.skipif(shutil.which("mkdocs") is None and importlib.util.find_spec("mkdocs") is None,
+                    reason="mkdocs not installed (pip install -e '.[docs]')")
+def test_docs_site_works_offline(tmp_path):
+    """The built site loads no script or style sheet from the network, and its formulas are
+    MathML that the browser draws without a renderer (docs/_ext/mathml.py)."""
+    pytest.importorskip("mkdocstrings")
+    pytest.importorskip("latex2mathml")
+    site = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(site)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    remote = re.compile(
+        r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)=[\"'](?:https?:)?//[^\"']*", re.I)
+    imports = re.compile(r"@import\s+(?:url\()?[\"']?(?:https?:)?//", re.I)
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > 20
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        where = page.relative_to(site)
+        assert not remote.findall(text), f"{where} loads {remote.findall(text)}"
+        assert not re.search(r'class="arithmatex">\s*\\[(\[]', text), f"{where}: raw TeX left"
+        for css in re.findall(r'<link[^>]*rel="stylesheet"[^>]*href="([^"]+)"', text):
+            local = css.split("?")[0]
+            base = site if local.startswith("/") else page.parent  # 404.html: from the root
+            assert (base / local.lstrip("/")).is_file(), f"{where}: missing {css}"
+    for css in site.rglob("*.css"):
+        assert not imports.search(css.read_text(encoding="utf-8")), f"{css} imports remote CSS"
+    # Known formulas: the implicit-function-theorem gradient in dk.fixed_point's docstring
+    # (API reference) and the fixed-point equation of the tutorials' linear DEQ.
+    api = (site / "api" / "fixed-point" / "index.html").read_text(encoding="utf-8")
+    assert re.search(r'<div class="arithmatex"><math [^>]*display="block"', api)
+    assert "\\frac{\\partial \\ell}{\\partial \\theta}" in api  # as the annotation
+    assert "<mfrac>" in api and "<msup><mi>z</mi><mo>&#x022C6;</mo></msup>" in api
+    tutorial = (site / "tutorials" / "linear-deq" / "index.html").read_text(encoding="utf-8")
+    assert tutorial.count("<math ") > 10
+    assert "mathjax" not in (api + tutorial).lower()
+
+
+def test_rst_multiline_math_becomes_aligned():
+    """As in Sphinx, a ``.. math::`` block with ``\\\\`` line breaks is an aligned equation."""
+    convert = _extension().convert
+    out = convert("Text.\n\n.. math::\n\n    a &= b, \\\\\n    c &= d.\n\nMore.\n")
+    assert "$$\n\\begin{aligned}\na &= b, \\\\\nc &= d.\n\\end{aligned}\n$$" in out
+    assert "\\begin{aligned}" not in convert(".. math:: a = b\n")

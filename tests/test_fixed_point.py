@@ -214,12 +214,25 @@ def test_low_precision_cells_keep_float32_solver_state(dtype):
     assert sol.stats["abs_residual"].dtype == torch.float32
 
 
-def test_string_shorthand_and_defaults():
+@pytest.mark.parametrize(("name", "cls"), [
+    ("picard", "Picard"), ("anderson", "Anderson"), ("broyden", "Broyden"),
+    ("newton_krylov", "NewtonKrylov"), ("Newton-Krylov", "NewtonKrylov"),
+])
+def test_string_solver_names_are_deprecated(name, cls):
     x = torch.randn(2, 3, dtype=F64)
-    for name in ("picard", "anderson", "broyden", "newton_krylov", "Newton-Krylov"):
+    msg = rf"solver='{name}' is deprecated.*solver=dk\.{cls}\(\)"
+    with pytest.warns(DeprecationWarning, match=msg) as caught:
         sol = dk.fixed_point(lambda z: 0.5 * torch.tanh(z) + x, torch.zeros_like(x), name)
-        assert sol.result is dk.RESULTS.successful
-    with pytest.raises(ValueError, match=r"Unknown solver .andersen.*anderson"):
+    assert sol.result is dk.RESULTS.successful
+    assert caught[0].filename == __file__  # attributed to the caller, not to deqkit
+    with pytest.warns(DeprecationWarning, match=msg):
+        layer = dk.nn.DEQ(lambda z, x: 0.5 * torch.tanh(z) + x, solver=name)
+    assert type(layer.solver).__name__ == cls
+
+
+def test_unknown_solver_name():
+    x = torch.randn(2, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"Unknown solver .andersen.*dk\.Anderson.*anderson"):
         dk.fixed_point(lambda z: z, x, "andersen")
 
 

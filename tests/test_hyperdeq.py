@@ -10,6 +10,8 @@ from torch import nn
 
 import deqkit as dk
 from deqkit.hyperdeq import HyperAnderson, pretrain_initialiser, train_hyper_solver
+from deqkit.hyperdeq.loss import UnrolledLoss
+from deqkit.hyperdeq.networks import floor_distance, precondition
 
 F64 = torch.float64
 
@@ -144,6 +146,32 @@ def test_unrolled_adjoint_and_deq_attach():
     assert z.shape == u.shape
 
 
+def test_attach_handle_remove_nesting_and_exceptions():
+    """attach() goes through DEQ.overrides: in force until remove() (idempotent) or the end
+    of a with block, also when the block raises; nested overrides restore in order; the
+    solver never becomes a submodule."""
+    cell = Cell()
+    layer = dk.nn.DEQ(cell, solver=dk.Anderson(rtol=1e-6))
+    old = layer.solver
+    keys = set(layer.state_dict())
+    solver = HyperAnderson((6,), rtol=1e-6)
+    handle = solver.attach(layer)
+    assert layer.solver is solver and layer.init_state == solver.initial_state
+    assert set(layer.state_dict()) == keys and "solver" not in dict(layer.named_modules())
+    with torch.no_grad():
+        layer(torch.randn(3, 6))
+    assert layer.last_solution.result is dk.RESULTS.successful
+    handle.remove()
+    handle.remove()
+    assert layer.solver is old and "init_state" not in layer.__dict__
+    with pytest.raises(RuntimeError, match="boom"), solver.attach(layer):
+        with layer.overrides(max_steps=3):
+            assert layer.solver is solver and layer.max_steps == 3
+        assert layer.max_steps == 30
+        raise RuntimeError("boom")
+    assert layer.solver is old and "init_state" not in layer.__dict__
+
+
 def test_training_reduces_loss_and_leaves_deq_untouched():
     torch.manual_seed(0)
     cell = Cell(d=6, scale=0.9)
@@ -167,6 +195,44 @@ def test_training_reduces_loss_and_leaves_deq_untouched():
     assert all(p.grad is None for p in cell.parameters())
     assert all(torch.equal(v, cell.state_dict()[k]) for k, v in before.items())
     assert layer.training  # mode restored
+
+
+def test_unrolled_loss_in_the_engine_matches_a_hand_unrolled_solve():
+    """The training loss runs k steps in the core engine; it equals the loss of the same k
+    steps unrolled by hand (value and gradients, also through the initialiser)."""
+    torch.manual_seed(0)
+    cell = ConvCell(4)
+    u = torch.randn(3, 4, 5, 5)
+    solver = HyperAnderson((4, 5, 5), rtol=1e-6, precondition=0.5, init_groups=2)
+    z_star = dk.fixed_point(cell, torch.zeros_like(u), args=(u,), max_steps=100).value.detach()
+    spec = UnrolledLoss("relative", (), init_weight=0.5, target_weight=0.3)
+    z0 = solver.initial_state(u)
+    engine = spec(cell, solver, z0, (u,), 4, z_star)
+
+    def fn(zf):
+        return cell(zf.view(z0.shape), u).reshape(3, -1)
+
+    zs = z_star.reshape(3, -1)
+    dist = lambda z: ((z - zs).norm(dim=1) / zs.norm(dim=1)).mean()  # noqa: E731
+    z = z0.reshape(3, -1)
+    hand, fz, state = 0.5 * dist(z), fn(z), None
+    for i in range(5):
+        hand = hand + ((fz - z).norm(dim=1) / fz.norm(dim=1)).mean()
+        if i > 0:
+            hand = hand + 0.3 * dist(z)
+        if i == 4:
+            break
+        state = state or solver.init(fn, z, fz, fz - z, 4)
+        z, _, state = solver.step(fn, z, fz, fz - z, state)
+        fz = fn(z)
+    params = list(solver.parameters())
+    g_engine = torch.autograd.grad(engine, params, allow_unused=True, retain_graph=True)
+    g_hand = torch.autograd.grad(hand, params, allow_unused=True)
+    assert torch.allclose(engine, hand, rtol=1e-6)
+    assert any(g is not None and g.abs().sum() > 0 for g in g_engine[:2])  # initialiser
+    for a, b in zip(g_engine, g_hand):
+        assert (a is None) == (b is None)
+        assert a is None or torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_training_log_loss_and_target_weight_run():
@@ -366,7 +432,7 @@ def test_groupnorm_projection_spares_the_floor_distance_direction():
     kappa = 0.6
     proj = HyperAnderson((4, 5, 5), precondition=kappa, precondition_groups=2).double()
     plain = HyperAnderson((4, 5, 5), precondition=kappa).double()
-    act, h = proj._floor_distance(fz)
+    act, h = floor_distance(fz, 4, 25)
     assert torch.equal(act.bool(), (a > 0).flatten(2))
     y = torch.relu(a).flatten(2)  # h = |gamma_c| y / sigma_group (GroupNorm eps 1e-5)
     sigma = y.reshape(3, 2, -1).var(2, unbiased=False).add(1e-5).sqrt()
@@ -382,15 +448,20 @@ def test_groupnorm_projection_spares_the_floor_distance_direction():
     ortho = (x - coef * hg).reshape(3, -1)
     along = (coef * hg).reshape(3, -1)
     rest = r - ortho - along  # inactive part
+
+    def scaled(solver, res, norms):
+        return precondition(solver.pre_gain, solver.pre_net, fz, res, norms, 3,
+                            solver.precondition_groups)
+
     with torch.no_grad():
-        out = proj._precondition(fz, r, absr, 3)
-        out_plain = plain._precondition(fz, r, absr, 3)
+        out = scaled(proj, r, absr)
+        out_plain = scaled(plain, r, absr)
     gain = 1 / (1 - kappa)
     assert torch.allclose(out, rest + along + gain * ortho, atol=1e-9)
     assert torch.allclose(out_plain, rest + gain * (along + ortho), atol=1e-9)
     with torch.no_grad():  # the h direction itself is a fixed point of the scaling
         hr = h.reshape(3, -1)
-        assert torch.allclose(proj._precondition(fz, hr, hr.norm(dim=1), 3), hr, atol=1e-9)
+        assert torch.allclose(scaled(proj, hr, hr.norm(dim=1)), hr, atol=1e-9)
 
 
 def test_groupnorm_projection_cuts_f_evals_on_relu_groupnorm_cell():

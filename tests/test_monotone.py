@@ -274,3 +274,39 @@ def test_training_steps_refactorise():
 def test_argument_validation(build, exc, name):
     with pytest.raises(exc, match=name):
         build()
+
+
+# --------------------------------------------------------------------------- built on DEQ
+
+
+def test_monotone_deq_is_a_deq_with_eval_budget_warm_start_and_overrides():
+    layer = make_layer(splitting=PeacemanRachford(rtol=1e-10, atol=0), max_steps=4)
+    assert isinstance(layer, dk.nn.DEQ)
+    assert layer.eval_max_steps == 4  # defaults to max_steps
+    layer = MonotoneDEQ(5, 12, m=0.5, max_steps=2, eval_max_steps=300,
+                        splitting=PeacemanRachford(rtol=1e-10, atol=0)).double()
+    assert sorted(layer.state_dict()) == ["U.bias", "U.weight", "linear.A", "linear.B"]
+    x = torch.randn(4, 5, dtype=F64)
+    layer(x)
+    assert int(layer.last_solution.stats["nstep"].max()) == 2
+    layer.eval()
+    with torch.no_grad():
+        z = layer(x)
+        assert layer.last_solution.result is dk.RESULTS.successful
+        with layer.overrides(eval_max_steps=1, solver=dk.Picard(rtol=1e-10, atol=0)):
+            layer(x)
+            assert int(layer.last_solution.stats["nstep"].max()) == 1
+        assert layer.eval_max_steps == 300
+        cache, ids = dk.nn.FixedPointCache(10), torch.arange(4)
+        with layer.warm_start(cache, ids):
+            layer(x)
+        with layer.warm_start(cache, ids):
+            z_warm = layer(x)  # starts at the stored u*: converged at once
+        assert int(layer.last_solution.stats["nstep"].max()) == 0
+    torch.testing.assert_close(z_warm, z, rtol=0, atol=1e-8)
+
+
+def test_monotone_deq_warns_like_a_deq():
+    layer = make_layer(splitting=ForwardBackward(alpha=50.0), max_steps=200)  # FB too large a step
+    with pytest.warns(dk.nn.DEQWarning, match="MonotoneDEQ forward"):
+        layer(torch.randn(3, 5, dtype=F64))

@@ -159,3 +159,95 @@ def test_batchnorm_cell_is_not_compacted():
     layer(x)
     st = layer.last_solution.stats
     assert int(st["nfev_samples"]) == 6 * int(st["nfev"])
+
+
+class ModuleSolver(nn.Module, dk.AbstractFixedPointSolver):
+    """A solver that is an ``nn.Module`` with a parameter (like HyperAnderson)."""
+
+    rtol = 1e-5
+    atol = 0.0
+
+    def __init__(self):
+        super().__init__()
+        self.damping = nn.Parameter(torch.tensor(0.5))
+
+    def step(self, fn, z, fz, r, state):
+        return z + self.damping.detach() * r, None, state
+
+
+def test_overrides_sets_and_restores_fields():
+    layer = dk.nn.DEQ(Cell(), solver=dk.Picard(rtol=1e-9, atol=0), max_steps=30,
+                      eval_max_steps=40)
+    before = (layer.solver, layer.adjoint, layer.max_steps, layer.eval_max_steps, layer.throw)
+    adjoint = dk.JacobianFreeAdjoint()
+    with layer.overrides(solver=dk.FixedSteps(dk.Picard()), adjoint=adjoint, max_steps=2,
+                         eval_max_steps=4, throw=True) as deq:
+        assert deq is layer
+        assert (layer.adjoint, layer.max_steps, layer.eval_max_steps, layer.throw) == (
+            adjoint, 2, 4, True)
+        layer(torch.randn(3, 8))  # training mode: max_steps
+        assert int(layer.last_solution.stats["nstep"].max()) == 2
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(3, 8))  # eval mode: eval_max_steps
+        assert int(layer.last_solution.stats["nstep"].max()) == 4
+    after = (layer.solver, layer.adjoint, layer.max_steps, layer.eval_max_steps, layer.throw)
+    assert after == before
+    with layer.overrides(eval_max_steps=1):  # only the given field changes
+        assert (layer.max_steps, layer.eval_max_steps) == (30, 1)
+
+
+def test_overrides_restores_on_exception_and_nests():
+    layer = dk.nn.DEQ(Cell(), solver=dk.Picard(), max_steps=30)
+    with pytest.raises(RuntimeError, match="boom"), layer.overrides(max_steps=3, throw=True):
+        raise RuntimeError("boom")
+    assert (layer.max_steps, layer.throw) == (30, False)
+    with layer.overrides(max_steps=5):
+        with layer.overrides(max_steps=7, eval_max_steps=9):
+            assert (layer.max_steps, layer.eval_max_steps) == (7, 9)
+        assert (layer.max_steps, layer.eval_max_steps) == (5, 30)
+    assert layer.max_steps == 30
+
+
+@pytest.mark.parametrize("kwargs", [{"max_steps": -1}, {"eval_max_steps": 2.5},
+                                    {"max_steps": True}])
+def test_overrides_validates_like_the_constructor(kwargs):
+    with pytest.raises(ValueError) as ctor:
+        dk.nn.DEQ(Cell(), **kwargs)
+    layer = dk.nn.DEQ(Cell(), max_steps=30)
+    with pytest.raises(ValueError) as ovr, layer.overrides(**kwargs):
+        pass
+    assert str(ovr.value) == str(ctor.value)
+    assert layer.max_steps == layer.eval_max_steps == 30
+
+
+@pytest.mark.parametrize("kwargs", [{"solver": 3}, {"adjoint": "implicit"}, {"throw": 1}])
+def test_overrides_type_errors_like_the_constructor(kwargs):
+    with pytest.raises(TypeError) as ctor:
+        dk.nn.DEQ(Cell(), **kwargs)
+    layer = dk.nn.DEQ(Cell())
+    with pytest.raises(TypeError) as ovr, layer.overrides(**kwargs):
+        pass
+    assert str(ovr.value) == str(ctor.value)
+    with pytest.raises(TypeError, match="init_state"), layer.overrides(init_state=3):
+        pass
+
+
+def test_overrides_module_solver_is_not_registered():
+    layer = dk.nn.DEQ(Cell(), solver=dk.Picard(rtol=1e-8, atol=0), max_steps=60)
+    keys, params = list(layer.state_dict()), list(layer.parameters())
+    solver = ModuleSolver()
+    x = torch.randn(3, 8)
+    init = lambda x: torch.full_like(x, 0.3)  # noqa: E731
+    with layer.overrides(solver=solver, init_state=init, max_steps=200, eval_max_steps=200):
+        assert layer.solver is solver
+        assert list(layer.state_dict()) == keys
+        assert list(layer.parameters()) == params
+        assert not any(m is solver for m in layer.modules())
+        for mode in (True, False):
+            layer.train(mode)
+            z = layer(x)
+            assert layer.last_solution.result is dk.RESULTS.successful
+    assert isinstance(layer.solver, dk.Picard)
+    assert "init_state" not in layer.__dict__
+    torch.testing.assert_close(z, layer(x), atol=1e-3, rtol=0)  # same equilibrium

@@ -87,7 +87,7 @@ def test_deq_converges_at_init(name):
         model(_inputs(name, B=4))
     sol = model.deq.last_solution
     assert sol.result is dk.RESULTS.successful, sol.summary()
-    steps = model.deq.eval_max_steps if name != "monotone" else model.eval_max_steps
+    steps = model.deq.eval_max_steps
     assert int(sol.stats["nstep"].max()) <= steps
 
 
@@ -104,10 +104,7 @@ def test_deq_training_mode_solve_is_close(name):
 def _set_solve(model, solver, adjoint, steps):
     model.deq.solver = solver
     model.deq.adjoint = adjoint
-    if isinstance(model, MonotoneClassifier):
-        model.max_steps = model.eval_max_steps = steps
-    else:
-        model.deq.max_steps = model.deq.eval_max_steps = steps
+    model.deq.max_steps = model.deq.eval_max_steps = steps
 
 
 def _flat_grad(model, x, w):
@@ -155,6 +152,43 @@ def test_unrolled_factory_matches_classes():
     assert (model.deq.last_solution.stats["nstep"] == 4).all()
     with pytest.raises(TypeError, match="solver"):
         unrolled(DEQMLP, 4, (6,), 3, solver=dk.Anderson())
+
+
+@pytest.mark.parametrize(("cls", "base", "args", "kw"), [
+    ("UnrolledMLP", DEQMLP, ((6,), 3), dict(width=8)),
+    ("UnrolledConv", ConvDEQ, ((2, 5, 5), 3), dict(channels=4, groups=2)),
+])
+def test_unrolled_classes_are_the_factory(cls, base, args, kw):
+    # one construction: the class and unrolled(base, ...) give the same model and numbers
+    torch.manual_seed(0)
+    a = getattr(dk.zoo, cls)(*args, depth=3, **kw)
+    torch.manual_seed(0)
+    b = unrolled(base, 3, *args, **kw)
+    assert isinstance(a, base) and type(b) is base
+    x = torch.randn(2, *args[0])
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert (a.deq.max_steps, a.deq.eval_max_steps) == (3, 3)
+    assert repr(a.deq.solver) == repr(b.deq.solver) == repr(dk.FixedSteps(dk.Picard()))
+
+
+def test_monotone_classifier_budgets_live_on_its_layer():
+    model = MonotoneClassifier((6,), 3, width=8, max_steps=2, eval_max_steps=5,
+                               solver=dk.FixedSteps(dk.Picard()))
+    assert (model.deq.max_steps, model.deq.eval_max_steps) == (2, 5)
+    x = torch.randn(3, 6)
+    model(x)
+    assert int(model.deq.last_solution.stats["nstep"].max()) == 2
+    model.eval()
+    with torch.no_grad():
+        model(x)
+        assert int(model.deq.last_solution.stats["nstep"].max()) == 5
+        with model.deq.overrides(eval_max_steps=4):
+            model(x)
+        assert int(model.deq.last_solution.stats["nstep"].max()) == 4
+    model.max_steps = 7  # the classifier's budgets are its layer's
+    assert (model.max_steps, model.deq.max_steps, model.eval_max_steps) == (7, 7, 5)
+    with pytest.raises(ValueError, match="MonotoneClassifier: `eval_max_steps`"):
+        MonotoneClassifier((6,), 3, eval_max_steps=-1)
 
 
 def test_mdeq_state_is_tuple_of_two_resolutions():

@@ -5,7 +5,9 @@ reST constructs (``.. math::`` blocks, ``:math:`` and ``:class:`` roles). mkdocs
 Markdown, so before a docstring is parsed this extension rewrites
 
 * ``.. math::`` directives as ``$$ ... $$`` blocks and ``:math:`x``` roles as ``$x$``
-  (rendered by ``pymdownx.arithmatex`` and MathJax);
+  (rendered by ``pymdownx.arithmatex`` and, at build time, MathML: ``mathml.py``); a
+  multi-line ``.. math::`` block (one with ``\\\\`` breaks) becomes an ``aligned`` environment,
+  as in Sphinx;
 * cross-reference roles (``:class:`~deqkit.Solution```, ``:func:`fixed_point```) as code spans;
 * ``Example:`` and ``Example (caption):`` headings as Google ``Examples:`` sections, and
   doctest runs outside such a section as fenced ``pycon`` blocks (Markdown would otherwise
@@ -61,6 +63,11 @@ def _math_blocks(lines: list[str]) -> list[str]:
         content = [first] if first else []
         content += [b[cut:] if b.strip() else "" for b in trailing]
         content = [c for c in content if c.strip()]
+        joined = "\n".join(content)
+        if "\\\\" in joined and "\\begin" not in joined:
+            # Like Sphinx's math directive: a multi-line equation (``\\`` breaks, ``&``
+            # alignment points) is an aligned environment, not a bare formula.
+            content = ["\\begin{aligned}", *content, "\\end{aligned}"]
         if out and out[-1].strip():
             out.append("")
         out += [pad + "$$", *(pad + c for c in content), pad + "$$", ""]

@@ -99,11 +99,12 @@ print(f"trained in {time.perf_counter() - start:.1f} s")
 # A DEQ's depth is not fixed: the solver runs until the residual is small. Raising the
 # evaluation budget (`eval_max_steps`) or tightening the tolerance spends more compute on
 # the same weights; the accuracy usually stays put once most samples converge.
+# `model.deq.overrides(...)` sets solver settings for a `with` block and restores them after.
 
 # %%
 for budget in (5, 15, 40):
-    model.deq.eval_max_steps = budget
-    accuracy, steps = evaluate(model, x_test, y_test)
+    with model.deq.overrides(eval_max_steps=budget):
+        accuracy, steps = evaluate(model, x_test, y_test)
     converged = model.deq.last_solution.stats["converged"].float().mean().item()
     print(f"eval budget {budget:2d}: accuracy {100 * accuracy:5.1f}%, mean steps {steps:4.1f}, "
           f"converged {100 * converged:5.1f}%")

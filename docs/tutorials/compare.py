@@ -92,3 +92,23 @@ print(f"DEQ solver steps on the test set: mean {depth['mean']:.1f}, max {depth['
 for check in results["checks"]:
     print(("[met]     " if check["met"] else "[not met] ") + check["name"])
 print(f"Full report: {out / 'compare.md'}")
+
+# %% [markdown]
+# ## The plots
+#
+# The run also writes three PNG files next to the report, each answering one question:
+#
+# - `memory.png`: does memory grow with depth? Three panels (bytes saved for backward, peak of
+#   a training step, peak of an inference pass) against $L$ on log-log axes: the explicit,
+#   unrolled and direct-ODE curves rise, the DEQ and adjoint-ODE curves are flat. Series that
+#   measure the same bytes (the three forced DEQs) stay visible as nested hollow markers.
+# - `gradients.png`: how accurate is each gradient? Relative error against the float64
+#   reference versus the backward tolerance; JFB and phantom are horizontal lines (no
+#   tolerance to tighten).
+# - `accuracy.png`: how fast does each model train? Validation accuracy against training wall
+#   time on a log axis, with the target accuracy of the time-to-accuracy row.
+
+# %%
+for path in results["plots"]:
+    print(Path(path).name, f"{Path(path).stat().st_size / 1024:.0f} KiB")
+plot_names = sorted(Path(p).name for p in results["plots"])

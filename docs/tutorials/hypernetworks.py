@@ -4,11 +4,15 @@ Two ways a network can produce the computation of another one.
 
 1. A **hypernetwork** $H_\phi$ generates the weights of a target network from a context
    $c$: $\theta = H_\phi(c)$, $\hat y = g_{\theta}(x)$. Training differentiates through the
-   composition $\phi \to \theta \to \hat y$ with ordinary autograd (`dk.nn.HyperNetwork`).
+   composition $\phi \to \theta \to \hat y$ with ordinary autograd (`dk.nn.HyperNetwork`,
+   module `deqkit.nn.hypernetwork`).
 2. **HyperDEQ** (Bai, Koltun, Kolter, "Neural Deep Equilibrium Solvers", ICLR 2022) trains a
    small network to *solve* a frozen DEQ: it predicts the initial state from the input and
    corrects the Anderson mixing weights at every step (`dk.HyperAnderson`,
-   `dk.train_hyper_solver`).
+   `dk.train_hyper_solver`). The package `deqkit.hyperdeq` holds the solver
+   (`deqkit.hyperdeq.solver`, an ordinary solver of `dk.fixed_point`), its three networks
+   (`deqkit.hyperdeq.networks`), the unrolled loss (`deqkit.hyperdeq.loss`) and the training
+   loops (`deqkit.hyperdeq.train`).
 
 `DEQKIT_TUTORIAL_SMALL=1` shrinks both experiments to a few seconds.
 """
@@ -96,8 +100,9 @@ print(f"chunked vs one-shot generation: max difference {chunked_difference:.1e}"
 #   $z_{k+1} = \sum_i \alpha_i f(z_i) - (1 - \beta_k)\sum_i \alpha_i g_i$,
 #   $g_i = f(z_i) - z_i$.
 #
-# `dk.train_hyper_solver` unrolls $k$ solver steps from $h_\phi(u)$ and minimises the sum of
-# the relative residuals along the way plus the distance of $z^{[0]}$ to the equilibrium;
+# `dk.train_hyper_solver` unrolls $k$ solver steps from $h_\phi(u)$ (in deqkit's iteration
+# engine, as any solve) and minimises the sum of the relative residuals along the way plus
+# the distance of $z^{[0]}$ to the equilibrium;
 # only the solver's parameters move. A safeguard rejects steps that do not lower the residual,
 # so a poorly trained solver cannot do worse than plain iteration on a contraction.
 #

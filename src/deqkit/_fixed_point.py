@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +31,8 @@ from .solvers.broyden import Broyden
 from .solvers.newton_krylov import NewtonKrylov
 from .solvers.picard import Picard
 
-__all__ = ["ToleranceWarning", "fixed_point", "resolve_solver"]
+__all__ = ["ToleranceWarning", "fixed_point", "resolve_adjoint", "resolve_solver",
+           "warn_deprecated"]
 
 _SOLVER_NAMES: dict[str, type[AbstractFixedPointSolver]] = {
     "picard": Picard,
@@ -38,27 +42,47 @@ _SOLVER_NAMES: dict[str, type[AbstractFixedPointSolver]] = {
 }
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_deprecated(message: str) -> None:
+    """Emit a ``DeprecationWarning`` attributed to the first caller outside deqkit (so that it
+    is shown for the user's line, whichever layer of the library resolved the argument)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DeprecationWarning, stacklevel=level)
+
+
 def resolve_solver(solver: AbstractFixedPointSolver | str | None) -> AbstractFixedPointSolver:
-    """Turn ``None``/a string shorthand/a solver object into a solver object."""
+    """Turn ``None``/a solver object (or a deprecated name) into a solver object."""
     if solver is None:
         return Anderson()
     if isinstance(solver, str):
+        # Backward compatibility: solver names (deprecated; names become objects only in
+        # deqkit.app.names). To be removed in the next release.
         key = solver.lower().replace("-", "_")
         if key not in _SOLVER_NAMES:
             raise ValueError(
-                f"Unknown solver {solver!r}; choose one of {sorted(_SOLVER_NAMES)} or pass a "
-                "solver object such as dk.Anderson(m=5)."
+                f"Unknown solver {solver!r}; pass a solver object such as dk.Anderson(m=5) "
+                f"(the deprecated names are {sorted(_SOLVER_NAMES)})."
             )
-        return _SOLVER_NAMES[key]()
+        cls = _SOLVER_NAMES[key]
+        warn_deprecated(
+            f"solver={solver!r} is deprecated and will be removed in the next release; pass "
+            f"the solver object solver=dk.{cls.__name__}() instead."
+        )
+        return cls()  # ~Backward compatibility
     if not isinstance(solver, AbstractFixedPointSolver):
         raise TypeError(
-            "`solver` must be a deqkit solver (e.g. dk.Anderson(), dk.Picard()) or one of "
-            f"{sorted(_SOLVER_NAMES)}, got {type(solver).__name__}."
+            "`solver` must be a deqkit solver such as dk.Anderson() or dk.Picard(), got "
+            f"{type(solver).__name__}."
         )
     return solver
 
 
-def _resolve_adjoint(adjoint: AbstractAdjoint | None) -> AbstractAdjoint:
+def resolve_adjoint(adjoint: AbstractAdjoint | None) -> AbstractAdjoint:
+    """Turn ``None``/an adjoint object into an adjoint object (``ImplicitAdjoint()`` default)."""
     if adjoint is None:
         return ImplicitAdjoint()
     if not isinstance(adjoint, AbstractAdjoint):
@@ -148,8 +172,9 @@ def fixed_point(
             dimension, or a tuple of tensors with leading batch dimension ``B >= 1``.
         solver: a solver object (:class:`~deqkit.Anderson` by default; also a
             :class:`~deqkit.FallbackChain` of solvers, or :class:`~deqkit.FixedSteps` for
-            exactly ``max_steps`` updates), or a name (``"picard"``, ``"anderson"``,
-            ``"broyden"``, ``"newton_krylov"``).
+            exactly ``max_steps`` updates). The names ``"picard"``, ``"anderson"``,
+            ``"broyden"``, ``"newton_krylov"`` are deprecated (``DeprecationWarning``; pass
+            ``dk.Picard()`` etc.).
         adjoint: how the solve is run and differentiated (its :meth:`~deqkit.AbstractAdjoint.solve`
             runs the loop). Default: ``ImplicitAdjoint(GMRES())``.
         max_steps: maximum number of solver updates; f is evaluated at most ``max_steps + 1``
@@ -195,7 +220,7 @@ def fixed_point(
         torch.Size([3, 4])
     """
     solver = resolve_solver(solver)
-    adjoint = _resolve_adjoint(adjoint)
+    adjoint = resolve_adjoint(adjoint)
     opts = _options(max_steps, args, compact, compact_ratio, divergence_ratio, patience, trace)
     problem = make_problem(f, z0, args, solver, max_steps)
     # the batch-independence probe: a row may move by a few times sqrt(eps) (rounding only)

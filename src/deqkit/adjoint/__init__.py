@@ -3,6 +3,6 @@ from ._base import HigherOrderError as HigherOrderError
 from .implicit import BackwardSolveWarning as BackwardSolveWarning
 from .implicit import ImplicitAdjoint as ImplicitAdjoint
 from .jacobian_free import JacobianFreeAdjoint as JacobianFreeAdjoint
-from .jacobian_free import PhantomAdjoint as PhantomAdjoint
 from .onestep import OneStepAdjoint as OneStepAdjoint
+from .phantom import PhantomAdjoint as PhantomAdjoint
 from .unrolled import UnrolledAdjoint as UnrolledAdjoint

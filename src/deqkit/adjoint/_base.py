@@ -164,6 +164,15 @@ def finite_rows(t: Tensor) -> Tensor | None:
     return torch.isfinite(t.detach()).all(dim=1)
 
 
+def gradient_of(fz: Tensor) -> Tensor:
+    """``fz - fz.detach()``: zero, carrying ``fz``'s gradient; zero without a gradient in the
+    rows where ``fz`` is not finite (those samples keep their last finite iterate as value:
+    their gradient is not defined, and the parameters' gradients may then be non-finite)."""
+    d = fz - fz.detach()
+    ok = finite_rows(fz)
+    return d if ok is None else torch.where(ok.unsqueeze(1), d, 0.0)
+
+
 class OneEvaluation(AbstractAdjoint, abc.ABC):
     """Adjoints defined by one evaluation of f at the solution ``z*`` under autograd
     (implicit, Jacobian-free, one-step): :meth:`solve` asks the loop for a graph at its last

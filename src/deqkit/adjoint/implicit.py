@@ -12,7 +12,8 @@ from torch import Tensor
 from .._checks import check_choice
 from ..linear import GMRES, AbstractLinearSolver, IdentityMinus, JacobianOperator, Neumann
 from ._base import AbstractAdjoint, OneEvaluation, finite_rows, refuse_higher_order
-from .jacobian_free import JacobianFreeAdjoint, PhantomAdjoint
+from .jacobian_free import JacobianFreeAdjoint
+from .phantom import PhantomAdjoint
 
 _ON_FAILURE = ("warn", "raise", "ignore")
 

@@ -1,4 +1,10 @@
-"""Training configuration: defaults, validation, TOML/YAML files and command-line overrides."""
+"""Training configuration: the one place a setting is declared (type, default, help, allowed
+values), its validation, TOML/YAML/JSON files, and the model presets.
+
+``deqkit train`` derives every flag from :class:`TrainConfig`'s fields: the flag is the field
+name with dashes (``batch_size`` -> ``--batch-size``) unless the field's metadata names one,
+and the help text is the field's ``help`` plus its default, so nothing is written twice.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,29 @@ BACKWARD_SOLVERS = tuple(names.LINEAR_SOLVERS)
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# the forms `deqkit.data.load_dataset` accepts (kept in step by tests/test_cli_usage.py)
+DATA_FORMS = {
+    "digits": "8x8 handwritten digits",
+    "mnist1d": "1-D signals",
+    "text": "character-level Shakespeare, for the language models",
+    "npz:PATH": "x_train/y_train/x_test/y_test arrays (x_val/y_val optional; CIFAR-10: "
+                "deqkit.data.cifar10_to_npz)",
+    "folder:PATH": "images, one sub-folder per class",
+}
+
+
+def _meta(help: str, choices: tuple[str, ...] = (), flag: str | None = None) -> dict[str, Any]:
+    return {"help": help, "choices": choices, "flag": flag}
+
+
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (),
+             flag: str | None = None) -> Any:
+    """A :class:`TrainConfig` field with its help text, allowed values and flag name."""
+    return dataclasses.field(default=default, metadata=_meta(help, choices, flag))
+
+
+def _list(options: Any) -> str:
+    return ", ".join(options)
 
 
 @dataclasses.dataclass
@@ -25,47 +54,62 @@ class TrainConfig:
     """Everything a training run depends on. Saved as ``config.json`` in the run folder and
     inside every checkpoint, so ``--resume`` and ``deqkit eval`` rebuild the same run."""
 
-    model: str = "conv_deq"
-    data: str = "digits"
-    data_root: str | None = None
-    data_args: dict = dataclasses.field(default_factory=dict)
-    model_args: dict = dataclasses.field(default_factory=dict)
-    subset: int | None = None
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    schedule: str = "cosine"
-    grad_clip: float | None = 1.0
-    label_smoothing: float = 0.0
-    augment_shift: int = 0
-    ema: float = 0.0
-    warm_start: bool = False
-    seed: int = 0
-    threads: int | None = 1
-    device: str = "auto"
-    precision: str = "fp32"
-    solver: str = "anderson"
-    solver_args: dict = dataclasses.field(default_factory=dict)
-    rtol: float = 1e-3
-    atol: float = 0.0
-    max_steps: int = 20
-    eval_max_steps: int = 40
-    adjoint: str = "implicit"
-    backward_solver: str = "gmres"
-    backward_rtol: float = 1e-4
-    backward_max_steps: int = 20
-    phantom_steps: int = 5
-    phantom_damping: float = 0.5
-    residual_weight: float = 1.0
-    jac_reg: float = 0.0
-    jac_reg_freq: float = 1.0
-    out: str | None = None
-    log_every: int = 0
-    progress: bool = True
-    plots: bool = True
-    tensorboard: bool = False
+    model: str = _setting("conv_deq", f"zoo model: {_list(sorted(names.MODELS))}")
+    data: str = _setting("digits", "dataset: " + "; ".join(
+        f"{k} = {v}" for k, v in DATA_FORMS.items()))
+    data_root: str | None = _setting(None, "folder for cached data and base of relative "
+                                     "data paths")
+    data_args: dict = dataclasses.field(default_factory=dict, metadata=_meta(
+        "dataset option, repeatable (e.g. --data-arg block_size=32 for text)", flag="--data-arg"))
+    model_args: dict = dataclasses.field(default_factory=dict, metadata=_meta(
+        "model hyperparameter, repeatable (e.g. --model-arg channels=48)", flag="--model-arg"))
+    subset: int | None = _setting(None, "use only the first N training samples")
+    epochs: int = _setting(10, "training epochs")
+    batch_size: int = _setting(64, "batch size, global over all processes")
+    lr: float = _setting(2e-3, "peak learning rate")
+    weight_decay: float = _setting(1e-4, "weight decay (matrices only)")
+    optimizer: str = _setting("adamw", "optimiser", choices=OPTIMIZERS)
+    schedule: str = _setting("cosine", "learning-rate schedule", choices=SCHEDULES)
+    grad_clip: float | None = _setting(1.0, "clip the gradient norm to this value; 'none' = "
+                                       "no clipping")
+    label_smoothing: float = _setting(0.0, "label smoothing in [0, 1]")
+    augment_shift: int = _setting(0, "random roll of signals/images by up to N positions")
+    ema: float = _setting(0.0, "exponential moving average of the weights with this decay "
+                          "(e.g. 0.99), updated after every optimiser step and used for "
+                          "validation, test, best.pt and `deqkit eval`; 0 = off")
+    warm_start: bool = _setting(False, "start each training solve from the sample's "
+                                "equilibrium of the last epoch (dk.nn.FixedPointCache; single "
+                                "process); the cache is saved in the run's last.pt (key "
+                                "'warm_start') so --resume continues exactly")
+    seed: int = _setting(0, "random seed")
+    threads: int | None = _setting(1, "torch intra-op threads; 'none' = torch's default")
+    device: str = _setting("auto", "auto = CUDA if present, else cpu; or cpu, cuda, cuda:N")
+    precision: str = _setting("fp32", "autocast precision, fp16 with a GradScaler",
+                              choices=PRECISIONS)
+    solver: str = _setting("anderson", "forward fixed-point solver", choices=SOLVERS)
+    solver_args: dict = dataclasses.field(default_factory=dict, metadata=_meta(
+        "forward solver option, repeatable (e.g. --solver-arg m=6)", flag="--solver-arg"))
+    rtol: float = _setting(1e-3, "forward relative tolerance")
+    atol: float = _setting(0.0, "forward absolute tolerance")
+    max_steps: int = _setting(20, "forward step budget in training")
+    eval_max_steps: int = _setting(40, "forward step budget in evaluation")
+    adjoint: str = _setting("implicit", "gradient method", choices=ADJOINTS)
+    backward_solver: str = _setting("gmres", "linear solver of the implicit adjoint",
+                                    choices=BACKWARD_SOLVERS)
+    backward_rtol: float = _setting(1e-4, "backward relative tolerance")
+    backward_max_steps: int = _setting(20, "backward iteration budget")
+    phantom_steps: int = _setting(5, "phantom adjoint: damped steps from z*")
+    phantom_damping: float = _setting(0.5, "phantom adjoint: damping in (0, 1]")
+    residual_weight: float = _setting(1.0, "onestep adjoint: fixed-point residual penalty")
+    jac_reg: float = _setting(0.0, "Jacobian regularisation weight")
+    jac_reg_freq: float = _setting(1.0, "fraction of steps with the Jacobian regulariser")
+    out: str | None = _setting(None, "run folder; default runs/MODEL-DATA-seedN")
+    log_every: int = _setting(0, "also log every N training steps to metrics.jsonl; 0 = off")
+    progress: bool = _setting(True, "progress bars")
+    plots: bool = _setting(True, "PNG plots at the end of the run; `deqkit plot RUN` draws "
+                           "them at any time")
+    tensorboard: bool = _setting(False, "also write TensorBoard scalars to RUN/tensorboard/; "
+                                 "needs `pip install 'deqkit[tensorboard]'`")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -89,11 +133,44 @@ class TrainConfig:
                                    residual_weight=self.residual_weight)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_FIELDS = FIELDS
+
+
+def default_of(key: str) -> Any:
+    """The default value of the config field ``key``."""
+    f = FIELDS[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 def _fail(key: str, value: Any, want: str) -> None:
     raise ValueError(f"config `{key}` = {value!r} is invalid: {want}.")
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    """The non-numeric fields: names (with the closest valid one), paths, tables, switches."""
+    for key in ("model", "data"):
+        if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
+            _fail(key, getattr(cfg, key), "expected a non-empty string")
+    if cfg.model not in names.MODELS:
+        raise names.unknown("model", cfg.model, names.MODELS)
+    for key in ("out", "data_root"):
+        v = getattr(cfg, key)
+        if v is not None and (not isinstance(v, str) or not v):
+            _fail(key, v, "expected a folder path (a non-empty string, e.g. \"runs/a\")")
+    for key in ("data_args", "model_args", "solver_args"):
+        if not isinstance(getattr(cfg, key), dict):
+            _fail(key, getattr(cfg, key), "expected a table/dict of keyword arguments")
+    for key, f in FIELDS.items():
+        v, options = getattr(cfg, key), f.metadata["choices"]
+        if options and v not in options:
+            raise ValueError(f"config `{key}` = {v!r} is invalid{names.suggest(v, options)}: "
+                             f"choose one of {list(options)}.")
+    if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
+        _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    for key in ("progress", "plots", "warm_start", "tensorboard"):
+        if not isinstance(getattr(cfg, key), bool):
+            _fail(key, getattr(cfg, key), "expected true or false")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -114,30 +191,15 @@ def validate(cfg: TrainConfig) -> None:
         if not ((v > lo) if open_lo else (v >= lo)) or v > hi:
             _fail(key, v, f"expected a number in {'(' if open_lo else '['}{lo}, {hi}]")
 
-    def choice(key: str, options: tuple[str, ...]) -> None:
-        v = getattr(cfg, key)
-        if v not in options:
-            _fail(key, v, f"choose one of {list(options)}")
-
-    for key in ("model", "data"):
-        if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
-            _fail(key, getattr(cfg, key), "expected a non-empty string")
-    for key in ("out", "data_root"):
-        v = getattr(cfg, key)
-        if v is not None and (not isinstance(v, str) or not v):
-            _fail(key, v, "expected a folder path (a non-empty string, e.g. \"runs/a\")")
-    for key in ("data_args", "model_args", "solver_args"):
-        if not isinstance(getattr(cfg, key), dict):
-            _fail(key, getattr(cfg, key), "expected a table/dict of keyword arguments")
+    _check_names(cfg)
     for key in ("epochs", "batch_size", "max_steps", "eval_max_steps", "backward_max_steps",
                 "phantom_steps"):
         positive_int(key)
     for key in ("seed", "log_every", "augment_shift"):
         positive_int(key, allow_zero=True)
-    if cfg.subset is not None:
-        positive_int("subset")
-    if cfg.threads is not None:
-        positive_int("threads")
+    for key in ("subset", "threads"):
+        if getattr(cfg, key) is not None:
+            positive_int(key)
     number("lr", 0.0, open_lo=True)
     number("weight_decay", 0.0)
     number("label_smoothing", 0.0, 1.0)
@@ -145,29 +207,14 @@ def validate(cfg: TrainConfig) -> None:
             and not 0.0 <= cfg.ema < 1.0:
         _fail("ema", cfg.ema, "expected a decay in [0, 1) (flag --ema), e.g. 0.99 (an average "
               "over about 1/(1 - decay) = 100 optimiser steps), or 0 for no weight averaging")
-    number("ema", 0.0, 1.0)
-    number("rtol", 0.0)
-    number("atol", 0.0)
+    for key in ("ema", "rtol", "atol", "backward_rtol", "residual_weight", "jac_reg"):
+        number(key, 0.0, 1.0 if key == "ema" else float("inf"))
     if cfg.rtol == 0 and cfg.atol == 0:
         _fail("rtol", cfg.rtol, "rtol and atol cannot both be 0")
-    number("backward_rtol", 0.0)
     number("phantom_damping", 0.0, 1.0, open_lo=True)
-    number("residual_weight", 0.0)
-    number("jac_reg", 0.0)
     number("jac_reg_freq", 0.0, 1.0, open_lo=True)
     if cfg.grad_clip is not None:
         number("grad_clip", 0.0, open_lo=True)
-    choice("solver", SOLVERS)
-    choice("adjoint", ADJOINTS)
-    choice("backward_solver", BACKWARD_SOLVERS)
-    choice("optimizer", OPTIMIZERS)
-    choice("schedule", SCHEDULES)
-    choice("precision", PRECISIONS)
-    if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
-        _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    for key in ("progress", "plots", "warm_start", "tensorboard"):
-        if not isinstance(getattr(cfg, key), bool):
-            _fail(key, getattr(cfg, key), "expected true or false")
 
 
 def _valid_device(name: str) -> bool:
@@ -201,20 +248,56 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_for(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the model's :data:`MODEL_PRESETS` that ``values`` leaves unset."""
+    preset = MODEL_PRESETS.get(values.get("model", default_of("model")), {})
+    return {k: v for k, v in preset.items() if k not in values}
+
+
 def with_model_preset(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` with the model's :data:`MODEL_PRESETS` filled in where unset."""
-    preset = MODEL_PRESETS.get(values.get("model", TrainConfig.model), {})
-    return {**preset, **values}
+    return {**preset_for(values), **values}
+
+
+def preset_line(model: str, applied: dict[str, Any]) -> str:
+    """The one line ``deqkit train`` prints for a preset it applied."""
+    settings = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in applied.items())
+    return f"preset for {model}: {settings} (override any with its flag)"
 
 
 def from_mapping(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a config from a mapping, rejecting unknown keys."""
-    unknown = sorted(set(values) - set(_FIELDS))
+    """Build a config from a mapping, rejecting unknown keys with the closest valid one."""
+    unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise ValueError(
-            f"{source}: unknown key(s) {unknown}; valid keys are {sorted(_FIELDS)}."
-        )
+        hints = ", ".join(f"{k!r}{names.suggest(k, FIELDS)}" for k in unknown
+                          if names.suggest(k, FIELDS))
+        raise ValueError(f"{source}: unknown key(s) {unknown}{': ' + hints if hints else ''}; "
+                         f"valid keys are {sorted(FIELDS)}.")
     return TrainConfig(**values)
+
+
+def _read(path: str, ext: str) -> Any:
+    """The parsed contents of a config file (ValueError with the parser's message)."""
+    try:
+        if ext == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            with open(path, "rb") as fh:
+                return tomllib.load(fh)
+        with open(path, encoding="utf-8") as fh:
+            if ext == ".json":
+                return json.load(fh)
+            import yaml
+
+            return yaml.safe_load(fh) or {}
+    except OSError as err:
+        raise ValueError(f"config file {path!r} cannot be read: {err.strerror}.") from None
+    except Exception as err:  # parse errors of any of the three formats
+        msg = " ".join(str(err).split())
+        raise ValueError(f"config file {path!r} could not be parsed: {msg}") from None
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -228,31 +311,69 @@ def load_file(path: str) -> dict[str, Any]:
         )
     if ext in (".yaml", ".yml"):
         try:
-            import yaml
-        except ModuleNotFoundError as err:
+            import yaml  # noqa: F401
+        except ModuleNotFoundError:
             raise ValueError(
                 f"config file {path!r} is YAML but PyYAML is not installed: "
-                "`pip install pyyaml`, or use a .toml/.json file."
-            ) from err
-    try:
-        if ext == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        elif ext == ".json":
-            with open(path) as fh:
-                data = json.load(fh)
-        else:
-            with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
-    except Exception as err:  # parse errors of any of the three formats
-        raise ValueError(f"config file {path!r} could not be parsed: {err}") from None
+                "`pip install 'deqkit[cli]'` (or pyyaml), or use a .toml/.json file."
+            ) from None
+    data = _read(path, ".yaml" if ext == ".yml" else ext)
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} must contain a table of keys, got {type(data)}.")
+        raise ValueError(f"config file {path!r} must contain a table of keys, got "
+                         f"{type(data).__name__}.")
     return data
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}"
+                               for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def to_toml(values: dict[str, Any]) -> str:
+    """``values`` as TOML. TOML has no null: a key set to None is written as a comment, which
+    reads back as its default, so it is written only where the default is None too."""
+    lines, tables = [], []
+    for key, v in values.items():
+        if isinstance(v, dict):
+            if not v:
+                continue
+            tables.append(f"\n[{key}]\n" + "".join(f"{json.dumps(str(k))} = {_toml_value(x)}\n"
+                                                   for k, x in v.items()))
+        elif v is None:
+            if default_of(key) is not None:
+                raise ValueError(f"config `{key}` = None cannot be written as TOML (it has no "
+                                 "null); use --print-config yaml or json.")
+            lines.append(f"# {key} = (none)\n")
+        else:
+            lines.append(f"{key} = {_toml_value(v)}\n")
+    return "".join(lines) + "".join(tables)
+
+
+def dump(cfg: TrainConfig, fmt: str = "toml") -> str:
+    """``cfg`` as a TOML, YAML or JSON file that ``deqkit train --config`` reads back."""
+    values = cfg.to_dict()
+    if fmt == "json":
+        return json.dumps(values, indent=2) + "\n"
+    if fmt == "yaml":
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ValueError("--print-config yaml needs PyYAML: `pip install 'deqkit[cli]'`; "
+                             "or use toml or json.") from None
+        return yaml.safe_dump(values, sort_keys=False)
+    if fmt == "toml":
+        return to_toml(values)
+    raise ValueError(f"unknown config format {fmt!r}; choose toml, yaml or json.")
 
 
 def parse_value(text: str) -> Any:
@@ -264,10 +385,11 @@ def parse_value(text: str) -> Any:
 
 
 def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["k=v", ...]`` of a repeatable ``flag`` as a dict (values as :func:`parse_value`)."""
     out: dict[str, Any] = {}
     for item in pairs or []:
-        if "=" not in item:
-            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}.")
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r} (e.g. {flag} width=32).")
         key, value = item.split("=", 1)
         out[key.strip()] = parse_value(value.strip())
     return out

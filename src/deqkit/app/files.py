@@ -6,11 +6,12 @@ Every file of a run is written by :func:`write_file`: whole files atomically (a 
 as it was or as it is meant to be, plus at most a temporary file or a torn last line of
 ``metrics.jsonl``, which the next start removes (:func:`clean_temp_files`,
 :func:`rewrite_metrics`). :class:`RunLock` keeps a second ``deqkit train`` out of a folder in
-use. The trainer's write order and resume repair (``deqkit.app.train.engine``) build on these.
+use. The trainer's write order and resume repair (``deqkit.app.train.run`` and
+``deqkit.app.train.checkpoint``) build on these.
 
 Testing hook: with ``DEQKIT_FAULT_INJECT="N:INSTANT"`` in the environment the process ends
 with ``os._exit(137)`` (as SIGKILL would end it) at ``INSTANT`` of the ``N``-th write (from 0)
-of a :func:`~deqkit.app.train.engine.train` call; ``INSTANT`` is one of :data:`INSTANTS` for the
+of a :func:`~deqkit.app.train.train` call; ``INSTANT`` is one of :data:`INSTANTS` for the
 write's kind. ``DEQKIT_FAULT_INJECT=log`` only records the writes in ``FAULTS.log``.
 """
 

@@ -1,234 +1,244 @@
-"""Command line: ``deqkit compare``, ``deqkit train``, ``deqkit eval``, ``deqkit demo``
-(or ``python -m deqkit ...``)."""
+"""deqkit: train, evaluate and sample deep equilibrium models (``python -m deqkit`` works too).
+
+Every ``deqkit train`` flag comes from a field of :class:`deqkit.app.config.TrainConfig` (its
+help, default and allowed values are written there once). A user error ends in one line,
+``deqkit COMMAND: error: ...``, and exit status 2 (1 for a run that cannot go on).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
-import time
+import typing
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import torch
 
 import deqkit as dk
 
+from . import config, names
+from .compare import add_compare_parser
+from .demo import add_demo_parser
+from .files import RunError
+from .generate import add_generate_parser
 
-def _demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    d, n, b = args.width, 64, args.batch
-    dt = torch.float64 if args.float64 else torch.float32
-    W = torch.randn(d, d, dtype=dt)
-    W = args.norm * W / torch.linalg.matrix_norm(W, 2)
-    U = torch.randn(n, d, dtype=dt) / n**0.5
-    bias = 0.1 * torch.randn(d, dtype=dt)
-    x = torch.randn(b, n, dtype=dt)
-    W.requires_grad_(True)
-
-    def f(z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(z @ W.T + x @ U + bias)
-
-    print(
-        f"deqkit {dk.__version__} demo: z = tanh(W z + U x + b), d={d}, batch={b}, "
-        f"||W||_2={args.norm}, {dt}, rtol={args.rtol}\n"
-    )
-    solvers = {
-        "Picard": dk.Picard(rtol=args.rtol, atol=0),
-        "Anderson(m=5)": dk.Anderson(rtol=args.rtol, atol=0),
-        "Broyden": dk.Broyden(rtol=args.rtol, atol=0),
-        "NewtonKrylov": dk.NewtonKrylov(rtol=args.rtol, atol=0),
-    }
-    rows = []
-    z0 = torch.zeros(b, d, dtype=dt)
-    with torch.no_grad():
-        ref = dk.fixed_point(f, z0, dk.NewtonKrylov(rtol=1e-12 if args.float64 else 1e-6, atol=0),
-                             args=(x,), max_steps=100).value
-    for name, solver in solvers.items():
-        with torch.no_grad():
-            t = time.perf_counter()
-            sol = dk.fixed_point(f, z0, solver, args=(x,), max_steps=args.max_steps, throw=False)
-            ms = 1e3 * (time.perf_counter() - t)
-        err = float((sol.value - ref).norm() / ref.norm())
-        st = sol.stats
-        rows.append((name, sol.result.name, f"{float(st['nstep'].float().mean()):.1f}",
-                     str(int(st["nstep"].max())), str(int(st["nfev"])),
-                     f"{float(st['rel_residual'].max()):.1e}", f"{err:.1e}", f"{ms:.1f}"))
-    head = ("solver", "result", "mean steps", "max steps", "nfev", "max rel res", "err vs ref",
-            "ms")
-    _table(head, rows)
-
-    print("\nGradient of sum(z*^2) w.r.t. W, relative error vs the dense implicit reference "
-          "(backward rtol 1e-10 in float64, 1e-5 in float32):")
-    grads = {}
-    brtol = 1e-10 if args.float64 else 1e-5  # what the dtype can reach
-    adjoints = {
-        "Implicit+Dense (ref)": dk.ImplicitAdjoint(dk.Dense()),
-        "Implicit+GMRES": dk.ImplicitAdjoint(dk.GMRES(rtol=brtol, atol=0)),
-        "Implicit+BiCGStab": dk.ImplicitAdjoint(dk.BiCGStab(rtol=brtol, atol=0)),
-        "Implicit+Neumann": dk.ImplicitAdjoint(dk.Neumann(rtol=brtol, atol=0, max_steps=200),
-                                               on_failure="ignore"),
-        "JacobianFree": dk.JacobianFreeAdjoint(),
-        "Phantom(5, 0.5)": dk.PhantomAdjoint(5, 0.5),
-        "Unrolled": dk.UnrolledAdjoint(),
-    }
-    rows = []
-    for name, adj in adjoints.items():
-        t = time.perf_counter()
-        sol = dk.fixed_point(f, z0, dk.Anderson(rtol=args.rtol, atol=0), adjoint=adj,
-                             args=(x,), max_steps=args.max_steps, throw=False)
-        (g,) = torch.autograd.grad((sol.value**2).sum(), W)
-        ms = 1e3 * (time.perf_counter() - t)
-        grads[name] = g
-        ref_g = grads["Implicit+Dense (ref)"]
-        rel = float((g - ref_g).norm() / ref_g.norm())
-        cos = float(torch.nn.functional.cosine_similarity(g.flatten(), ref_g.flatten(), dim=0))
-        bw = sol.backward.get("nmatvec", "-")
-        rows.append((name, f"{rel:.1e}", f"{cos:.5f}", str(bw), f"{ms:.1f}"))
-    _table(("adjoint", "rel err", "cosine", "backward matvecs", "fwd+bwd ms"), rows)
-    return 0
+_FORMATS = ("toml", "yaml", "json")
 
 
-def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``PROG: error: MESSAGE``."""
+
+    subcommands: dict[str, _Parser]
+
+    def error(self, message: str) -> NoReturn:
+        if "invalid choice: " in message:  # a misspelt subcommand
+            wrong = message.split("invalid choice: ", 1)[1].split(" ")[0].strip("'")
+            message += names.suggest(wrong, getattr(self, "subcommands", {}))
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def unrecognized(self, extra: list[str]) -> NoReturn:
+        """Refuse unknown arguments, suggesting the closest flag for each."""
+        flags = [s for a in self._actions for s in a.option_strings]
+        hints = "".join(names.suggest(x.split("=")[0].replace("_", "-"), flags)
+                        for x in extra if x.startswith("--"))
+        self.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
 
 
-_TRAIN_FLAGS = {
-    # flag: (config key, type, help)
-    "--model": ("model", str, "model name (deqkit.zoo.MODELS), default conv_deq"),
-    "--data": ("data", str, "dataset: digits, mnist1d, text, npz:PATH; default digits"),
-    "--data-root": ("data_root", str, "folder for cached/generated data"),
-    "--subset": ("subset", int, "use only the first N training samples"),
-    "--epochs": ("epochs", int, "training epochs (default 10)"),
-    "--batch-size": ("batch_size", int, "batch size (default 64)"),
-    "--lr": ("lr", float, "peak learning rate (default 2e-3)"),
-    "--weight-decay": ("weight_decay", float, "AdamW weight decay (default 1e-4)"),
-    "--optimizer": ("optimizer", str, "adamw | adam | sgd"),
-    "--schedule": ("schedule", str, "cosine | constant"),
-    "--seed": ("seed", int, "random seed (default 0)"),
-    "--label-smoothing": ("label_smoothing", float, "label smoothing (default 0)"),
-    "--augment-shift": ("augment_shift", int, "random roll of signals/images by up to N"),
-    "--ema": ("ema", float, "exponential moving average of the weights with this decay "
-              "(e.g. 0.99), updated after every optimiser step and used for validation, test, "
-              "best.pt and `deqkit eval`; 0 = off (default)"),
-    "--threads": ("threads", int, "torch intra-op threads (default 1)"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N (default auto: CUDA if present)"),
-    "--precision": ("precision", str, "fp32 | bf16 | fp16 autocast (fp16 uses a GradScaler)"),
-    "--solver": ("solver", str, "anderson | picard | broyden | newton_krylov"),
-    "--rtol": ("rtol", float, "forward relative tolerance (default 1e-3)"),
-    "--atol": ("atol", float, "forward absolute tolerance (default 0)"),
-    "--max-steps": ("max_steps", int, "forward step budget in training (default 20)"),
-    "--eval-max-steps": ("eval_max_steps", int, "forward step budget in evaluation"),
-    "--adjoint": ("adjoint", str, "implicit | jfb | phantom | unrolled | onestep"),
-    "--residual-weight": ("residual_weight", float,
-                          "onestep adjoint: fixed-point residual penalty (default 1.0)"),
-    "--backward-solver": ("backward_solver", str, "gmres | bicgstab | neumann | dense"),
-    "--backward-rtol": ("backward_rtol", float, "backward relative tolerance (default 1e-4)"),
-    "--backward-max-steps": ("backward_max_steps", int, "backward iteration budget"),
-    "--jac-reg": ("jac_reg", float, "Jacobian regularisation weight (default 0)"),
-    "--jac-reg-freq": ("jac_reg_freq", float, "fraction of steps with the regulariser"),
-    "--out": ("out", str, "run folder (default runs/MODEL-DATA-seedN)"),
-    "--log-every": ("log_every", int, "also log every N training steps to metrics.jsonl"),
-}
+def _optional(typ: type) -> Callable[[str], Any]:
+    """An argparse ``type`` for ``X | None`` fields: ``none`` gives None."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else typ(text)
+
+    parse.__name__ = typ.__name__
+    return parse
 
 
-def _train_cmd(args: argparse.Namespace) -> int:
-    from .config import from_mapping, load_file, parse_pairs, with_model_preset
-    from .train.engine import read_run_config, train
+def _help(name: str, field: Any) -> str:
+    """A field's help with its allowed values, its default and any model preset."""
+    text = field.metadata["help"]
+    if field.metadata["choices"]:
+        text += f"; one of: {', '.join(field.metadata['choices'])}"
+    default = config.default_of(name)
+    if isinstance(default, bool):
+        text += f" (default: {'on' if default else 'off'})"
+    elif default not in (None, {}):
+        text += f" (default: {default}"
+        for model, preset in config.MODEL_PRESETS.items():
+            if name in preset:
+                text += f"; {model}: {preset[name]}"
+        text += ")"
+    return text.replace("%", "%%")
 
-    values: dict = {}
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~deqkit.app.config.TrainConfig` field; an unset flag leaves no
+    attribute on the namespace (so ``--grad-clip none`` differs from no flag)."""
+    hints = typing.get_type_hints(config.TrainConfig)
+    for name, field in config.FIELDS.items():
+        flag = field.metadata["flag"] or "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                              "help": _help(name, field)}
+        hint, args = hints[name], typing.get_args(hints[name])
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif hint is dict:
+            kw.update(action="append", metavar="K=V")
+        elif type(None) in args:
+            kw["type"] = _optional(next(a for a in args if a is not type(None)))
+        else:
+            kw["type"] = hint
+        parser.add_argument(flag, **kw)
+
+
+def _add_train(sub: Any) -> None:
+    tr = sub.add_parser("train", help="train a zoo model on built-in or your own data",
+                        description="Train a zoo model into a run folder (config.json, "
+                        "metrics.jsonl, last.pt, best.pt, summary.json, plots). Flags "
+                        "override --config, which overrides the defaults.")
+    tr.add_argument("--config", help="TOML, YAML or JSON file of config keys (the field "
+                    "names below, e.g. batch_size); flags override it")
+    tr.add_argument("--print-config", nargs="?", const="toml", choices=_FORMATS,
+                    metavar="FORMAT", help="print the resolved config as toml (default), "
+                    "yaml or json, in the form --config reads, and exit")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out (its "
+                    "recorded config; flags may extend --epochs)")
+    tr.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    add_train_flags(tr)
+    tr.set_defaults(func=_train_cmd)
+
+
+def _train_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys of a ``deqkit train``: recorded run < --config < flags."""
+    from .train import read_run_config
+
+    values: dict[str, Any] = {}
+    file_values = config.load_file(args.config) if args.config else {}
     if args.resume:
-        out = args.out or (load_file(args.config).get("out") if args.config else None)
+        out = getattr(args, "out", None) or file_values.get("out")
         if not out:
             raise ValueError("--resume needs --out RUN_DIR (or a config file with `out`).")
         if not isinstance(out, str):
             raise ValueError(f"config `out` = {out!r} is invalid: expected a folder path (a "
                              "non-empty string, e.g. \"runs/a\").")
         values.update(read_run_config(out))
-    if args.config:
-        values.update(load_file(args.config))
-    for key, _, _ in _TRAIN_FLAGS.values():
-        v = getattr(args, key)
-        if v is not None:
-            values[key] = v
-    for flag, key in (("--model-arg", "model_args"), ("--data-arg", "data_args"),
-                      ("--solver-arg", "solver_args")):
-        pairs = parse_pairs(getattr(args, key), flag)
-        if pairs:
-            values[key] = {**values.get(key, {}), **pairs}
-    if args.no_progress:
-        values["progress"] = False
-    if args.no_plots:
-        values["plots"] = False
-    if args.warm_start:
-        values["warm_start"] = True
-    if not args.resume:  # a resumed run keeps its recorded config
-        values = with_model_preset(values)
-    cfg = from_mapping(values, source=args.config or "command line")
+    values.update(file_values)
+    for name, field in config.FIELDS.items():
+        if not hasattr(args, name):
+            continue
+        if field.metadata["flag"]:  # K=V pairs, merged into the file's table
+            pairs = config.parse_pairs(getattr(args, name), field.metadata["flag"])
+            values[name] = {**values.get(name, {}), **pairs}
+        else:
+            values[name] = getattr(args, name)
+    return values
+
+
+def _train_cmd(args: argparse.Namespace) -> int:
+    from .train import train
+
+    values = _train_values(args)
+    applied = {} if args.resume else config.preset_for(values)  # a resumed run keeps its own
+    cfg = config.from_mapping({**applied, **values}, source=args.config or "command line")
+    if applied:
+        print(config.preset_line(cfg.model, applied),
+              file=sys.stderr if args.print_config else sys.stdout)
+    if args.print_config:
+        sys.stdout.write(config.dump(cfg, args.print_config))
+        return 0
+    args.run_dir = cfg.run_dir()
     train(cfg, resume=args.resume, stop_after=args.stop_after)
     return 0
 
 
+def _add_eval_and_plot(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint or a run folder (test metrics, "
+                        "solver statistics)")
+    ev.add_argument("checkpoint", metavar="CHECKPOINT_OR_RUN_FOLDER",
+                    help="a checkpoint (.pt) or a run folder (its best.pt, else last.pt)")
+    ev.add_argument("--max-steps", type=int, default=None,
+                    help="test-time forward step budget (default: the run's eval_max_steps)")
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"),
+                    help="data split to score (default: test)")
+    ev.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the "
+                    "run's)")
+    ev.set_defaults(func=_eval_cmd)
+    pl = sub.add_parser("plot", help="draw a run's plots (curves.png, solver.png, "
+                        "residual_traces.png) from its files, also while it trains")
+    pl.add_argument("run_dir", metavar="RUN_FOLDER", help="a deqkit train run folder")
+    pl.set_defaults(func=_plot_cmd)
+
+
 def _eval_cmd(args: argparse.Namespace) -> int:
-    from .train.engine import eval_checkpoint
+    from .train import eval_checkpoint
 
     eval_checkpoint(args.checkpoint, max_steps=args.max_steps, split=args.split,
                     device=args.device)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="deqkit", description=__doc__)
+def _plot_cmd(args: argparse.Namespace) -> int:
+    from . import train
+
+    plot_run = getattr(train, "plot_run", None)
+    if plot_run is None:
+        raise ValueError("this version of deqkit cannot draw plots on demand (no plot_run).")
+    if not os.path.isdir(args.run_dir):
+        raise ValueError(f"{args.run_dir!r} is not a run folder.")
+    if not plot_run(args.run_dir):
+        raise ValueError(f"no plots drawn for {args.run_dir!r}: they need matplotlib (`pip "
+                         "install 'deqkit[cli]'`) and at least one finished epoch.")
+    return 0
+
+
+def build_parser() -> _Parser:
+    """The ``deqkit`` argument parser with every subcommand."""
+    parser = _Parser(prog="deqkit", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"deqkit {dk.__version__} "
+                        f"(torch {torch.__version__}, Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a zoo model on embedded or user data")
-    tr.add_argument("--config", help="TOML/YAML/JSON file with config keys (flags override it)")
-    for flag, (key, typ, hlp) in _TRAIN_FLAGS.items():
-        tr.add_argument(flag, dest=key, type=typ, default=None, help=hlp)
-    tr.add_argument("--model-arg", dest="model_args", action="append", metavar="K=V",
-                    help="model hyperparameter, repeatable (e.g. --model-arg channels=48)")
-    tr.add_argument("--data-arg", dest="data_args", action="append", metavar="K=V")
-    tr.add_argument("--solver-arg", dest="solver_args", action="append", metavar="K=V",
-                    help="solver option, e.g. --solver-arg m=6")
-    tr.add_argument("--resume", action="store_true", help="continue the run in --out")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
-    tr.add_argument("--no-plots", action="store_true", help="no PNG plots")
-    tr.add_argument("--warm-start", action="store_true",
-                    help="start each training solve from the sample's equilibrium of the last "
-                    "epoch (dk.nn.FixedPointCache; single process; saved in warm_start.pt)")
-    tr.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    tr.set_defaults(func=_train_cmd)
-    ev = sub.add_parser("eval", help="evaluate a checkpoint (test metrics, solver statistics)")
-    ev.add_argument("checkpoint")
-    ev.add_argument("--max-steps", type=int, default=None, help="test-time step budget")
-    ev.add_argument("--split", default="test", choices=("train", "val", "test"))
-    ev.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
-    ev.set_defaults(func=_eval_cmd)
-    from .compare import add_compare_parser
-
+    parser.subcommands = sub.choices
+    _add_train(sub)
+    _add_eval_and_plot(sub)
+    add_generate_parser(sub)
     add_compare_parser(sub)
-    demo = sub.add_parser("demo", help="solve and differentiate a small DEQ with every solver")
-    demo.add_argument("--width", type=int, default=256)
-    demo.add_argument("--batch", type=int, default=128)
-    demo.add_argument("--norm", type=float, default=0.9, help="spectral norm of W")
-    demo.add_argument("--rtol", type=float, default=1e-5)
-    demo.add_argument("--max-steps", type=int, default=100)
-    demo.add_argument("--float64", action="store_true")
-    demo.add_argument("--threads", type=int, default=1)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
-    from .files import RunError
+    add_demo_parser(sub)
+    return parser
 
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line for Ctrl-C: for a started training run, how to resume it."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir and os.path.isfile(os.path.join(run_dir, "config.json")):
+        return (f"interrupted; resume with: deqkit train --resume --out "
+                f"{shlex.quote(run_dir)}")
+    return "interrupted" + ("; nothing was saved" if args.command == "train" else "")
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and not isinstance(err, RunError):
+        where = f"{err.filename!r}: " if err.filename else ""
+        return f"{where}{err.strerror or err}"
+    return " ".join(str(err).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``deqkit ARGS``; the exit status (0 ok, 1 a run failed, 2 a user error, 130 Ctrl-C)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.subcommands[args.command].unrecognized(extra)
     try:
         return int(args.func(args))
-    except ValueError as err:  # configuration/data errors: a clear message, no traceback
-        print(f"deqkit {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except RunError as err:  # a locked or unwritable run folder, a diverged loss
-        print(f"deqkit {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"deqkit {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+    except (ValueError, RunError, OSError) as err:  # user errors: one line, no traceback
+        print(f"deqkit {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
 
 
 if __name__ == "__main__":

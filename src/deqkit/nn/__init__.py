@@ -11,8 +11,8 @@ from ._dropout import VariationalDropout as VariationalDropout
 from ._dropout import VariationalDropout2d as VariationalDropout2d
 from ._dropout import reset_dropout as reset_dropout
 from ._dropout import select_dropout as select_dropout
-from ._hyper import HyperNetwork as HyperNetwork
 from ._monotone import ForwardBackward as ForwardBackward
 from ._monotone import MonotoneDEQ as MonotoneDEQ
 from ._monotone import MonotoneLinear as MonotoneLinear
 from ._monotone import PeacemanRachford as PeacemanRachford
+from .hypernetwork import HyperNetwork as HyperNetwork

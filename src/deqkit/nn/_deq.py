@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._checks import check_int
-from .._fixed_point import fixed_point, resolve_solver
+from .._checks import check_bool, check_int
+from .._fixed_point import fixed_point, resolve_adjoint, resolve_solver
 from .._flatten import StateShapeError, flatten, make_layout, unflatten
 from .._solution import RESULTS, Solution
 from ..adjoint._base import AbstractAdjoint
-from ..adjoint.implicit import ImplicitAdjoint
 from ..solvers._base import AbstractFixedPointSolver
 from ..stability.parametrizations import parametrization_cache
 from ..stability.regularisers import jacobian_frobenius_reg
@@ -89,11 +89,15 @@ class DEQ(nn.Module):
     BatchNorm in training mode couples the samples through the batch statistics, so the batch
     is solved as one problem (state ``(1, B, ...)``: one stopping test on the norm over the
     whole batch, one set of Anderson weights, the implicit gradient of the coupled system);
-    every sample then reports the batch's statistics in ``last_solution``.
+    every sample then reports the batch's statistics in ``last_solution``. To run the layer
+    with other solver settings for a while (a larger evaluation budget, a tighter solver, a
+    learned initialiser), use ``with layer.overrides(...)`` (:meth:`overrides`) rather than
+    setting the attributes.
 
     Args:
         cell: an ``nn.Module`` (or callable) ``cell(z, *inputs) -> z_next``.
-        solver: forward solver. Default: ``Anderson()``.
+        solver: forward solver (a solver object; names such as ``"anderson"`` are deprecated).
+            Default: ``Anderson()``.
         adjoint: gradient. Default: ``ImplicitAdjoint()``.
         max_steps: step budget in training mode. Default: 30.
         eval_max_steps: step budget in eval mode (often larger). Default: ``max_steps``.
@@ -146,14 +150,14 @@ class DEQ(nn.Module):
                 f"{list(self._FP_KWARGS)} besides solver, adjoint, max_steps, eval_max_steps, "
                 "throw, compact."
             )
-        check_int("DEQ", "max_steps", max_steps, 0)
-        check_int("DEQ", "eval_max_steps", eval_max_steps, 0, none=True)
+        owner = type(self).__name__
         self.cell = cell
-        self.solver = resolve_solver(solver)
-        self.adjoint = adjoint if adjoint is not None else ImplicitAdjoint()
-        self.max_steps = max_steps
+        self.solver = _check_field(owner, "solver", solver)
+        self.adjoint = _check_field(owner, "adjoint", adjoint)
+        self.max_steps = _check_field(owner, "max_steps", max_steps)
+        eval_max_steps = _check_field(owner, "eval_max_steps", eval_max_steps, none=True)
         self.eval_max_steps = eval_max_steps if eval_max_steps is not None else max_steps
-        self.throw = throw
+        self.throw = _check_field(owner, "throw", throw)
         self.compact = compact
         self.fp_kwargs = kwargs
         self.last_solution: Solution | None = None
@@ -172,6 +176,62 @@ class DEQ(nn.Module):
                 "`init_state(*inputs)` on the cell or pass z0=..."
             )
         return torch.zeros_like(x)
+
+    @contextlib.contextmanager
+    def overrides(
+        self,
+        *,
+        solver: AbstractFixedPointSolver | str | None = None,
+        adjoint: AbstractAdjoint | None = None,
+        max_steps: int | None = None,
+        eval_max_steps: int | None = None,
+        init_state: Any = None,
+        throw: bool | None = None,
+    ) -> Iterator[DEQ]:
+        """This layer with these solver settings, for the ``with`` block.
+
+        Sets each given (non-``None``) field, validated as the constructor validates it, and
+        restores the previous values on exit, also when the block raises; blocks nest (the
+        inner one wins, and restores the outer one's values). Yields the layer itself.
+
+        The fields are set on the instance without ``nn.Module`` registration: a solver that
+        is itself an ``nn.Module`` (:class:`~deqkit.hyperdeq.HyperAnderson`) does not become a
+        submodule, so ``parameters()`` and ``state_dict()`` are the same inside the block.
+
+        Args:
+            solver: forward solver (keyword only, as all below).
+            adjoint: gradient.
+            max_steps: step budget in training mode (``eval_max_steps`` is not changed).
+            eval_max_steps: step budget in eval mode.
+            init_state: a callable ``init_state(*inputs) -> z0`` used in place of
+                :meth:`init_state` (e.g. a learned initialiser).
+            throw: raise on failed solves.
+
+        Example:
+            >>> import torch, deqkit as dk
+            >>> layer = dk.nn.DEQ(lambda z, x: 0.5 * z + x, solver=dk.Picard(), max_steps=30)
+            >>> with layer.overrides(solver=dk.FixedSteps(dk.Picard()), max_steps=3) as deq:
+            ...     _ = deq(torch.ones(2, 3))
+            ...     int(deq.last_solution.stats["nstep"].max())
+            3
+            >>> layer.max_steps, type(layer.solver).__name__
+            (30, 'Picard')
+        """
+        given = {"solver": solver, "adjoint": adjoint, "max_steps": max_steps,
+                 "eval_max_steps": eval_max_steps, "init_state": init_state, "throw": throw}
+        owner = type(self).__name__
+        new = {k: _check_field(owner, k, v) for k, v in given.items() if v is not None}
+        # the instance __dict__ shadows nn.Module's _modules/_parameters: nothing registered
+        saved = {k: (k in self.__dict__, self.__dict__.get(k)) for k in new}
+        self.__dict__.update(new)
+        try:
+            yield self
+        finally:
+            for k, (had, old) in saved.items():
+                if had:
+                    self.__dict__[k] = old
+                else:
+                    self.__dict__.pop(k, None)
 
     @contextlib.contextmanager
     def warm_start(self, cache: Any, ids: torch.Tensor) -> Any:
@@ -206,7 +266,8 @@ class DEQ(nn.Module):
 
     def forward(self, *inputs: Any, z0: Any = None) -> Any:
         warm = self._warm if z0 is None else None
-        default_z0 = z0 is None and not hasattr(self.cell, "init_state")
+        default_z0 = (z0 is None and not hasattr(self.cell, "init_state")
+                      and "init_state" not in self.__dict__)
         if z0 is None:
             z0 = self.init_state(*inputs)
         if warm is not None:
@@ -238,7 +299,8 @@ class DEQ(nn.Module):
             warm[0].update(warm[1], sol.value, converged=sol.stats["converged"])
         if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
             warnings.warn(
-                f"DEQ forward: {sol.summary()}. {sol.result.message}", DEQWarning, stacklevel=2
+                f"{type(self).__name__} forward: {sol.summary()}. {sol.result.message}",
+                DEQWarning, stacklevel=2,
             )
         return sol.value
 
@@ -289,6 +351,27 @@ class DEQ(nn.Module):
             f"solver={self.solver}, adjoint={self.adjoint}, max_steps={self.max_steps}, "
             f"eval_max_steps={self.eval_max_steps}"
         )
+
+
+def _check_field(owner: str, name: str, value: Any, *, none: bool = False) -> Any:
+    """One solver setting of a :class:`DEQ` (constructor or :meth:`DEQ.overrides`), checked;
+    returns the value to store (``solver=None``/``adjoint=None`` give the defaults)."""
+    if value is None and none:
+        return None
+    if name == "solver":
+        return resolve_solver(value)
+    if name == "adjoint":
+        return resolve_adjoint(value)
+    if name in ("max_steps", "eval_max_steps"):
+        return check_int(owner, name, value, 0)
+    if name == "throw":
+        return check_bool(owner, name, value)
+    if not callable(value):
+        raise TypeError(
+            f"{owner}: `init_state` must be callable as init_state(*inputs) -> z0, got "
+            f"{type(value).__name__}."
+        )
+    return value
 
 
 def _eager(cell: Any) -> Any:

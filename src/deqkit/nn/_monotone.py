@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._checks import check_float, check_int, check_tolerances
-from .._fixed_point import fixed_point, resolve_solver
-from .._solution import RESULTS, Solution
 from ..adjoint._base import AbstractAdjoint
-from ..adjoint.implicit import ImplicitAdjoint
 from ..solvers._base import AbstractFixedPointSolver
 from ..solvers.picard import Picard
-from ._deq import DEQWarning
+from ._deq import DEQ
 
 
 class MonotoneLinear(nn.Module):
@@ -125,11 +122,11 @@ class ForwardBackward:
         operator methods".
 
     Example:
-        >>> import torch
+        >>> import torch, deqkit as dk
         >>> from deqkit.nn import ForwardBackward, MonotoneDEQ
         >>> _ = torch.manual_seed(0)
         >>> layer = MonotoneDEQ(3, 5, m=0.5, splitting=ForwardBackward(alpha="auto"),
-        ...                     solver="anderson")  # Anderson-accelerated splitting
+        ...                     solver=dk.Anderson())  # Anderson-accelerated splitting
         >>> z = layer(torch.randn(2, 3))
         >>> z.shape, bool((z >= 0).all()), layer.last_solution.result
         (torch.Size([2, 5]), True, <RESULTS.successful: 0>)
@@ -194,7 +191,20 @@ class PeacemanRachford:
         check_tolerances("PeacemanRachford", self.rtol, self.atol, both_zero=True)
 
 
-class MonotoneDEQ(nn.Module):
+class _SplittingStep(nn.Module):
+    r"""The cell of a :class:`MonotoneDEQ`: one step :math:`T_\theta(z, c)` of its splitting.
+
+    ``T`` (built once per forward call from the current weights, see
+    :meth:`MonotoneDEQ.splitting_map`) is passed as an input next to the injection ``c``, so the
+    cell holds no parameters of its own (the layer's ``state_dict`` keys are ``U.*`` and
+    ``linear.*``) and the per-call LU factorisation is shared by all iterations.
+    """
+
+    def forward(self, z: Tensor, c: Tensor, T: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        return T(z, c)
+
+
+class MonotoneDEQ(DEQ):
     r"""Monotone operator equilibrium layer: :math:`z^\star = \mathrm{ReLU}(W z^\star + U x + b)`.
 
     :math:`W` is a :class:`MonotoneLinear` (so :math:`I - W \succeq m I` and the equilibrium
@@ -202,9 +212,11 @@ class MonotoneDEQ(nn.Module):
     :math:`U x + b` an ``nn.Linear``. The ``splitting`` (:class:`ForwardBackward` or
     :class:`PeacemanRachford`) defines a fixed-point map :math:`T_\theta` — on :math:`z` for
     forward-backward, on :math:`u` with :math:`z = \mathrm{ReLU}(u)` for Peaceman-Rachford —
-    which is handed to :func:`deqkit.fixed_point`; ``solver`` accelerates it (plain ``Picard``
-    runs the splitting itself; ``Anderson`` extrapolates it), so stopping, statistics,
-    per-sample batch compaction and adjoints come from the core.
+    which is solved as a :class:`~deqkit.nn.DEQ` ``(z, c) -> T(z, c)``; ``solver`` accelerates
+    it (plain ``Picard`` runs the splitting itself; ``Anderson`` extrapolates it), so stopping,
+    statistics, per-sample batch compaction, adjoints, ``eval_max_steps``, warm starts
+    (:meth:`~deqkit.nn.DEQ.warm_start`) and :meth:`~deqkit.nn.DEQ.overrides` come from
+    :class:`~deqkit.nn.DEQ`.
 
     Gradients: the fixed point of :math:`T_\theta` is the equilibrium (through
     :math:`\mathrm{ReLU}(u^\star)` for PR) for *every* :math:`\theta`, so wherever
@@ -220,12 +232,15 @@ class MonotoneDEQ(nn.Module):
         m: monotonicity parameter :math:`m > 0`. Default: 0.05.
         splitting: :class:`ForwardBackward` or :class:`PeacemanRachford`.
             Default: ``PeacemanRachford()``.
-        solver: fixed-point solver (object or name). Default: ``Picard`` with the splitting's
-            ``rtol``/``atol`` (the plain splitting); a given solver uses its own tolerances.
+        solver: fixed-point solver. Default: ``Picard`` with the splitting's ``rtol``/``atol``
+            (the plain splitting); a given solver uses its own tolerances.
         adjoint: gradient through the fixed point. Default: ``ImplicitAdjoint()``.
-        max_steps: iteration budget. Default: 100.
+        max_steps: iteration budget in training mode. Default: 100.
         throw: raise :class:`~deqkit.SolverError` when a solve fails. Default: False (read
             ``last_solution``; non-finite or diverged solves warn with ``DEQWarning``).
+        eval_max_steps: iteration budget in eval mode. Default: ``max_steps``.
+        **kwargs: further keyword arguments of :class:`~deqkit.nn.DEQ` (``compact``,
+            ``trace``, ``patience``, ...).
 
     Attributes:
         last_solution: the :class:`~deqkit.Solution` of the latest forward (its ``value`` is
@@ -252,8 +267,9 @@ class MonotoneDEQ(nn.Module):
         adjoint: AbstractAdjoint | None = None,
         max_steps: int = 100,
         throw: bool = False,
+        eval_max_steps: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         check_int("MonotoneDEQ", "in_features", in_features)
         check_int("MonotoneDEQ", "width", width)
         if splitting is None:
@@ -263,24 +279,13 @@ class MonotoneDEQ(nn.Module):
                 "MonotoneDEQ: `splitting` must be dk.nn.ForwardBackward(...) or "
                 f"dk.nn.PeacemanRachford(...), got {type(splitting).__name__}."
             )
-        check_int("MonotoneDEQ", "max_steps", max_steps, 0)
-        if adjoint is not None and not isinstance(adjoint, AbstractAdjoint):
-            raise TypeError(
-                "MonotoneDEQ: `adjoint` must be a deqkit adjoint, got "
-                f"{type(adjoint).__name__}."
-            )
+        if solver is None:
+            solver = Picard(rtol=splitting.rtol, atol=splitting.atol)
+        super().__init__(_SplittingStep(), solver=solver, adjoint=adjoint, max_steps=max_steps,
+                         eval_max_steps=eval_max_steps, throw=throw, **kwargs)
         self.U = nn.Linear(in_features, width)
         self.linear = MonotoneLinear(width, m)
         self.splitting = splitting
-        self.solver = (
-            Picard(rtol=splitting.rtol, atol=splitting.atol)
-            if solver is None
-            else resolve_solver(solver)
-        )
-        self.adjoint = adjoint if adjoint is not None else ImplicitAdjoint()
-        self.max_steps = max_steps
-        self.throw = throw
-        self.last_solution: Solution | None = None
 
     @property
     def m(self) -> float:
@@ -297,61 +302,49 @@ class MonotoneDEQ(nn.Module):
             return self.m / (L * L)
         return float(alpha)
 
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
-        """Equilibrium ``z*`` of shape ``(B, width)`` for ``x`` of shape ``(B, in_features)``.
-
-        ``z0`` (optional) is the initial iterate (``z`` for FB, ``u`` for PR); default zeros.
-        """
-        inj = self.U(x)
-        if inj.dim() != 2:
-            raise ValueError(
-                f"MonotoneDEQ: `x` must have shape (B, in_features), got {tuple(x.shape)}."
-            )
-        if z0 is None:
-            z0 = torch.zeros_like(inj)
-        elif z0.shape != inj.shape:
-            raise ValueError(
-                f"MonotoneDEQ: `z0` must have shape {tuple(inj.shape)}, got {tuple(z0.shape)}."
-            )
+    def splitting_map(self) -> Callable[[Tensor, Tensor], Tensor]:
+        r"""The fixed-point map :math:`T_\theta(z, c)` of the splitting at the current weights
+        (``c = U x + b``): forward-backward
+        :math:`\mathrm{ReLU}(z - \alpha((I - W) z - c))` on :math:`z`, or Peaceman-Rachford
+        :math:`C_F C_G u` on :math:`u` (one LU factorisation, shared by all its calls)."""
         W = self.linear.weight()
         alpha = self.step_size(W)
         if isinstance(self.splitting, ForwardBackward):
             eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
             G = eye - alpha * (eye - W)  # z - alpha((I - W) z - inj) = z G^T + alpha inj
 
-            def T(z: Tensor, c: Tensor) -> Tensor:
+            def forward_backward(z: Tensor, c: Tensor) -> Tensor:
                 return torch.relu(z @ G.T + alpha * c)
 
-        else:
-            solve = self.linear.factorise(alpha, W)
+            return forward_backward
+        solve = self.linear.factorise(alpha, W)
 
-            def T(u: Tensor, c: Tensor) -> Tensor:
-                u_half = 2.0 * torch.relu(u) - u
-                z_half = solve(u_half + alpha * c)
-                return 2.0 * z_half - u_half
+        def peaceman_rachford(u: Tensor, c: Tensor) -> Tensor:
+            u_half = 2.0 * torch.relu(u) - u
+            z_half = solve(u_half + alpha * c)
+            return 2.0 * z_half - u_half
 
-        sol = fixed_point(
-            T,
-            z0,
-            solver=self.solver,
-            adjoint=self.adjoint,
-            max_steps=self.max_steps,
-            args=(inj,),
-            throw=self.throw,
-        )
-        self.last_solution = sol
-        if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
-            warnings.warn(
-                f"MonotoneDEQ forward: {sol.summary()}. {sol.result.message}",
-                DEQWarning,
-                stacklevel=2,
+        return peaceman_rachford
+
+    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        """Equilibrium ``z*`` of shape ``(B, width)`` for ``x`` of shape ``(B, in_features)``.
+
+        ``z0`` (optional) is the initial iterate (``z`` for FB, ``u`` for PR); default zeros
+        (or the stored equilibrium within :meth:`~deqkit.nn.DEQ.warm_start`).
+        """
+        inj = self.U(x)
+        if inj.dim() != 2:
+            raise ValueError(
+                f"MonotoneDEQ: `x` must have shape (B, in_features), got {tuple(x.shape)}."
             )
+        if z0 is not None and z0.shape != inj.shape:
+            raise ValueError(
+                f"MonotoneDEQ: `z0` must have shape {tuple(inj.shape)}, got {tuple(z0.shape)}."
+            )
+        value = super().forward(inj, self.splitting_map(), z0=z0)
         if isinstance(self.splitting, ForwardBackward):
-            return sol.value
-        return torch.relu(sol.value)
+            return value
+        return torch.relu(value)
 
     def extra_repr(self) -> str:
-        return (
-            f"splitting={self.splitting}, solver={self.solver}, adjoint={self.adjoint}, "
-            f"max_steps={self.max_steps}"
-        )
+        return f"splitting={self.splitting}, {super().extra_repr()}"

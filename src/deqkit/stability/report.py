@@ -35,7 +35,8 @@ class DEQLike(Protocol):
     An ``nn.Module`` called as ``layer(*inputs, z0=z0)`` that solves ``z = cell(z, *inputs)``
     with the adjoint ``adjoint``, the keyword arguments ``fp_kwargs`` of
     :func:`deqkit.fixed_point`, the flag ``throw`` and the step budgets ``max_steps``
-    (training) / ``eval_max_steps`` (eval), and stores the solve in ``last_solution``.
+    (training) / ``eval_max_steps`` (eval), stores the solve in ``last_solution``, and sets
+    its ``adjoint`` and ``throw`` for a ``with`` block with ``overrides(adjoint=..., throw=...)``.
     """
 
     cell: Any
@@ -46,11 +47,16 @@ class DEQLike(Protocol):
     eval_max_steps: int
     last_solution: Any
 
+    def overrides(self, *, adjoint: Any = None, throw: bool | None = None) -> Any:
+        """A context manager setting the given fields for the block (see
+        :meth:`deqkit.nn.DEQ.overrides`)."""
+
 def _is_deq_like(layer: Any) -> bool:
     """Whether ``layer`` has every member of :class:`DEQLike`. (Not ``isinstance`` on the
     protocol: from Python 3.12 it looks attributes up statically, and a module's submodules,
     such as ``cell``, are not instance attributes.)"""
-    return all(hasattr(layer, name) for name in DEQLike.__annotations__)
+    return (all(hasattr(layer, name) for name in DEQLike.__annotations__)
+            and callable(getattr(layer, "overrides", None)))
 
 
 _REMEDY = (
@@ -233,11 +239,9 @@ def _default_loss(z: Any) -> Tensor:
 
 @contextlib.contextmanager
 def _preserved(deq: DEQLike) -> Iterator[None]:
-    """Restore the attributes the report changes, the ``last_solution`` and every buffer
+    """Restore the ``fp_kwargs`` and ``last_solution`` the report changes and every buffer
     (spectral-norm power-iteration vectors, BatchNorm statistics) on exit."""
-    saved = {
-        name: getattr(deq, name) for name in ("adjoint", "fp_kwargs", "throw", "last_solution")
-    }
+    saved = {name: getattr(deq, name) for name in ("fp_kwargs", "last_solution")}
     buffers = [(buf, buf.detach().clone()) for buf in deq.buffers()]
     try:
         yield
@@ -247,6 +251,164 @@ def _preserved(deq: DEQLike) -> Iterator[None]:
         with torch.no_grad():
             for buf, copy in buffers:
                 buf.copy_(copy)
+
+
+def _check_arguments(deq: Any, backward_solver: Any) -> None:
+    if not (isinstance(deq, nn.Module) and _is_deq_like(deq)):
+        raise TypeError(
+            f"stability_report: `deq` must be a deqkit.nn.DEQ, got {type(deq).__name__}."
+        )
+    if backward_solver is not None and not isinstance(backward_solver, AbstractLinearSolver):
+        raise TypeError(
+            "stability_report: `backward_solver` must be a deqkit linear solver such as "
+            f"dk.GMRES(), got {type(backward_solver).__name__}."
+        )
+
+
+def _solve(deq: DEQLike, inputs: tuple[Any, ...], z0: Any) -> tuple[Tensor, Any]:
+    """``(z*, solution)`` of the layer's forward solve (with a residual trace)."""
+    deq.fp_kwargs = {**deq.fp_kwargs, "trace": True}
+    with torch.enable_grad():
+        z_star = deq(*inputs, z0=z0)
+    sol = deq.last_solution
+    if not isinstance(z_star, Tensor):
+        raise TypeError(
+            "stability_report: the DEQ state must be a single tensor (B, ...); got "
+            f"{type(z_star).__name__}."
+        )
+    return z_star, sol
+
+
+def _backward(deq: DEQLike, inputs: tuple[Any, ...], z_star: Tensor, sol: Any,
+              loss_fn: Callable[[Any], Tensor]) -> bool:
+    """Back-propagate ``loss_fn(z*)`` with ``torch.autograd.grad`` (every ``.grad`` field is
+    left alone); whether an implicit backward solve ran."""
+    targets = [p for p in deq.parameters() if p.requires_grad]
+    targets += [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
+    if not (z_star.requires_grad and targets):
+        return False
+    with torch.enable_grad():
+        loss = loss_fn(z_star)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError("stability_report: `loss_fn(z*)` must return a scalar tensor.")
+    torch.autograd.grad(loss, targets, allow_unused=True)
+    return "converged" in sol.backward
+
+
+def _jacobian_estimates(deq: DEQLike, inputs: tuple[Any, ...], z: Tensor,
+                        krylov_dim: int) -> tuple[list[float], list[float]]:
+    """Per-sample spectral radius and spectral norm of ``d cell / dz`` at ``z`` (a fixed
+    random start: the global RNG is not touched)."""
+    cell = deq.cell
+
+    def f(zz: Tensor) -> Tensor:
+        return cell(zz, *inputs)
+
+    gen = torch.Generator(device=z.device)
+    gen.manual_seed(0)
+    with torch.no_grad(), parametrization_cache(cell):
+        rho = jacobian_spectral_radius(f, z, krylov_dim=krylov_dim, generator=gen)
+        norm = jacobian_spectral_norm(f, z, generator=gen)
+    return _floats(rho), _floats(norm)
+
+
+def _forward_fields(stats: dict[str, Any], batch: int) -> dict[str, Any]:
+    """The report's per-sample forward fields from the solution's statistics."""
+    nstep = [int(n) for n in stats["nstep"].tolist()]
+    codes = [int(c) for c in stats["status"].tolist()]
+    tr = stats["trace"].detach().double().cpu()
+    stagnated = getattr(RESULTS, "stagnated", None)  # stalled / oscillating residual
+    n_max = codes.count(RESULTS.max_steps_reached.code)
+    return dict(
+        nstep=nstep,
+        status=[RESULTS.from_code(c).name for c in codes],
+        abs_residual=_floats(stats["abs_residual"]),
+        rel_residual=_floats(stats["rel_residual"]),
+        trace=[_floats(tr[: min(nstep[b] + 1, tr.shape[0]), b]) for b in range(batch)],
+        mean_nstep=sum(nstep) / batch,
+        max_nstep=max(nstep),
+        frac_max_steps=n_max / batch,
+        n_max_steps=n_max,
+        n_diverged=codes.count(RESULTS.diverged.code),
+        n_nonfinite=codes.count(RESULTS.nonfinite.code),
+        n_stagnated=codes.count(stagnated.code) if stagnated is not None else 0,
+    )
+
+
+def _backward_fields(backward: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's backward fields from ``sol.backward`` (``None``: the backward did not
+    run)."""
+    if backward is None:
+        conv, nstep, res, nmatvec = [], [], [], 0
+    else:
+        conv = [bool(c) for c in backward["converged"].tolist()]
+        nstep = [int(n) for n in backward["nstep"].tolist()]
+        res, nmatvec = _floats(backward["residual"]), int(backward["nmatvec"])
+    return dict(backward_converged=conv, backward_nstep=nstep, backward_residual=res,
+                backward_nmatvec=nmatvec, n_backward_failed=conv.count(False))
+
+
+def _jacobian_fields(rho: list[float], norm: list[float]) -> dict[str, Any]:
+    """Spectral radius/norm per sample, the condition estimates, and their aggregates."""
+    cond_est = [1.0 / (1.0 - r) if r < 1 else math.inf for r in rho]
+    cond_ub = [(1.0 + s) / (1.0 - s) if s < 1 else math.inf for s in norm]
+    return dict(
+        spectral_radius=rho, spectral_norm=norm, cond_estimate=cond_est,
+        cond_upper_bound=cond_ub, rho_max=_stat(rho, "max"), rho_mean=_stat(rho, "mean"),
+        norm_max=_stat(norm, "max"), norm_mean=_stat(norm, "mean"),
+        cond_estimate_max=_stat(cond_est, "max"), cond_upper_bound_max=_stat(cond_ub, "max"),
+    )
+
+
+def _rho_warnings(rho: list[float], rho_max: float, threshold: float, batch: int) -> list[str]:
+    if rho_max >= 1:
+        n_exp = sum(r >= 1 for r in rho)
+        return [
+            f"rho(J) = {rho_max:.3g} >= 1 for {n_exp}/{batch} samples: the cell is not "
+            "contractive at its equilibrium, the fixed point is locally unstable and the "
+            f"backward system I - J may be singular; {_REMEDY}."
+        ]
+    if rho_max >= threshold:
+        n_hi = sum(r >= threshold for r in rho)
+        return [
+            f"rho(J) = {rho_max:.3g} >= {threshold} for {n_hi}/{batch} samples: the "
+            "backward system is ill-conditioned (cond(I - J) estimate "
+            f"{1 / (1 - rho_max):.3g}) and the forward solve slow; {_REMEDY}."
+        ]
+    return []
+
+
+def _warnings(r: dict[str, Any], threshold: float) -> list[str]:
+    """Plain sentences, each with a remedy, for the problems in the report's fields ``r``."""
+    batch, n_max, n_stag = r["batch_size"], r["n_max_steps"], r["n_stagnated"]
+    n_div, n_nf, n_bfail = r["n_diverged"], r["n_nonfinite"], r["n_backward_failed"]
+    msgs = _rho_warnings(r["spectral_radius"], r["rho_max"], threshold, batch)
+    if n_max:
+        msgs.append(
+            f"{100 * n_max / batch:.0f}% of samples ({n_max}/{batch}) hit max_steps "
+            f"({r['max_steps']}) without converging: increase max_steps, loosen the solver "
+            f"tolerance, or make the cell more contractive ({_REMEDY})."
+        )
+    if n_stag:
+        msgs.append(
+            f"the forward residual stagnated or oscillated for {n_stag}/{batch} samples: try "
+            "a different solver (dk.Broyden, a larger Anderson memory) or damping, or make the "
+            f"cell more contractive ({_REMEDY})."
+        )
+    if n_div or n_nf:
+        msgs.append(
+            f"the forward solve diverged for {n_div} and produced non-finite values for "
+            f"{n_nf} of {batch} samples: the cell is not contractive; {_REMEDY}, lower the "
+            "learning rate, or use a damped solver (dk.Picard(damping=0.5))."
+        )
+    if n_bfail:
+        msgs.append(
+            f"the backward solve did not converge for {n_bfail} samples ({n_bfail}/{batch}; "
+            f"worst residual {_stat(r['backward_residual'], 'max'):.3g}): the gradient is "
+            "inexact; increase the linear solver's max_steps, use dk.GMRES, add a phantom "
+            "fallback (dk.ImplicitAdjoint(fallback=dk.PhantomAdjoint())), or " + _REMEDY + "."
+        )
+    return msgs
 
 
 def stability_report(
@@ -277,8 +439,9 @@ def stability_report(
       ``.grad`` field is touched -- and reads the backward solve's per-sample convergence
       from ``sol.backward``.
 
-    The layer's ``adjoint``, ``fp_kwargs``, ``throw`` and ``last_solution`` and all its
-    buffers (e.g. spectral-norm power-iteration vectors) are restored afterwards.  The state
+    The adjoint and ``throw=False`` are set with :meth:`deqkit.nn.DEQ.overrides`; the layer's
+    ``fp_kwargs`` and ``last_solution`` and all its buffers (e.g. spectral-norm power-iteration
+    vectors) are restored afterwards.  The state
     must be a single tensor of shape ``(B, ...)``.
 
     Args:
@@ -317,166 +480,25 @@ def stability_report(
         DEQ stability report (4 samples, training mode, solver Anderson(...), max_steps 30)
         ...
     """
-    if not (isinstance(deq, nn.Module) and _is_deq_like(deq)):
-        raise TypeError(
-            f"stability_report: `deq` must be a deqkit.nn.DEQ, got {type(deq).__name__}."
-        )
-    if backward_solver is not None and not isinstance(backward_solver, AbstractLinearSolver):
-        raise TypeError(
-            "stability_report: `backward_solver` must be a deqkit linear solver such as "
-            f"dk.GMRES(), got {type(backward_solver).__name__}."
-        )
-    if loss_fn is None:
-        loss_fn = _default_loss
+    _check_arguments(deq, backward_solver)
     lin_solver = backward_solver if backward_solver is not None else GMRES()
     training = bool(deq.training)
-    max_steps = deq.max_steps if training else deq.eval_max_steps
-
-    with _preserved(deq):
-        deq.adjoint = ImplicitAdjoint(lin_solver, on_failure="ignore")
-        deq.fp_kwargs = {**deq.fp_kwargs, "trace": True}
-        deq.throw = False
-        with torch.enable_grad():
-            z_star = deq(*inputs, z0=z0)
-        sol = deq.last_solution
-        assert sol is not None
-        if not isinstance(z_star, Tensor):
-            raise TypeError(
-                "stability_report: the DEQ state must be a single tensor (B, ...); got "
-                f"{type(z_star).__name__}."
-            )
-
-        # ---- backward: torch.autograd.grad leaves every .grad field alone
-        targets = [p for p in deq.parameters() if p.requires_grad]
-        targets += [x for x in inputs if isinstance(x, Tensor) and x.requires_grad]
-        backward_ran = False
-        if z_star.requires_grad and targets:
-            with torch.enable_grad():
-                loss = loss_fn(z_star)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise ValueError("stability_report: `loss_fn(z*)` must return a scalar tensor.")
-            torch.autograd.grad(loss, targets, allow_unused=True)
-            backward_ran = "converged" in sol.backward
-
-        # ---- Jacobian diagnostics at z*
-        zd = z_star.detach()
-        cell = deq.cell
-        cm = parametrization_cache(cell)
-
-        def f(z: Tensor) -> Tensor:
-            return cell(z, *inputs)
-
-        gen = torch.Generator(device=zd.device)
-        gen.manual_seed(0)
-        with torch.no_grad(), cm:
-            rho_t = jacobian_spectral_radius(f, zd, krylov_dim=krylov_dim, generator=gen)
-            norm_t = jacobian_spectral_norm(f, zd, generator=gen)
-
-    stats = sol.stats
-    batch = int(zd.shape[0])
-    nstep = [int(n) for n in stats["nstep"].tolist()]
-    status_codes = [int(c) for c in stats["status"].tolist()]
-    status = [RESULTS.from_code(c).name for c in status_codes]
-    tr = stats["trace"].detach().double().cpu()
-    trace = [_floats(tr[: min(nstep[b] + 1, tr.shape[0]), b]) for b in range(batch)]
-    rho = _floats(rho_t)
-    norm = _floats(norm_t)
-    cond_est = [1.0 / (1.0 - r) if r < 1 else math.inf for r in rho]
-    cond_ub = [(1.0 + s) / (1.0 - s) if s < 1 else math.inf for s in norm]
-
-    if backward_ran:
-        bk = sol.backward
-        b_conv = [bool(c) for c in bk["converged"].tolist()]
-        b_nstep = [int(n) for n in bk["nstep"].tolist()]
-        b_res = _floats(bk["residual"])
-        b_nmatvec = int(bk["nmatvec"])
-    else:
-        b_conv, b_nstep, b_res, b_nmatvec = [], [], [], 0
-
-    n_max = status_codes.count(RESULTS.max_steps_reached.code)
-    n_div = status_codes.count(RESULTS.diverged.code)
-    n_nf = status_codes.count(RESULTS.nonfinite.code)
-    stagnated = getattr(RESULTS, "stagnated", None)  # stalled / oscillating residual
-    n_stag = status_codes.count(stagnated.code) if stagnated is not None else 0
-    n_bfail = b_conv.count(False)
-    rho_max = _stat(rho, "max")
-
-    msgs: list[str] = []
-    if rho_max >= 1:
-        n_exp = sum(r >= 1 for r in rho)
-        msgs.append(
-            f"rho(J) = {rho_max:.3g} >= 1 for {n_exp}/{batch} samples: the cell is not "
-            "contractive at its equilibrium, the fixed point is locally unstable and the "
-            f"backward system I - J may be singular; {_REMEDY}."
-        )
-    elif rho_max >= rho_threshold:
-        n_hi = sum(r >= rho_threshold for r in rho)
-        msgs.append(
-            f"rho(J) = {rho_max:.3g} >= {rho_threshold} for {n_hi}/{batch} samples: the "
-            "backward system is ill-conditioned (cond(I - J) estimate "
-            f"{1 / (1 - rho_max):.3g}) and the forward solve slow; {_REMEDY}."
-        )
-    if n_max:
-        msgs.append(
-            f"{100 * n_max / batch:.0f}% of samples ({n_max}/{batch}) hit max_steps "
-            f"({max_steps}) without converging: increase max_steps, loosen the solver "
-            f"tolerance, or make the cell more contractive ({_REMEDY})."
-        )
-    if n_stag:
-        msgs.append(
-            f"the forward residual stagnated or oscillated for {n_stag}/{batch} samples: try "
-            "a different solver (dk.Broyden, a larger Anderson memory) or damping, or make the "
-            f"cell more contractive ({_REMEDY})."
-        )
-    if n_div or n_nf:
-        msgs.append(
-            f"the forward solve diverged for {n_div} and produced non-finite values for "
-            f"{n_nf} of {batch} samples: the cell is not contractive; {_REMEDY}, lower the "
-            "learning rate, or use a damped solver (dk.Picard(damping=0.5))."
-        )
-    if n_bfail:
-        msgs.append(
-            f"the backward solve did not converge for {n_bfail} samples ({n_bfail}/{batch}; "
-            f"worst residual {_stat(b_res, 'max'):.3g}): the gradient is inexact; increase "
-            "the linear solver's max_steps, use dk.GMRES, add a phantom fallback "
-            "(dk.ImplicitAdjoint(fallback=dk.PhantomAdjoint())), or " + _REMEDY + "."
-        )
-
-    return StabilityReport(
-        batch_size=batch,
+    adjoint = ImplicitAdjoint(lin_solver, on_failure="ignore")
+    with _preserved(deq), deq.overrides(adjoint=adjoint, throw=False):
+        z_star, sol = _solve(deq, inputs, z0)
+        backward_ran = _backward(deq, inputs, z_star, sol, loss_fn or _default_loss)
+        rho, norm = _jacobian_estimates(deq, inputs, z_star.detach(), krylov_dim)
+    fields: dict[str, Any] = dict(
+        batch_size=int(z_star.shape[0]),
         training=training,
-        max_steps=int(max_steps),
+        max_steps=int(deq.max_steps if training else deq.eval_max_steps),
         solver=repr(deq.solver),
         result=sol.result.name,
-        nstep=nstep,
-        status=status,
-        abs_residual=_floats(stats["abs_residual"]),
-        rel_residual=_floats(stats["rel_residual"]),
-        trace=trace,
-        spectral_radius=rho,
-        spectral_norm=norm,
-        cond_estimate=cond_est,
-        cond_upper_bound=cond_ub,
         backward_ran=backward_ran,
         backward_solver=repr(lin_solver),
-        backward_converged=b_conv,
-        backward_nstep=b_nstep,
-        backward_residual=b_res,
-        backward_nmatvec=b_nmatvec,
-        mean_nstep=sum(nstep) / batch,
-        max_nstep=max(nstep),
-        frac_max_steps=n_max / batch,
-        n_max_steps=n_max,
-        n_diverged=n_div,
-        n_nonfinite=n_nf,
-        n_stagnated=n_stag,
-        rho_max=rho_max,
-        rho_mean=_stat(rho, "mean"),
-        norm_max=_stat(norm, "max"),
-        norm_mean=_stat(norm, "mean"),
-        cond_estimate_max=_stat(cond_est, "max"),
-        cond_upper_bound_max=_stat(cond_ub, "max"),
-        n_backward_failed=n_bfail,
         rho_threshold=float(rho_threshold),
-        warnings=msgs,
+        **_forward_fields(sol.stats, int(z_star.shape[0])),
+        **_backward_fields(sol.backward if backward_ran else None),
+        **_jacobian_fields(rho, norm),
     )
+    return StabilityReport(**fields, warnings=_warnings(fields, rho_threshold))

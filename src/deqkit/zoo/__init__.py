@@ -15,17 +15,15 @@ torch.Size([2, 10])
 
 from ._common import default_adjoint as default_adjoint
 from ._common import default_solver as default_solver
-from ._conv import MDEQ as MDEQ
 from ._conv import ConvDEQ as ConvDEQ
-from ._conv import MultiscaleCell as MultiscaleCell
 from ._conv import ResidualCell as ResidualCell
 from ._conv import ResNetConv as ResNetConv
-from ._conv import UnrolledConv as UnrolledConv
+from ._mdeq import MDEQ as MDEQ
+from ._mdeq import MultiscaleCell as MultiscaleCell
 from ._mlp import DEQMLP as DEQMLP
 from ._mlp import MLPCell as MLPCell
 from ._mlp import MonotoneClassifier as MonotoneClassifier
 from ._mlp import ResNetMLP as ResNetMLP
-from ._mlp import UnrolledMLP as UnrolledMLP
 from ._ode import NeuralODEClassifier as NeuralODEClassifier
 from ._registry import MODELS as MODELS
 from ._registry import build_model as build_model
@@ -34,4 +32,6 @@ from ._transformer import CausalSelfAttention as CausalSelfAttention
 from ._transformer import DEQTransformerLM as DEQTransformerLM
 from ._transformer import TransformerCell as TransformerCell
 from ._transformer import TransformerLM as TransformerLM
+from ._unrolled import UnrolledConv as UnrolledConv
+from ._unrolled import UnrolledMLP as UnrolledMLP
 from ._unrolled import unrolled as unrolled

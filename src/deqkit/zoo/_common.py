@@ -10,11 +10,8 @@ from .._checks import check_choice, check_int
 from .._fixed_point import resolve_solver
 from ..adjoint._base import AbstractAdjoint
 from ..adjoint.implicit import ImplicitAdjoint
-from ..adjoint.unrolled import UnrolledAdjoint
 from ..linear.gmres import GMRES
 from ..solvers.anderson import Anderson
-from ..solvers.fixed import FixedSteps
-from ..solvers.picard import Picard
 
 #: Forward solver used by the zoo's DEQ models when ``solver=None``.
 DEFAULT_RTOL = 1e-4
@@ -84,24 +81,6 @@ def resolve(solver: Any, adjoint: Any) -> tuple[Any, AbstractAdjoint]:
     solver = default_solver() if solver is None else resolve_solver(solver)
     adjoint = default_adjoint() if adjoint is None else adjoint
     return solver, adjoint
-
-
-def unrolled_kwargs(owner: str, depth: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments turning a DEQ model into its weight-tied unrolled baseline."""
-    check_int(owner, "depth", depth, 1)
-    clash = sorted({"solver", "adjoint", "max_steps", "eval_max_steps"} & set(kwargs))
-    if clash:
-        raise TypeError(
-            f"{owner} fixes {clash} (exactly `depth` Picard steps, ordinary backprop); "
-            "use the DEQ model itself to choose a solver or an adjoint."
-        )
-    return dict(
-        solver=FixedSteps(Picard()),
-        adjoint=UnrolledAdjoint(),
-        max_steps=depth,
-        eval_max_steps=depth,
-        **kwargs,
-    )
 
 
 def activation(owner: str, name: str) -> nn.Module:

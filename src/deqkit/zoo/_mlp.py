@@ -1,4 +1,7 @@
-"""Fully connected models: the DEQ MLP, its explicit and unrolled baselines, the monDEQ."""
+"""Fully connected models: the DEQ MLP, its explicit (ResNet) baseline, the monDEQ classifier.
+
+The weight-tied unrolled baseline :class:`UnrolledMLP` is in ``_unrolled.py``.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,6 @@ from ._common import (
     check_input,
     check_num_classes,
     resolve,
-    unrolled_kwargs,
 )
 
 
@@ -132,41 +134,6 @@ class DEQMLP(nn.Module):
         check_input(type(self).__name__, x, self.in_shape)
         z = self.deq(self.inject(x.flatten(1)))
         return self.head(z)
-
-
-class UnrolledMLP(DEQMLP):
-    r"""Weight-tied unrolled baseline of :class:`DEQMLP`: the same cell applied ``depth`` times.
-
-    .. math:: z_0 = 0, \quad z_{k+1} = \phi(W z_k + U x + b), \quad \text{logits} = V z_L + c,
-
-    trained with ordinary backpropagation through the ``depth`` steps. It *is* a
-    :class:`DEQMLP` with ``solver=dk.FixedSteps(dk.Picard())``, ``max_steps=eval_max_steps=
-    depth`` and ``adjoint=dk.UnrolledAdjoint()`` (``model.deq.last_solution`` reports
-    ``max_steps_reached`` by design: no tolerance is tested).
-
-    Args:
-        in_shape: per-sample input shape.
-        num_classes: number of classes.
-        depth: number of weight-tied steps :math:`L`. Default: 8.
-        **kwargs: the other hyperparameters of :class:`DEQMLP` (``width``,
-            ``spectral_bound``, ``activation``); ``solver``, ``adjoint``, ``max_steps`` and
-            ``eval_max_steps`` are fixed and raise TypeError.
-
-    Reference: the weight-tied, unrolled network that a DEQ is the infinite-depth limit of: Bai,
-        Kolter, Koltun (2019), "Deep Equilibrium Models", section 3.
-
-    Example:
-        >>> import torch
-        >>> model = UnrolledMLP((5,), 3, depth=4, width=8)
-        >>> model(torch.randn(2, 5)).shape, int(model.deq.last_solution.stats["nstep"][0])
-        (torch.Size([2, 3]), 4)
-    """
-
-    def __init__(
-        self, in_shape: tuple[int, ...], num_classes: int, depth: int = 8, **kwargs: Any
-    ) -> None:
-        super().__init__(in_shape, num_classes, **unrolled_kwargs("UnrolledMLP", depth, kwargs))
-        self.depth = depth
 
 
 class ResNetMLP(nn.Module):
@@ -284,11 +251,8 @@ class MonotoneClassifier(nn.Module):
         self.in_shape = check_in_shape(owner, in_shape)
         num_classes = check_num_classes(owner, num_classes)
         width = check_int(owner, "width", width)
-        self.max_steps = check_int(owner, "max_steps", max_steps, 0)
-        self.eval_max_steps = (
-            max_steps if eval_max_steps is None else check_int(owner, "eval_max_steps",
-                                                               eval_max_steps, 0)
-        )
+        check_int(owner, "max_steps", max_steps, 0)
+        check_int(owner, "eval_max_steps", eval_max_steps, 0, none=True)
         solver, adjoint = resolve(solver, adjoint)
         self.deq = MonotoneDEQ(
             math.prod(self.in_shape),
@@ -298,14 +262,32 @@ class MonotoneClassifier(nn.Module):
             solver=solver,
             adjoint=adjoint,
             max_steps=max_steps,
+            eval_max_steps=eval_max_steps,
             throw=throw,
         )
         self.head = nn.Linear(width, num_classes)
 
+    @property
+    def max_steps(self) -> int:
+        """The layer's budget in training mode (``self.deq.max_steps``)."""
+        return self.deq.max_steps
+
+    @max_steps.setter
+    def max_steps(self, value: int) -> None:
+        self.deq.max_steps = check_int(type(self).__name__, "max_steps", value, 0)
+
+    @property
+    def eval_max_steps(self) -> int:
+        """The layer's budget in eval mode (``self.deq.eval_max_steps``)."""
+        return self.deq.eval_max_steps
+
+    @eval_max_steps.setter
+    def eval_max_steps(self, value: int) -> None:
+        self.deq.eval_max_steps = check_int(type(self).__name__, "eval_max_steps", value, 0)
+
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self.in_shape)
-        self.deq.max_steps = self.max_steps if self.training else self.eval_max_steps
         return self.head(self.deq(x.flatten(1)))
 
 
-__all__ = ["DEQMLP", "MLPCell", "MonotoneClassifier", "ResNetMLP", "UnrolledMLP"]
+__all__ = ["DEQMLP", "MLPCell", "MonotoneClassifier", "ResNetMLP"]

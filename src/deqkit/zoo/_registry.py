@@ -8,10 +8,12 @@ from typing import Any
 
 from torch import nn
 
-from ._conv import MDEQ, ConvDEQ, ResNetConv, UnrolledConv
-from ._mlp import DEQMLP, MonotoneClassifier, ResNetMLP, UnrolledMLP
+from ._conv import ConvDEQ, ResNetConv
+from ._mdeq import MDEQ
+from ._mlp import DEQMLP, MonotoneClassifier, ResNetMLP
 from ._ode import NeuralODEClassifier
 from ._transformer import DEQTransformerLM, TransformerLM, _LanguageModel
+from ._unrolled import FIXED_SETTINGS, UnrolledConv, UnrolledMLP
 
 #: Registered model constructors by name. Classifiers are called as
 #: ``cls(in_shape, num_classes, **hyperparameters)``; the language models
@@ -53,7 +55,7 @@ def hyperparameters(factory: Callable[..., Any]) -> dict[str, Any]:
     classes = factory.__mro__ if isinstance(factory, type) else (factory,)
     fixed = {"in_shape", "num_classes", "vocab_size", "self"}
     if isinstance(factory, type) and issubclass(factory, (UnrolledMLP, UnrolledConv)):
-        fixed |= {"solver", "adjoint", "max_steps", "eval_max_steps"}
+        fixed |= set(FIXED_SETTINGS)
     for cls in classes:
         init = cls.__init__ if isinstance(cls, type) else cls
         if isinstance(cls, type) and (cls is nn.Module or "__init__" not in vars(cls)):

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 import deqkit as dk
+from deqkit.app import names
 from deqkit.zoo import DEQMLP, NeuralODEClassifier, ResNetMLP, UnrolledMLP
 
 from .memory import fit_slope, peak_live_bytes, saved_tensor_bytes
-from .models import f_evals, ode_logits
+from .models import f_evals
 
 # --------------------------------------------------------------------------------------------
 # 1. forward computation and 3. effective depth
@@ -115,20 +116,45 @@ def clone_model(model: nn.Module) -> nn.Module:
             setattr(mod, attr, v)
 
 
-def _forced_deq(model: DEQMLP, steps: int, solver: str = "anderson",
-                backward: str | None = None) -> DEQMLP:
-    m = clone_model(model)
-    if backward == "neumann":  # O(1)-workspace implicit backward (no Krylov basis)
-        m.deq.adjoint = dk.ImplicitAdjoint(dk.Neumann(rtol=1e-4, atol=1e-8, max_steps=100),
-                                           on_failure="ignore")
-    m.deq.solver = dk.FixedSteps(dk.Picard() if solver == "picard" else dk.Anderson(m=5))
-    m.deq.max_steps = m.deq.eval_max_steps = steps
-    m.deq.throw = False
-    # no compaction: a sample that lands exactly on its fixed point (float32 Picard can) keeps
-    # its place in the working batch, so the memory does not depend on convergence
-    m.deq.compact = False
-    m.deq.fp_kwargs = {**m.deq.fp_kwargs, "divergence_ratio": None}
-    return m
+class ForcedSteps(nn.Module):
+    """A copy of a trained DEQ model (:class:`~deqkit.zoo.DEQMLP`) that runs exactly ``steps``
+    updates of ``solver`` (``dk.FixedSteps``: no tolerance test, no early stop), with the
+    model's own adjoint or ``adjoint``, and does not raise on failure.
+
+    The settings are applied through :meth:`deqkit.nn.DEQ.overrides` around every call, so the
+    copy's own configuration is never changed; the copy keeps the spectral-normalisation state
+    of the trained model untouched by the measurements (training-mode calls update it).
+    """
+
+    def __init__(self, model: nn.Module, steps: int, solver: dk.AbstractFixedPointSolver,
+                 adjoint: dk.AbstractAdjoint | None = None) -> None:
+        super().__init__()
+        self.model = clone_model(model)
+        self.steps = steps
+        self.settings: dict[str, Any] = dict(solver=dk.FixedSteps(solver), adjoint=adjoint,
+                                             max_steps=steps, eval_max_steps=steps, throw=False)
+
+    @property
+    def deq(self) -> dk.nn.DEQ:
+        """The DEQ layer of the wrapped copy (``deq.last_solution`` after a call)."""
+        return self.model.deq
+
+    def forward(self, x: Tensor) -> Tensor:
+        with self.model.deq.overrides(**self.settings):
+            return self.model(x)
+
+
+def forced_steps(model: nn.Module, steps: int, solver: str = "anderson",
+                 backward: str | None = None) -> ForcedSteps:
+    """:class:`ForcedSteps` of ``model`` with the registry's ``solver`` (Anderson with the
+    trained memory m = 5, or Picard) and, with ``backward`` (a linear solver name such as
+    ``"neumann"``), an implicit adjoint using it instead of the trained adjoint."""
+    fwd = names.build_solver(solver, **({"m": 5} if solver == "anderson" else {}))
+    adj = None
+    if backward is not None:  # e.g. Neumann: O(1) workspace, no Krylov basis
+        lin = names.build_linear_solver(backward, rtol=1e-4, atol=1e-8, max_steps=100)
+        adj = names.build_adjoint("implicit", linear_solver=lin)
+    return ForcedSteps(model, steps, fwd, adj)
 
 
 def memory_sweep(
@@ -150,10 +176,7 @@ def memory_sweep(
             m = make(L)
             if isinstance(m, nn.Module):
                 m.train()
-                fwd, params = m, list(m.parameters())
-            else:
-                fwd, params = m, list(m.parameters())  # type: ignore[attr-defined]
-            r = memory_of(fwd, params, x, y)
+            r = memory_of(m, list(m.parameters()), x, y)  # type: ignore[union-attr]
             r["depth"] = L
             stats = getattr(getattr(m, "deq", None), "last_solution", None)
             if stats is not None:
@@ -176,8 +199,8 @@ class _ODEFixedStep(nn.Module):
         self.model, self.n, self.adjoint = model, n, adjoint
 
     def forward(self, x: Tensor) -> Tensor:
-        return ode_logits(self.model, x, adjoint=self.adjoint, method="rk4",
-                          options={"step_size": self.model.t_final / self.n})
+        return self.model.integrate(x, adjoint=self.adjoint, method="rk4",
+                                    options={"step_size": self.model.t_final / self.n})
 
 
 def sweep_factories(models: dict[str, nn.Module], width: int, in_shape: tuple[int, ...],
@@ -193,12 +216,12 @@ def sweep_factories(models: dict[str, nn.Module], width: int, in_shape: tuple[in
         "unrolled": lambda L: UnrolledMLP(in_shape, num_classes, depth=L, width=width),
     }
     deq = models.get("deq_implicit") or DEQMLP(in_shape, num_classes, width=width)
-    fac["deq_implicit"] = lambda L: _forced_deq(deq, L)
-    fac["deq_implicit_picard"] = lambda L: _forced_deq(deq, L, "picard")
-    fac["deq_neumann_picard"] = lambda L: _forced_deq(deq, L, "picard", "neumann")
+    fac["deq_implicit"] = lambda L: forced_steps(deq, L)
+    fac["deq_implicit_picard"] = lambda L: forced_steps(deq, L, "picard")
+    fac["deq_neumann_picard"] = lambda L: forced_steps(deq, L, "picard", "neumann")
     for kind in ("jfb", "phantom") if full else ():
         if f"deq_{kind}" in models:
-            fac[f"deq_{kind}"] = lambda L, m=models[f"deq_{kind}"]: _forced_deq(m, L)
+            fac[f"deq_{kind}"] = lambda L, m=models[f"deq_{kind}"]: forced_steps(m, L)
     node = models.get("node_adjoint") or NeuralODEClassifier(in_shape, num_classes, width=width)
     fac["node_direct"] = lambda L: _ODEFixedStep(node, L, adjoint=False)
     fac["node_adjoint"] = lambda L: _ODEFixedStep(node, L, adjoint=True)
@@ -251,6 +274,23 @@ def _grads_timed(loss_fn: Callable[[], Tensor], params: list[Tensor],
     return list(grads), statistics.median(fwd), statistics.median(bwd)
 
 
+def _deq_adjoints(tolerances: Iterable[float]) -> list[tuple[str, float | None,
+                                                             dk.AbstractAdjoint]]:
+    """(method, tolerance, adjoint) of the gradient study, the reference first."""
+    dense = names.build_linear_solver("dense")
+    out: list[tuple[str, float | None, dk.AbstractAdjoint]] = [
+        ("implicit Dense (reference)", None, names.build_adjoint("implicit",
+                                                                 linear_solver=dense))]
+    for tol in tolerances:
+        gmres = names.build_linear_solver("gmres", rtol=tol, atol=0.0, max_steps=200,
+                                          restart=64)
+        out.append(("implicit GMRES", tol, names.build_adjoint("implicit", linear_solver=gmres)))
+    out.append(("JFB", None, names.build_adjoint("jfb")))
+    out.append(("phantom(5, 0.5)", None, names.build_adjoint("phantom", phantom_steps=5,
+                                                             phantom_damping=0.5)))
+    return out
+
+
 def deq_gradient_accuracy(model: DEQMLP, x: Tensor, y: Tensor,
                           tolerances: Iterable[float] = (1e-2, 1e-4, 1e-6, 1e-8),
                           repeats: int = 3) -> dict[str, Any]:
@@ -260,30 +300,24 @@ def deq_gradient_accuracy(model: DEQMLP, x: Tensor, y: Tensor,
     # eval mode: the spectral normalisation's power iteration runs only in training mode, so
     # every adjoint sees the same weights (autograd works the same in eval mode)
     m = clone_model(model).double().eval()
-    m.deq.solver = dk.Anderson(m=5, rtol=1e-12, atol=0.0)
-    m.deq.max_steps = m.deq.eval_max_steps = 500
-    m.deq.throw = False
-    x, y = x.double(), y
+    x = x.double()
     params = [p for p in m.parameters() if p.requires_grad]
-
-    def run(adj: dk.AbstractAdjoint) -> tuple[list[Tensor], float, float]:
-        m.deq.adjoint = adj
-        return _grads_timed(lambda: _loss(m(x), y), params, repeats)
-
-    ref, _, ref_bwd = run(dk.ImplicitAdjoint(dk.Dense(), on_failure="ignore"))
-    fwd_stats = m.deq.last_solution.stats
-    rows = [{"method": "implicit Dense (reference)", "tol": None, "rel_err": 0.0, "cosine": 1.0,
-             "backward_s": ref_bwd}]
-    for tol in tolerances:
-        g, _, bwd = run(dk.ImplicitAdjoint(dk.GMRES(rtol=tol, atol=0.0, max_steps=200,
-                                                    restart=64), on_failure="ignore"))
-        bstats = m.deq.last_solution.backward
-        rows.append({"method": "implicit GMRES", "tol": tol, **gradient_error(g, ref),
-                     "backward_s": bwd, "matvecs": int(bstats.get("nmatvec", 0))})
-    for name, adj in (("JFB", dk.JacobianFreeAdjoint()),
-                      ("phantom(5, 0.5)", dk.PhantomAdjoint(steps=5, damping=0.5))):
-        g, _, bwd = run(adj)
-        rows.append({"method": name, "tol": None, **gradient_error(g, ref), "backward_s": bwd})
+    tight = names.build_solver("anderson", m=5, rtol=1e-12, atol=0.0)
+    rows: list[dict[str, Any]] = []
+    ref: list[Tensor] = []
+    fwd_stats: dict[str, Tensor] = {}
+    with m.deq.overrides(solver=tight, max_steps=500, eval_max_steps=500, throw=False):
+        for method, tol, adj in _deq_adjoints(tolerances):
+            with m.deq.overrides(adjoint=adj):
+                g, _, bwd = _grads_timed(lambda: _loss(m(x), y), params, repeats)
+            row: dict[str, Any] = {"method": method, "tol": tol,
+                                   **gradient_error(g, ref or g), "backward_s": bwd}
+            if not ref:
+                ref, fwd_stats = g, m.deq.last_solution.stats
+            if method == "implicit GMRES":
+                row["matvecs"] = int(m.deq.last_solution.backward.get("nmatvec", 0))
+            rows.append(row)
+    rows[0].update(rel_err=0.0, cosine=1.0)
     return {"rows": rows, "forward_rel_residual": float(fwd_stats["rel_residual"].max()),
             "forward_steps": float(fwd_stats["nstep"].float().mean()), "dtype": "float64",
             "batch": len(x)}
@@ -300,8 +334,8 @@ def ode_gradient_accuracy(model: NeuralODEClassifier, x: Tensor, y: Tensor,
     params = [p for p in m.parameters() if p.requires_grad]
 
     def run(adjoint: bool, tol: float) -> tuple[list[Tensor], float, float, int]:
-        g, f, b = _grads_timed(lambda: _loss(ode_logits(m, x, adjoint=adjoint, rtol=tol,
-                                                        atol=tol), y), params, repeats)
+        g, f, b = _grads_timed(lambda: _loss(m.integrate(x, adjoint=adjoint, method="dopri5",
+                                                         rtol=tol, atol=tol), y), params, repeats)
         return g, f, b, int(m.func.nfe)
 
     ref, _, ref_bwd, ref_nfe = run(False, 1e-10)
@@ -316,19 +350,6 @@ def ode_gradient_accuracy(model: NeuralODEClassifier, x: Tensor, y: Tensor,
     return {"rows": rows, "dtype": "float64", "batch": len(x)}
 
 
-__all__ = [
-    "deq_gradient_accuracy",
-    "effective_depth",
-    "forward_cost",
-    "gradient_error",
-    "memory_of",
-    "memory_sweep",
-    "ode_gradient_accuracy",
-    "sweep_factories",
-    "training_speed",
-]
-
-
 def explicit_gradient_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, float]:
     """Backprop gradient of an explicit/unrolled model in float32 vs the same model in
     float64 (the error of ordinary backpropagation is rounding only)."""
@@ -341,4 +362,17 @@ def explicit_gradient_accuracy(model: nn.Module, x: Tensor, y: Tensor) -> dict[s
     return gradient_error(g32, g64)
 
 
-__all__ += ["explicit_gradient_accuracy"]
+__all__ = [
+    "ForcedSteps",
+    "deq_gradient_accuracy",
+    "effective_depth",
+    "explicit_gradient_accuracy",
+    "forced_steps",
+    "forward_cost",
+    "gradient_error",
+    "memory_of",
+    "memory_sweep",
+    "ode_gradient_accuracy",
+    "sweep_factories",
+    "training_speed",
+]

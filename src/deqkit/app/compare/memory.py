@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
+import re
+import sys
+import tempfile
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 SAVED_METHOD = (
     "saved-for-backward bytes: torch.autograd.graph.saved_tensors_hooks pack hook during one "
@@ -91,15 +97,55 @@ def peak_from_events(events: Iterable[tuple[int, int]]) -> int:
     return int(peak)
 
 
+#: Lines the profiler's native code (kineto, the CPU allocator) writes to the process's
+#: stderr on every start/stop; dropped by :func:`quiet_profiler`, anything else is kept.
+PROFILER_NOISE = re.compile(
+    r"SyncActivityProfilerHandler|Memory block of unknown size was allocated before the "
+    r"profiling started|^\s*$"
+)
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Within the block, drop the profiler's native log lines from stderr.
+
+    Kineto writes ``profiler_start``/``profiler_stop`` lines (and the CPU allocator a warning
+    on the first memory profile) straight to file descriptor 2 on every profiling session, which
+    neither ``warnings`` filters nor the profiler's options reach. The block points fd 2 at a
+    temporary file and, on exit, writes back to fd 2 every captured line that is not such a
+    message (:data:`PROFILER_NOISE`), so real errors still show.
+    """
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stderr.flush()  # Python-level text written before the block goes out first
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2: nothing to silence
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not PROFILER_NOISE.search(ln)]
+            if kept:
+                os.write(2, "".join(kept).encode())
+
+
 def peak_live_bytes(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Peak bytes allocated on the CPU while ``fn()`` runs, above the level at its start.
 
-    Uses ``torch.profiler.profile(profile_memory=True)``; returns ``(peak_bytes, fn())``.
+    Uses ``torch.profiler.profile(profile_memory=True)`` with its native log lines silenced
+    (:func:`quiet_profiler`); returns ``(peak_bytes, fn())``.
     """
-    from torch.profiler import ProfilerActivity, profile
-
     gc.collect(1)  # young generations only: a full collection costs ~0.3 s here
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_profiler():
         # some torch versions (2.11) warn about event cycles even for one-shot profiling
         warnings.filterwarnings("ignore", message=".*Profiler clears events")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -133,10 +179,12 @@ def fit_slope(xs: Iterable[float], ys: Iterable[float]) -> dict[str, float]:
 
 __all__ = [
     "PEAK_METHOD",
+    "PROFILER_NOISE",
     "SAVED_METHOD",
     "fit_slope",
     "peak_from_events",
     "peak_live_bytes",
+    "quiet_profiler",
     "saved_tensor_bytes",
     "verify_peak_method",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +11,9 @@ from torch import Tensor, nn
 
 import deqkit as dk
 from deqkit.zoo import DEQMLP, NeuralODEClassifier, ResNetMLP, UnrolledMLP
+
+from .. import names
+from ..train import StepInfo, evaluate, fit
 
 #: Model keys -> (family, label). Families follow the document's table columns.
 MODELS: dict[str, tuple[str, str]] = {
@@ -30,18 +32,14 @@ def n_params(model: nn.Module) -> int:
 
 
 def deq_adjoint(kind: str, backward_rtol: float = 1e-4) -> dk.AbstractAdjoint:
-    if kind == "implicit":
-        # restart=5: the Krylov basis (restart + 1 state-sized vectors per sample) is the DEQ's
-        # only memory beyond one graph of f; GMRES(5) restarted reaches rtol 1e-4 within the 20
-        # steps on these contractive cells (backward statistics are recorded in the run)
-        return dk.ImplicitAdjoint(
-            dk.GMRES(rtol=backward_rtol, atol=1e-8, max_steps=20, restart=5), on_failure="ignore"
-        )
-    if kind == "jfb":
-        return dk.JacobianFreeAdjoint()
-    if kind == "phantom":
-        return dk.PhantomAdjoint(steps=5, damping=0.5)
-    raise ValueError(f"unknown DEQ adjoint {kind!r}")
+    """The compared DEQ's adjoint ``kind`` (a :data:`deqkit.app.names.ADJOINTS` name)."""
+    # restart=5: the Krylov basis (restart + 1 state-sized vectors per sample) is the DEQ's
+    # only memory beyond one graph of f; GMRES(5) restarted reaches rtol 1e-4 within the 20
+    # steps on these contractive cells (backward statistics are recorded in the run)
+    gmres = names.build_linear_solver("gmres", rtol=backward_rtol, atol=1e-8, max_steps=20,
+                                      restart=5)
+    return names.build_adjoint(kind, linear_solver=gmres, phantom_steps=5, phantom_damping=0.5,
+                               on_failure="ignore")
 
 
 def matched_resnet_width(in_shape: tuple[int, ...], num_classes: int, depth: int,
@@ -108,34 +106,11 @@ def f_evals(model: nn.Module) -> float:
     return float(model.deq.last_solution.stats["nfev"])
 
 
-def ode_logits(model: NeuralODEClassifier, x: Tensor, *, adjoint: bool, method: str = "dopri5",
-               rtol: float = 1e-3, atol: float = 1e-4,
-               options: dict[str, Any] | None = None) -> Tensor:
-    """``model``'s forward pass with a chosen integrator (same parameters and dynamics)."""
-    import torchdiffeq
-
-    u = model.inject(x.flatten(1))
-    z0 = torch.zeros_like(u)
-    t = torch.tensor([0.0, model.t_final], dtype=u.dtype)
-    model.func.nfe = 0
-    kw: dict[str, Any] = dict(rtol=rtol, atol=atol, method=method, options=options)
-    if adjoint:
-        kw["adjoint_options"] = options and dict(options)
-        zT, _ = torchdiffeq.odeint_adjoint(model.func, (z0, u), t,
-                                           adjoint_params=tuple(model.func.parameters()), **kw)
-    else:
-        zT, _ = torchdiffeq.odeint(model.func, (z0, u), t, **kw)
-    model.nfe = model.func.nfe
-    return model.head(zT[-1])
-
-
-@torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, len(x), batch):
-        correct += int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-    return correct / max(1, len(x))
+    """Accuracy of ``model`` on ``(x, y)`` (the shared evaluation; 0 for no samples)."""
+    if len(x) == 0:
+        return 0.0
+    return evaluate(model, torch.utils.data.TensorDataset(x, y), batch)["acc"]
 
 
 def train_model(
@@ -151,47 +126,38 @@ def train_model(
     name: str = "",
     evals_per_epoch: int = 1,
 ) -> dict[str, Any]:
-    """AdamW + cosine schedule, the same for every model. Returns the history: per-step times
-    and, ``evals_per_epoch`` times per epoch, (cumulative training wall time excluding
-    evaluation, validation accuracy)."""
-    x, y = train
+    """AdamW + cosine schedule, the same for every model (:func:`deqkit.app.train.fit`).
+    Returns the history: per-step times and, ``evals_per_epoch`` times per epoch,
+    (cumulative training wall time excluding evaluation, validation accuracy)."""
+    x, _ = train
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(seed)
-    step_times: list[float] = []
     history: list[dict[str, float]] = [{"epoch": 0, "time": 0.0,
                                         "val_acc": accuracy(model, *val)}]
-    elapsed = 0.0
-    loss_v = float("nan")
-    every = max(1, steps_per_epoch // max(1, evals_per_epoch))
-    for epoch in range(1, epochs + 1):
-        model.train()
-        perm = torch.randperm(len(x), generator=gen)
-        for j, i in enumerate(range(0, len(x), batch)):
-            idx = perm[i:i + batch]
-            t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            elapsed += dt
-            loss_v = float(loss.detach())
-            if (j + 1) % every == 0 and j + 1 < steps_per_epoch:
-                history.append({"epoch": epoch - 1 + (j + 1) / steps_per_epoch,
-                                "time": elapsed, "val_acc": accuracy(model, *val),
-                                "loss": loss_v})
-                model.train()
-        acc = accuracy(model, *val)
-        history.append({"epoch": epoch, "time": elapsed, "val_acc": acc, "loss": loss_v})
+    step_times: list[float] = []
+    last = {"loss": float("nan")}
+
+    def on_step(info: StepInfo) -> None:
+        step_times.append(info.seconds)
+        last["loss"] = info.loss
+
+    def on_epoch(record: dict[str, Any], state: Any) -> None:
+        elapsed = sum(step_times)
+        history.append({"epoch": record["epoch"], "time": elapsed, "val_acc": record["val_acc"],
+                        "loss": last["loss"]})
         if progress:
-            progress(f"train {name:<13} epoch {epoch:>3}/{epochs}  loss {loss_v:.3f}  "
-                     f"val acc {acc:.3f}  ({elapsed:.1f} s)")
-    return {"history": history, "step_times": step_times, "train_time": elapsed}
+            progress(f"train {name:<13} epoch {record['epoch']:>3}/{epochs}  loss "
+                     f"{last['loss']:.3f}  val acc {record['val_acc']:.3f}  ({elapsed:.1f} s)")
+
+    res = fit(model, torch.utils.data.TensorDataset(*train), epochs=epochs, batch_size=batch,
+              optimizer=opt, scheduler=sched, val_data=torch.utils.data.TensorDataset(*val),
+              seed=seed, evals_per_epoch=evals_per_epoch, on_step=on_step, on_epoch=on_epoch)
+    history += [{"epoch": r["epoch"], "time": r["time"], "val_acc": r["val_acc"],
+                 "loss": r["loss"]} for r in res.evals]
+    history.sort(key=lambda r: r["epoch"])  # mid-epoch evaluations between the epochs
+    return {"history": history, "step_times": step_times, "train_time": sum(step_times)}
 
 
 __all__ = ["MODELS", "accuracy", "build_models", "f_evals", "matched_resnet_width",
-           "n_params", "ode_logits", "train_model"]
+           "n_params", "train_model"]

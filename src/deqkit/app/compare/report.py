@@ -64,86 +64,94 @@ def _join(parts: list[str]) -> str:
 def build_rows(res: dict[str, Any]) -> list[list[str]]:
     """One row per property of the document's table (+ accuracy, parameters): the claim and
     the measurement for each family."""
-    M = res["models"]
-    sweep = res.get("memory_sweep", {})
-    deepest = max(res["config"]["sweep"]) if res["config"]["sweep"] else None
-
-    def cell(prop: str, fam: str) -> str:
-        parts = []
-        for k in _keys(res, fam):
-            r = M[k]
-            s = sweep.get(k)
-            if prop == "Forward computation":
-                parts.append(f"{SHORT[k]}: {r['forward']['f_evals']:.0f} f evals, "
-                             f"{fmt_time(r['forward']['infer_s_per_sample'])}/sample")
-            elif prop == "Memory (forward)":
-                txt = f"{SHORT[k]}: saved {fmt_bytes(r['memory']['saved_bytes'])}"
-                if s:
-                    txt += f", {fmt_bytes(s['fit']['saved_bytes']['slope'])}/layer"
-                parts.append(txt)
-            elif prop == "Memory (backward)":
-                txt = f"{SHORT[k]}: peak {fmt_bytes(r['memory']['peak_train_bytes'])}"
-                if s:
-                    last = s["rows"][-1]["peak_train_bytes"]
-                    txt += (f", {fmt_bytes(s['fit']['peak_train_bytes']['slope'])}/layer, "
-                            f"{fmt_bytes(last)} @{deepest}")
-                parts.append(txt)
-            elif prop == "Effective depth":
-                d = r["depth"]
-                txt = f"{SHORT[k]}: {d['kind']} {d['mean']:.1f}"
-                if d["kind"] in ("solver steps", "ODE NFE"):
-                    txt += f" (max {d['max']:.0f})"
-                parts.append(txt)
-            elif prop == "Training speed":
-                sp = r["speed"]
-                parts.append(f"{SHORT[k]}: {fmt_time(sp['step_s_median'])}/step, "
-                             f"{100 * sp['target']:.0f}% val in "
-                             f"{fmt_time(sp['time_to_target_s'])}")
-            elif prop == "Final test accuracy":
-                parts.append(f"{SHORT[k]}: {100 * r['test_acc']:.1f}%")
-            elif prop == "Parameters":
-                parts.append(f"{SHORT[k]}: {r['params']:,}")
-        if prop in ("Memory (forward)", "Memory (backward)"):
-            key = "saved_bytes" if prop == "Memory (forward)" else "peak_train_bytes"
-            tied = sweep.get("unrolled", {}).get("rows")
-            for k, s in sweep.items():
-                if _family(k) != fam:
-                    continue
-                last = s["rows"][-1][key]
-                txt = ""
-                if k not in M:
-                    txt = (f"{k} (sweep only): {fmt_bytes(s['fit'][key]['slope'])}/step, "
-                           f"{fmt_bytes(last)} @{deepest}")
-                if fam == "deq" and tied and key == "peak_train_bytes":
-                    ratio = last / tied[-1][key]
-                    txt = (txt or f"{SHORT.get(k, k)} @{deepest}") + (
-                        f" = {ratio:.2f}x tied ({100 * (1 - ratio):.0f}% less)")
-                if txt:
-                    parts.append(txt)
-        if prop == "Expressiveness" and "expressiveness" in res:
-            e = res["expressiveness"]["models"]
-            name = {"standard": "resnet", "ode": "neural_ode", "deq": "deq"}[fam]
-            txt = f"y=-x in 1-D: MSE {e[name]['mse']:.3g}"
-            if fam == "ode":
-                bound = res["expressiveness"]["order_preserving_bound"]
-                txt += f" (order-preserving best ~{bound:.3f})"
-            parts.append(txt)
-        if prop == "Gradient accuracy":
-            parts += _grad_cell(res, fam)
-        return _join(parts)
-
     rows = []
     for prop, claims in CLAIMS.items():
         row = [prop]
         for fam, claim in zip(FAMILIES, claims):
-            row += [claim, cell(prop, fam)]
+            row += [claim, _cell(res, prop, fam)]
         rows.append(row)
     for prop in ("Final test accuracy", "Parameters"):
         row = [prop]
         for fam in FAMILIES:
-            row += ["-", cell(prop, fam)]
+            row += ["-", _cell(res, prop, fam)]
         rows.append(row)
     return rows
+
+
+def _cell(res: dict[str, Any], prop: str, fam: str) -> str:
+    """The measured cell of property ``prop`` for family ``fam``."""
+    sweep = res.get("memory_sweep", {})
+    deepest = max(res["config"]["sweep"]) if res["config"]["sweep"] else None
+    parts = [_model_part(prop, k, res["models"][k], sweep.get(k), deepest)
+             for k in _keys(res, fam)]
+    if prop in ("Memory (forward)", "Memory (backward)"):
+        parts += _sweep_parts(res, prop, fam, deepest)
+    if prop == "Expressiveness" and "expressiveness" in res:
+        e = res["expressiveness"]["models"]
+        name = {"standard": "resnet", "ode": "neural_ode", "deq": "deq"}[fam]
+        txt = f"y=-x in 1-D: MSE {e[name]['mse']:.3g}"
+        if fam == "ode":
+            bound = res["expressiveness"]["order_preserving_bound"]
+            txt += f" (order-preserving best ~{bound:.3f})"
+        parts.append(txt)
+    if prop == "Gradient accuracy":
+        parts += _grad_cell(res, fam)
+    return _join(parts)
+
+
+def _model_part(prop: str, k: str, r: dict[str, Any], s: dict[str, Any] | None,
+                deepest: int | None) -> str:
+    """Model ``k``'s part of the ``prop`` cell ("" when the row takes nothing from it)."""
+    if prop == "Forward computation":
+        return (f"{SHORT[k]}: {r['forward']['f_evals']:.0f} f evals, "
+                f"{fmt_time(r['forward']['infer_s_per_sample'])}/sample")
+    if prop == "Memory (forward)":
+        txt = f"{SHORT[k]}: saved {fmt_bytes(r['memory']['saved_bytes'])}"
+        return txt + (f", {fmt_bytes(s['fit']['saved_bytes']['slope'])}/layer" if s else "")
+    if prop == "Memory (backward)":
+        txt = f"{SHORT[k]}: peak {fmt_bytes(r['memory']['peak_train_bytes'])}"
+        if s:
+            txt += (f", {fmt_bytes(s['fit']['peak_train_bytes']['slope'])}/layer, "
+                    f"{fmt_bytes(s['rows'][-1]['peak_train_bytes'])} @{deepest}")
+        return txt
+    if prop == "Effective depth":
+        d = r["depth"]
+        txt = f"{SHORT[k]}: {d['kind']} {d['mean']:.1f}"
+        return txt + (f" (max {d['max']:.0f})" if d["kind"] in ("solver steps", "ODE NFE")
+                      else "")
+    if prop == "Training speed":
+        sp = r["speed"]
+        return (f"{SHORT[k]}: {fmt_time(sp['step_s_median'])}/step, "
+                f"{100 * sp['target']:.0f}% val in {fmt_time(sp['time_to_target_s'])}")
+    if prop == "Final test accuracy":
+        return f"{SHORT[k]}: {100 * r['test_acc']:.1f}%"
+    if prop == "Parameters":
+        return f"{SHORT[k]}: {r['params']:,}"
+    return ""
+
+
+def _sweep_parts(res: dict[str, Any], prop: str, fam: str, deepest: int | None) -> list[str]:
+    """Memory sweep entries of family ``fam``: sweep-only series, and the DEQs' peak as a
+    fraction of the tied network's at the deepest point."""
+    key = "saved_bytes" if prop == "Memory (forward)" else "peak_train_bytes"
+    sweep = res.get("memory_sweep", {})
+    tied = sweep.get("unrolled", {}).get("rows")
+    parts = []
+    for k, s in sweep.items():
+        if _family(k) != fam:
+            continue
+        last = s["rows"][-1][key]
+        txt = ""
+        if k not in res["models"]:
+            txt = (f"{k} (sweep only): {fmt_bytes(s['fit'][key]['slope'])}/step, "
+                   f"{fmt_bytes(last)} @{deepest}")
+        if fam == "deq" and tied and key == "peak_train_bytes":
+            ratio = last / tied[-1][key]
+            txt = (txt or f"{SHORT.get(k, k)} @{deepest}") + (
+                f" = {ratio:.2f}x tied ({100 * (1 - ratio):.0f}% less)")
+        if txt:
+            parts.append(txt)
+    return parts
 
 
 def _grad_cell(res: dict[str, Any], fam: str) -> list[str]:
@@ -218,75 +226,160 @@ def write_json(res: dict[str, Any], path: str) -> None:
         json.dump(_jsonable(res), fh, indent=1)
 
 
+#: Plot style of every series: (label, colour, marker, line style). Distinct markers and dash
+#: patterns keep series that measure the same bytes visible on top of each other.
+STYLE: dict[str, tuple[str, str, str, str]] = {
+    "resnet": ("ResNet (L blocks)", "tab:blue", "o", "-"),
+    "unrolled": ("tied, unrolled L steps", "tab:cyan", "s", "-"),
+    "node_direct": ("Neural ODE, direct backprop", "tab:orange", "^", "-"),
+    "node_adjoint": ("Neural ODE, adjoint", "tab:brown", "v", "--"),
+    "deq_implicit": ("DEQ Anderson, implicit GMRES", "tab:red", "D", "-"),
+    "deq_implicit_picard": ("DEQ Picard, implicit GMRES", "tab:pink", "P", "--"),
+    "deq_neumann_picard": ("DEQ Picard, implicit Neumann", "tab:purple", "X", ":"),
+    "deq_jfb": ("DEQ, JFB", "tab:green", "<", "-."),
+    "deq_phantom": ("DEQ, phantom(5, 0.5)", "tab:olive", ">", ":"),
+}
+
+
+def _style(name: str, i: int, label: str | None = None) -> dict[str, Any]:
+    """Matplotlib keywords of series ``name``, the ``i``-th drawn: hollow markers that shrink
+    and lines that thin with ``i``, so later series sit visibly inside earlier ones."""
+    default, color, marker, ls = STYLE.get(name, (name, f"C{i % 10}", "o", "-"))
+    return dict(label=label or default, color=color, marker=marker, ls=ls,
+                ms=max(4.0, 11.0 - 1.1 * i), mfc="none", mew=1.6,
+                lw=max(1.0, 2.6 - 0.2 * i), zorder=2 + i)
+
+
+def _legend(ax: Any, where: str = "inside", ncol: int = 1) -> None:
+    """The panel's legend, ``"inside"`` the axes, or ``"below"`` / ``"right"`` of them, where
+    it cannot hide a curve."""
+    kw: dict[str, Any] = {"fontsize": 7.5, "ncol": ncol, "framealpha": 0.85}
+    if where == "below":
+        kw.update(loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    elif where == "right":
+        kw.update(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(**kw)
+
+
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib figure drawn by the Agg (file) backend, outside pyplot: no global state
+    and no backend switch for the caller (matplotlib is imported only when plotting)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: str) -> str:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_memory(res: dict[str, Any], path: str) -> str:
+    """memory.png: the three memory measures vs depth / steps, one panel each."""
+    sweep, c = res["memory_sweep"], res["config"]
+    fig = _figure((16, 6.4))
+    axes = fig.subplots(1, 3)
+    depths = sorted({r["depth"] for s in sweep.values() for r in s["rows"]})
+    panels = (("saved_bytes", "Memory (forward): bytes saved for backward"),
+              ("peak_train_bytes", "Memory (backward): peak of a training step"),
+              ("peak_infer_bytes", "Peak of an inference pass (no grad)"))
+    for ax, (key, title) in zip(axes, panels):
+        for i, (name, s) in enumerate(sweep.items()):
+            ax.plot([r["depth"] for r in s["rows"]], [r[key] / 1024 for r in s["rows"]],
+                    **_style(name, i))
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(depths, [str(d) for d in depths], minor=False)
+        ax.set_xticks([], minor=True)
+        ax.set_yscale("log")
+        ax.set_xlabel("L: layers / unrolled steps / forced DEQ steps / RK4 steps (log)")
+        ax.set_ylabel("KiB (log)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax, "below", ncol=2)
+    fig.suptitle(f"Memory vs depth: O(L) grows with L, O(1) stays flat (width {c['width']}, "
+                 f"batch {min(c['batch'], c['n_train'])})", fontsize=11)
+    return _save(fig, path)
+
+
+def _plot_gradients(res: dict[str, Any], path: str) -> str:
+    """gradients.png: gradient error vs backward / solver tolerance (float64 references)."""
+    g = res["gradients"]
+    fig = _figure((7.5, 5))
+    ax = fig.subplots()
+    i = 0
+    if "deq" in g:
+        rows = g["deq"]["rows"]
+        pts = [(r["tol"], r["rel_err"]) for r in rows if r["method"] == "implicit GMRES"]
+        ax.plot(*zip(*pts), **_style("deq_implicit", i, "DEQ implicit, GMRES at tolerance"))
+        for r in rows:
+            if r["method"] in ("JFB", "phantom(5, 0.5)"):
+                name = "deq_jfb" if r["method"] == "JFB" else "deq_phantom"
+                _, color, _, ls = STYLE[name]
+                ax.axhline(max(r["rel_err"], 1e-17), ls=ls, color=color, lw=1.8,
+                           label=f"DEQ {r['method']} (no tolerance)")
+    if "ode" in g:
+        for name, meth in (("node_adjoint", "odeint_adjoint"), ("node_direct", "odeint direct")):
+            i += 1
+            pts = [(r["tol"], r["rel_err"]) for r in g["ode"]["rows"] if r["method"] == meth]
+            ax.plot(*zip(*pts), **_style(name, i, f"Neural ODE, {meth} at tolerance"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("backward / solver tolerance (tighter to the right)")
+    ax.set_ylabel("relative gradient error vs float64 reference")
+    ax.set_title("Gradient accuracy: implicit DEQ and ODE errors shrink with the tolerance;\n"
+                 "JFB and phantom gradients keep a fixed bias", fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return _save(fig, path)
+
+
+def _plot_accuracy(res: dict[str, Any], path: str) -> str:
+    """accuracy.png: validation accuracy vs training wall time (log axis, zoomed)."""
+    fig = _figure((9.5, 5))
+    ax = fig.subplots()
+    target = res["config"]["target"]
+    finals, times = [], []
+    for i, (k, r) in enumerate(res["models"].items()):
+        h = [p for p in r["history"] if p["time"] > 0]  # the untrained point has no log time
+        if not h:
+            continue
+        st = _style(k, i)
+        # about a dozen markers per series: dense evaluation points would hide the lines
+        st.update(ms=max(3.5, st["ms"] * 0.6), lw=1.6, markevery=max(1, len(h) // 12))
+        ax.plot([p["time"] for p in h], [p["val_acc"] for p in h], **st)
+        finals.append(h[-1]["val_acc"])
+        times += [p["time"] for p in h]
+    ax.axhline(target, color="k", ls="--", lw=1, label=f"target {100 * target:.0f}%")
+    ax.set_xscale("log")
+    if finals:  # from well below the worst final accuracy to just above the best
+        lo = min(min(finals) - 0.15, target - 0.05)
+        ax.set_ylim(max(0.0, lo), min(1.0, max(*finals, target) + 0.02))
+        ax.set_xlim(min(times) / 1.3, max(times) * 1.3)
+    ax.set_xlabel("training wall time, evaluation excluded (s, log)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Training speed: validation accuracy vs wall time "
+                 "(earlier points below the axis)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, "right")
+    return _save(fig, path)
+
+
 def write_plots(res: dict[str, Any], out: str) -> list[str]:
     """memory.png (memory vs depth/steps), gradients.png (gradient error vs backward
     tolerance), accuracy.png (validation accuracy vs training wall time)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     files = []
-    sweep = res.get("memory_sweep", {})
-    if sweep:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-        for ax, key, title in zip(axes, ("saved_bytes", "peak_train_bytes", "peak_infer_bytes"),
-                                  ("saved for backward", "peak, training step",
-                                   "peak, inference")):
-            for name, s in sweep.items():
-                xs = [r["depth"] for r in s["rows"]]
-                ax.plot(xs, [r[key] / 1024 for r in s["rows"]], "o-", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("depth L / solver steps / RK4 steps")
-            ax.set_ylabel("KiB")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        files.append(os.path.join(out, "memory.png"))
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
+    if res.get("memory_sweep"):
+        files.append(_plot_memory(res, os.path.join(out, "memory.png")))
     g = res.get("gradients", {})
     if "deq" in g or "ode" in g:
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        if "deq" in g:
-            rows = g["deq"]["rows"]
-            pts = [(r["tol"], r["rel_err"]) for r in rows if r["method"] == "implicit GMRES"]
-            ax.plot(*zip(*pts), "o-", label="DEQ implicit (GMRES)")
-            for r, ls in zip([r for r in rows if r["method"] in ("JFB", "phantom(5, 0.5)")],
-                             ("--", ":")):
-                ax.axhline(max(r["rel_err"], 1e-17), ls=ls, color="k",
-                           label=f"DEQ {r['method']} (no tolerance)")
-        if "ode" in g:
-            for meth in ("odeint_adjoint", "odeint direct"):
-                pts = [(r["tol"], r["rel_err"]) for r in g["ode"]["rows"] if r["method"] == meth]
-                ax.plot(*zip(*pts), "s-", label=f"ODE {meth}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("backward / solver tolerance")
-        ax.set_ylabel("relative gradient error vs float64 reference")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        files.append(os.path.join(out, "gradients.png"))
-        fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for k, r in res["models"].items():
-        h = r["history"]
-        ax.plot([p["time"] for p in h], [p["val_acc"] for p in h], "o-", ms=3, label=k)
-    ax.set_xlabel("training wall time (s)")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    files.append(os.path.join(out, "accuracy.png"))
-    fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
+        files.append(_plot_gradients(res, os.path.join(out, "gradients.png")))
+    files.append(_plot_accuracy(res, os.path.join(out, "accuracy.png")))
     return files
 
 
-__all__ = ["CLAIMS", "build_rows", "markdown_report", "markdown_table", "write_json",
+__all__ = ["CLAIMS", "STYLE", "build_rows", "markdown_report", "markdown_table", "write_json",
            "write_plots"]

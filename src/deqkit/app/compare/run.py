@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -10,6 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
+from deqkit.data import load_dataset
 
 from .expressiveness import homeomorphism_experiment
 from .measure import (
@@ -32,127 +36,180 @@ DEFAULTS = dict(width=64, depth=8, epochs=12, batch=64, lr=3e-3, sweep="4,8,16,3
 QUICK = dict(epochs=2, sweep="4,16,64", tols="1e-2,1e-8", homeo_steps=100)
 TARGETS = {"digits": 0.95, "mnist1d": 0.6}
 
-
-def _floats(s: str) -> list[float]:
-    return [float(v) for v in s.split(",") if v.strip()]
-
-
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
+Log = Callable[[str], None]
+Split = tuple[Tensor, Tensor]
 
 
-def run_compare(args: argparse.Namespace, log: Callable[[str], None] | None = None
-                ) -> dict[str, Any]:
-    """Run the comparison described by ``args`` (see :func:`add_compare_parser`); write the
-    Markdown table, JSON and PNG plots to ``args.out``; return the results dict."""
-    from deqkit.data import load_dataset
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The resolved options of one comparison run (command-line value, else the --quick or
+    full default)."""
 
-    t_start = time.perf_counter()
-    quick = bool(args.quick)
+    data: str
+    width: int
+    depth: int
+    epochs: int
+    batch: int
+    lr: float
+    sweep: list[int]
+    tols: list[float]
+    homeo_steps: int
+    target: float
+    out: str
+    quick: bool
+    seed: int
+    threads: int
+    subset: int | None
+    resnet_width: int | None
 
-    def opt(name: str) -> Any:
-        v = getattr(args, name, None)
-        if v is not None:
-            return v
-        return QUICK[name] if quick and name in QUICK else DEFAULTS[name]
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        """Fill every option left unset (None) from :data:`QUICK` / :data:`DEFAULTS`."""
+        quick = bool(args.quick)
+
+        def opt(name: str) -> Any:
+            v = getattr(args, name, None)
+            if v is not None:
+                return v
+            return QUICK[name] if quick and name in QUICK else DEFAULTS[name]
+
+        return cls(data=args.data, width=opt("width"), depth=opt("depth"),
+                   epochs=opt("epochs"), batch=opt("batch"), lr=opt("lr"),
+                   sweep=_numbers(opt("sweep"), int), tols=_numbers(opt("tols"), float),
+                   homeo_steps=opt("homeo_steps"),
+                   target=opt("target") or TARGETS.get(args.data, 0.9),
+                   out=args.out or os.path.join("runs", f"compare-{args.data}"), quick=quick,
+                   seed=args.seed, threads=int(args.threads), subset=args.subset,
+                   resnet_width=args.resnet_width or None)
+
+
+def _numbers(s: str, kind: Callable[[str], Any]) -> list[Any]:
+    return [kind(v) for v in s.split(",") if v.strip()]
+
+
+def _progress(log: Log | None, t_start: float) -> Log:
+    """``log`` with the elapsed time prefixed (a no-op without ``log``)."""
 
     def say(msg: str) -> None:
         if log is not None:
             log(f"[compare {time.perf_counter() - t_start:6.1f}s] {msg}")
 
-    torch.set_num_threads(int(args.threads))
-    torch.manual_seed(args.seed)
-    width, depth, epochs, batch = opt("width"), opt("depth"), opt("epochs"), opt("batch")
-    lr = opt("lr")
-    sweep, tols = _ints(opt("sweep")), _floats(opt("tols"))
-    target = opt("target") or TARGETS.get(args.data, 0.9)
-    out = args.out or os.path.join("runs", f"compare-{args.data}")
-    os.makedirs(out, exist_ok=True)
+    return say
 
-    splits = load_dataset(args.data, flatten=True, seed=args.seed, subset=args.subset)
-    xtr, ytr = splits.train.tensors
-    xva, yva = splits.val.tensors
-    xte, yte = splits.test.tensors
+
+def run_compare(args: argparse.Namespace, log: Log | None = None) -> dict[str, Any]:
+    """Run the comparison described by ``args`` (see :func:`add_compare_parser`); write the
+    Markdown table, JSON and PNG plots to ``args.out``; return the results dict."""
+    t_start = time.perf_counter()
+    say = _progress(log, t_start)
+    s = Settings.from_args(args)
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    os.makedirs(s.out, exist_ok=True)
+    splits = load_dataset(s.data, flatten=True, seed=s.seed, subset=s.subset)
+    train, val, test = splits.train.tensors, splits.val.tensors, splits.test.tensors
     in_shape, ncls = tuple(splits.spec.input_shape), splits.spec.num_classes
-    say(f"data {args.data}: train/val/test {len(xtr)}/{len(xva)}/{len(xte)}, in {in_shape}, "
-        f"{ncls} classes")
-
+    say(f"data {s.data}: train/val/test {len(train[0])}/{len(val[0])}/{len(test[0])}, in "
+        f"{in_shape}, {ncls} classes")
     probe = verify_peak_method()
     say(f"profiler memory check: 1 MiB allocation -> {fmt_bytes(probe['measured_peak'])} "
         f"({'ok' if probe['ok'] else 'FAILED'})")
-
-    models = build_models(in_shape, ncls, width=width, depth=depth,
-                          resnet_width=args.resnet_width or None, seed=args.seed)
-    resnet_width = models["resnet"].stem.out_features
-    res: dict[str, Any] = {
-        "config": dict(data=args.data, width=width, depth=depth, resnet_width=resnet_width,
-                       epochs=epochs, batch=batch, lr=lr, seed=args.seed, sweep=sweep,
-                       tolerances=tols, quick=quick, threads=int(args.threads),
-                       subset=args.subset, target=target, n_train=len(xtr), n_val=len(xva),
-                       n_test=len(xte), torch=torch.__version__),
-        "profiler_check": probe,
-        "models": {},
-    }
-    mb = min(batch, len(xtr))
-    xb, yb = xtr[:mb], ytr[:mb]
-    for name, model in models.items():
-        say(f"training {name} ({MODELS[name][1]}, {n_params(model):,} parameters)")
-        tr = train_model(model, (xtr, ytr), (xva, yva), epochs, batch, lr=lr, seed=args.seed,
-                         progress=say, name=name, evals_per_epoch=4)
-        r: dict[str, Any] = {"label": MODELS[name][1], "family": MODELS[name][0],
-                             "params": n_params(model), "history": tr["history"],
-                             "step_times": tr["step_times"]}
-        r["test_acc"] = accuracy(model, xte, yte)
-        r["speed"] = training_speed(tr, target)
-        r["forward"] = forward_cost(model, xte, repeats=3 if quick else 5)
-        r["depth"] = effective_depth(model, xte)
-        model.train()
-        r["memory"] = memory_of(model, list(model.parameters()), xb, yb)
-        res["models"][name] = r
-        say(f"{name}: test acc {r['test_acc']:.3f}, step {1e3 * r['speed']['step_s_median']:.1f}"
-            f" ms, f evals {r['forward']['f_evals']:.0f}, train-step peak "
-            f"{fmt_bytes(r['memory']['peak_train_bytes'])}")
-
-    say(f"memory sweep over depth/steps {sweep} (width {width}, batch {mb})")
-    res["memory_sweep"] = memory_sweep(sweep_factories(models, width, in_shape, ncls,
-                                                       full=not quick), sweep,
-                                       xb, yb, progress=say)
-
-    say("expressiveness: 1-D y = -x (Neural ODE vs ResNet vs DEQ)")
-    res["expressiveness"] = homeomorphism_experiment(steps=opt("homeo_steps"), seed=args.seed)
-    for k, v in res["expressiveness"]["models"].items():
-        say(f"  {k}: MSE {v['mse']:.4f} ({v['time_s']:.1f} s)")
-
-    say("gradient accuracy (float64 references)")
-    gb = min(32 if quick else 64, len(xte))
-    res["gradients"] = {
-        "standard": {k: explicit_gradient_accuracy(models[k], xte[:gb], yte[:gb])
-                     for k in ("resnet", "unrolled")},
-        "deq": deq_gradient_accuracy(models["deq_implicit"], xte[:gb], yte[:gb], tols,
-                                     repeats=1 if quick else 3),
-    }
-    say("  DEQ done; Neural ODE (reference: odeint direct at rtol=atol=1e-10)")
-    res["gradients"]["ode"] = ode_gradient_accuracy(models["node_adjoint"],
-                                                    xte[:min(gb, 32)], yte[:min(gb, 32)], tols)
-
+    models = build_models(in_shape, ncls, width=s.width, depth=s.depth,
+                          resnet_width=s.resnet_width, seed=s.seed)
+    res: dict[str, Any] = {"config": _config(s, models, train, val, test),
+                           "profiler_check": probe}
+    res["models"] = {name: _train_and_measure(name, model, s, train, val, test, say)
+                     for name, model in models.items()}
+    mb = min(s.batch, len(train[0]))
+    say(f"memory sweep over depth/steps {s.sweep} (width {s.width}, batch {mb})")
+    res["memory_sweep"] = memory_sweep(
+        sweep_factories(models, s.width, in_shape, ncls, full=not s.quick), s.sweep,
+        train[0][:mb], train[1][:mb], progress=say)
+    res["expressiveness"] = _expressiveness(s, say)
+    res["gradients"] = _gradients(models, test, s, say)
     res["checks"] = acceptance_checks(res)
     res["methods"] = methods(res)
     res["runtime_s"] = time.perf_counter() - t_start
-    table = markdown_table(build_rows(res))
-    md = markdown_report(res)
+    _write_outputs(res, s.out, echo=log is not None)
+    return res
+
+
+def _config(s: Settings, models: dict[str, nn.Module], train: Split, val: Split,
+            test: Split) -> dict[str, Any]:
+    """The run's configuration as recorded in the JSON and the report."""
+    return dict(data=s.data, width=s.width, depth=s.depth,
+                resnet_width=models["resnet"].stem.out_features, epochs=s.epochs,
+                batch=s.batch, lr=s.lr, seed=s.seed, sweep=s.sweep, tolerances=s.tols,
+                quick=s.quick, threads=s.threads, subset=s.subset, target=s.target,
+                n_train=len(train[0]), n_val=len(val[0]), n_test=len(test[0]),
+                torch=torch.__version__)
+
+
+def _train_and_measure(name: str, model: nn.Module, s: Settings, train: Split, val: Split,
+                       test: Split, say: Log) -> dict[str, Any]:
+    """Train one model and measure its row of the table: accuracy, speed, forward cost,
+    effective depth, memory of one training step."""
+    say(f"training {name} ({MODELS[name][1]}, {n_params(model):,} parameters)")
+    tr = train_model(model, train, val, s.epochs, s.batch, lr=s.lr, seed=s.seed,
+                     progress=say, name=name, evals_per_epoch=4)
+    xte, yte = test
+    r: dict[str, Any] = {"label": MODELS[name][1], "family": MODELS[name][0],
+                         "params": n_params(model), "history": tr["history"],
+                         "step_times": tr["step_times"]}
+    r["test_acc"] = accuracy(model, xte, yte)
+    r["speed"] = training_speed(tr, s.target)
+    r["forward"] = forward_cost(model, xte, repeats=3 if s.quick else 5)
+    r["depth"] = effective_depth(model, xte)
+    model.train()
+    mb = min(s.batch, len(train[0]))
+    r["memory"] = memory_of(model, list(model.parameters()), train[0][:mb], train[1][:mb])
+    say(f"{name}: test acc {r['test_acc']:.3f}, step {1e3 * r['speed']['step_s_median']:.1f}"
+        f" ms, f evals {r['forward']['f_evals']:.0f}, train-step peak "
+        f"{fmt_bytes(r['memory']['peak_train_bytes'])}")
+    return r
+
+
+def _expressiveness(s: Settings, say: Log) -> dict[str, Any]:
+    say("expressiveness: 1-D y = -x (Neural ODE vs ResNet vs DEQ)")
+    out = homeomorphism_experiment(steps=s.homeo_steps, seed=s.seed)
+    for k, v in out["models"].items():
+        say(f"  {k}: MSE {v['mse']:.4f} ({v['time_s']:.1f} s)")
+    return out
+
+
+def _gradients(models: dict[str, nn.Module], test: Split, s: Settings,
+               say: Log) -> dict[str, Any]:
+    """Gradient accuracy of the explicit models, the DEQ and the Neural ODE (float64)."""
+    say("gradient accuracy (float64 references)")
+    gb = min(32 if s.quick else 64, len(test[0]))
+    x, y = test[0][:gb], test[1][:gb]
+    out: dict[str, Any] = {
+        "standard": {k: explicit_gradient_accuracy(models[k], x, y)
+                     for k in ("resnet", "unrolled")},
+        "deq": deq_gradient_accuracy(models["deq_implicit"], x, y, s.tols,
+                                     repeats=1 if s.quick else 3),
+    }
+    say("  DEQ done; Neural ODE (reference: odeint direct at rtol=atol=1e-10)")
+    out["ode"] = ode_gradient_accuracy(models["node_adjoint"], x[:32], y[:32], s.tols)
+    return out
+
+
+def _write_outputs(res: dict[str, Any], out: str, echo: bool) -> None:
+    """compare.md, compare.json and the plots; with ``echo``, print the table, the checks
+    and what was written."""
     with open(os.path.join(out, "compare.md"), "w") as fh:
-        fh.write(md)
-    write_json(res, os.path.join(out, "compare.json"))
+        fh.write(markdown_report(res))
+    write_json(res, os.path.join(out, "compare.json"))  # the results, should plotting fail
     res["plots"] = write_plots(res, out)
     write_json(res, os.path.join(out, "compare.json"))
-    if log is not None:
-        print("\n" + table + "\n")
-        for c in res["checks"]:
-            print(f"[{'met' if c['met'] else 'NOT met'}] {c['name']}: {c['detail']}")
-        print(f"\nwrote {out}/compare.md, compare.json, " +
-              ", ".join(os.path.basename(p) for p in res["plots"]) +
-              f" in {res['runtime_s']:.0f} s")
-    return res
+    if not echo:
+        return
+    print("\n" + markdown_table(build_rows(res)) + "\n")
+    for c in res["checks"]:
+        print(f"[{'met' if c['met'] else 'NOT met'}] {c['name']}: {c['detail']}")
+    print(f"\nwrote {out}/compare.md, compare.json, " +
+          ", ".join(os.path.basename(p) for p in res["plots"]) +
+          f" in {res['runtime_s']:.0f} s")
 
 
 def acceptance_checks(res: dict[str, Any]) -> list[dict[str, Any]]:
@@ -236,9 +293,9 @@ def methods(res: dict[str, Any]) -> list[str]:
         "no-grad inference pass. Measured identically for every model.",
         "Memory growth: L in " + str(c["sweep"]) + " blocks (ResNet, width " + str(c["width"]) +
         " for all models here), tied steps (unrolled), forced solver steps of the trained DEQ "
-        "(dk.FixedSteps: exactly that many updates, no tolerance test, no divergence stop, no "
-        "batch compaction) with its "
-        "Anderson(m=5) solver "
+        "(a copy run under DEQ.overrides(solver=dk.FixedSteps(...), max_steps=L): exactly L "
+        "updates, no tolerance test, so no sample leaves the batch early; 'mean steps used' "
+        "in the checks confirms it) with its Anderson(m=5) solver "
         "('deq_implicit', also JFB/phantom) or dk.Picard ('deq_implicit_picard'), both with the "
         "trained ImplicitAdjoint(GMRES restart 5) backward whose Krylov basis is a constant "
         "~(6 x batch x width) workspace, and with Picard + ImplicitAdjoint(Neumann rtol 1e-4) "

@@ -196,14 +196,16 @@ class GlobalBatchSampler:
     base_seed + e))`` -- the single-process trainer's; rank ``r`` gets the ``r``-th contiguous
     chunk of each. Unlike :class:`torch.utils.data.DistributedSampler` nothing is padded or
     interleaved, so the union of the ranks' batch ``k`` *is* the single-process batch ``k``.
-    A short last batch is split as evenly as possible (chunks differ by at most one); the
+    ``drop_last=True`` leaves out a short last batch. A short last batch is split as evenly
+    as possible (chunks differ by at most one); the
     trainer weights each rank's loss by its share so the averaged gradient is the global
     mean. Call :meth:`set_epoch` before each epoch.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int, world_size: int, *,
-                 shuffle: bool, base_seed: int = 0) -> None:
+                 shuffle: bool, base_seed: int = 0, drop_last: bool = False) -> None:
         self.n, self.batch_size = n, batch_size
+        self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.base_seed = shuffle, base_seed
         self.epoch = 0
@@ -212,6 +214,8 @@ class GlobalBatchSampler:
         self.epoch = epoch
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
         return math.ceil(self.n / self.batch_size)
 
     def global_batches(self) -> list[list[int]]:
@@ -221,11 +225,13 @@ class GlobalBatchSampler:
         the permutation, so it is used itself rather than re-implemented)."""
         if not self.shuffle:
             idx = list(range(self.n))
-            return [idx[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        gen = torch.Generator().manual_seed(self.base_seed + self.epoch)
-        loader = torch.utils.data.DataLoader(range(self.n), batch_size=self.batch_size,
-                                             shuffle=True, generator=gen)
-        return [b.tolist() for b in loader]
+            out = [idx[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        else:
+            gen = torch.Generator().manual_seed(self.base_seed + self.epoch)
+            loader = torch.utils.data.DataLoader(range(self.n), batch_size=self.batch_size,
+                                                 shuffle=True, generator=gen)
+            out = [b.tolist() for b in loader]
+        return out[:len(self)]
 
     def batches(self) -> Iterator[tuple[list[int], int]]:
         """``(local indices, global batch size)`` per step."""
@@ -242,7 +248,8 @@ class GlobalBatchSampler:
 
     def check_nonempty(self, what: str) -> None:
         """Every rank must take part in every DDP step: no empty chunk allowed."""
-        last = self.n - (len(self) - 1) * self.batch_size
+        last = self.batch_size if self.drop_last and len(self) else \
+            self.n - (len(self) - 1) * self.batch_size
         if self.n == 0 or last < self.world_size:
             raise ValueError(
                 f"{what}: the last batch has {last} sample(s) ({self.n} samples, batch_size "

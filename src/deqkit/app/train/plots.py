@@ -27,7 +27,9 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def plot_history(history: list[dict[str, Any]], run_dir: str) -> list[str]:
-    """Loss/accuracy curves and forward steps/residual per epoch."""
+    """Loss/accuracy curves (``curves.png``) and forward steps/residual per epoch
+    (``solver.png``) of a run's epoch records; the paths written (none without
+    matplotlib)."""
     plt = _pyplot()
     if plt is None or not history:
         return []
@@ -74,6 +76,8 @@ def plot_residual_traces(model: Any, dataset: Any, run_dir: str, n: int = 32) ->
     if plt is None or deq is None or not hasattr(deq, "fp_kwargs"):
         return None
     x, _ = next(iter(torch.utils.data.DataLoader(dataset, batch_size=n, shuffle=False)))
+    p = next(iter(model.parameters()), None)
+    x = x.to(p.device) if p is not None else x
     model.eval()
     old = dict(deq.fp_kwargs)
     deq.fp_kwargs["trace"] = True
@@ -86,7 +90,7 @@ def plot_residual_traces(model: Any, dataset: Any, run_dir: str, n: int = 32) ->
     if tr is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.semilogy(tr.float().numpy(), color="tab:blue", alpha=0.35, lw=1)
+    ax.semilogy(tr.float().cpu().numpy(), color="tab:blue", alpha=0.35, lw=1)
     ax.set(xlabel="solver step", ylabel="||f(z) - z||", title="forward residual per sample")
     fig.tight_layout()
     path = os.path.join(run_dir, "residual_traces.png")

@@ -1,4 +1,4 @@
-"""Tests for dk.nn.HyperNetwork (deqkit.nn._hyper)."""
+"""Tests for dk.nn.HyperNetwork (deqkit.nn.hypernetwork)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from deqkit.nn._hyper import HyperNetwork
+from deqkit.nn import HyperNetwork
 
 F64 = torch.float64
 

@@ -71,6 +71,66 @@ def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
+def _generated_names(
+    owner: str, target: nn.Module, named: dict[str, nn.Parameter], params: list[str] | None
+) -> list[str]:
+    """The names of the parameters to generate, in the target's order, checked: all of them
+    for ``params=None``, floating point, one dtype and device."""
+    if not named:
+        raise ValueError(f"{owner}: `target` has no parameters to generate.")
+    if params is None:
+        names = list(named)
+    else:
+        if isinstance(params, str) or not all(isinstance(p, str) for p in params):
+            raise TypeError(
+                f"{owner}: `params` must be a list of parameter names (str), got {params!r}."
+            )
+        if len(params) == 0:
+            raise ValueError(f"{owner}: `params` is empty; pass None to generate all.")
+        if len(set(params)) != len(params):
+            raise ValueError(f"{owner}: `params` has duplicate names: {params!r}.")
+        unknown = [p for p in params if p not in named]
+        if unknown:
+            raise ValueError(
+                f"{owner}: unknown parameter name(s) {unknown} for target "
+                f"{type(target).__name__}; available: {list(named)}."
+            )
+        wanted = set(params)
+        names = [n for n in named if n in wanted]  # target order
+    first = named[names[0]]
+    if not first.is_floating_point():
+        raise ValueError(f"{owner}: generated parameters must be floating point.")
+    for n in names:
+        if named[n].dtype != first.dtype or named[n].device != first.device:
+            raise ValueError(
+                f"{owner}: all generated parameters must share dtype and device; "
+                f"{names[0]!r} is {first.dtype}/{first.device}, {n!r} is "
+                f"{named[n].dtype}/{named[n].device}."
+            )
+    return names
+
+
+def _init_head(head: nn.Linear, targets: list[Tensor], init_scale: float) -> None:
+    """Head bias = the target tensors' initial values (the learned base); head weight row
+    ``i`` ~ N(0, (init_scale * s_i)^2 / h), ``s_i`` the RMS of the tensor output ``i`` belongs
+    to (the mean RMS of the others for an all-zero tensor)."""
+    width = head.in_features
+    factory = {"dtype": head.weight.dtype, "device": head.weight.device}
+    with torch.no_grad():
+        rms = [t.detach().float().pow(2).mean().sqrt().item() for t in targets]
+        nonzero = [r for r in rms if r > 0]
+        fallback = sum(nonzero) / len(nonzero) if nonzero else 1.0
+        scales = torch.cat(
+            [
+                torch.full((t.numel(),), r if r > 0 else fallback, **factory)
+                for t, r in zip(targets, rms)
+            ]
+        )
+        head.bias.copy_(torch.cat([t.detach().reshape(-1) for t in targets]))
+        w = torch.randn(head.out_features, width, **factory) * (init_scale / math.sqrt(width))
+        head.weight.copy_(w * scales[:, None])
+
+
 class HyperNetwork(nn.Module):
     r"""Generate (some of) the parameters of ``target`` from a context vector.
 
@@ -193,38 +253,7 @@ class HyperNetwork(nn.Module):
         check_float(name, "init_scale", init_scale, ge=0)
 
         named = dict(target.named_parameters())
-        if not named:
-            raise ValueError(f"{name}: `target` has no parameters to generate.")
-        if params is None:
-            names = list(named)
-        else:
-            if isinstance(params, str) or not all(isinstance(p, str) for p in params):
-                raise TypeError(
-                    f"{name}: `params` must be a list of parameter names (str), got {params!r}."
-                )
-            if len(params) == 0:
-                raise ValueError(f"{name}: `params` is empty; pass None to generate all.")
-            if len(set(params)) != len(params):
-                raise ValueError(f"{name}: `params` has duplicate names: {params!r}.")
-            unknown = [p for p in params if p not in named]
-            if unknown:
-                raise ValueError(
-                    f"{name}: unknown parameter name(s) {unknown} for target "
-                    f"{type(target).__name__}; available: {list(named)}."
-                )
-            wanted = set(params)
-            names = [n for n in named if n in wanted]  # target order
-        first = named[names[0]]
-        if not first.is_floating_point():
-            raise ValueError(f"{name}: generated parameters must be floating point.")
-        for n in names:
-            if named[n].dtype != first.dtype or named[n].device != first.device:
-                raise ValueError(
-                    f"{name}: all generated parameters must share dtype and device; "
-                    f"{names[0]!r} is {first.dtype}/{first.device}, {n!r} is "
-                    f"{named[n].dtype}/{named[n].device}."
-                )
-
+        names = _generated_names(name, target, named, params)
         slots, offset = [], 0
         for n in names:
             p = named[n]
@@ -233,6 +262,7 @@ class HyperNetwork(nn.Module):
         self._slots: tuple[_Slot, ...] = tuple(slots)
         self.context_dim = context_dim
         self.num_generated = offset
+        first = named[names[0]]
         factory = {"dtype": first.dtype, "device": first.device}
 
         layers: list[nn.Module] = []
@@ -242,19 +272,7 @@ class HyperNetwork(nn.Module):
             width = hidden
         self.trunk = nn.Sequential(*layers)
         self.head = nn.Linear(width, offset, **factory)
-        with torch.no_grad():
-            rms = [named[n].detach().float().pow(2).mean().sqrt().item() for n in names]
-            nonzero = [r for r in rms if r > 0]
-            fallback = sum(nonzero) / len(nonzero) if nonzero else 1.0
-            scales = torch.cat(
-                [
-                    torch.full((s.numel,), r if r > 0 else fallback, **factory)
-                    for s, r in zip(slots, rms)
-                ]
-            )
-            self.head.bias.copy_(torch.cat([named[n].detach().reshape(-1) for n in names]))
-            w = torch.randn(offset, width, **factory) * (init_scale / math.sqrt(width))
-            self.head.weight.copy_(w * scales[:, None])
+        _init_head(self.head, [named[n] for n in names], init_scale)
 
         # The generated parameters stop being parameters of the target.
         for n in names:
