@@ -113,7 +113,7 @@ def test_config_file_and_rejections(tmp_path, capsys):
     assert main(["train", "--model", "deq_mlp", "--model-arg", "widht=8", "--no-progress",
                  "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
-    assert "bad model_args {'widht': 8}" in err and err.count("\n") == 1
+    assert "'widht' (did you mean 'width'?)" in err and err.count("\n") == 1
 
 
 def test_existing_run_needs_resume_and_corrupt_checkpoint(tmp_path):

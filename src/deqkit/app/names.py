@@ -147,10 +147,12 @@ def build_model(name: str, in_shape: tuple[int, ...], num_classes: int,
     factory = _lookup("model", name, MODELS)
     try:
         return zoo.build_model(name, in_shape, num_classes, **kwargs)
-    except TypeError as err:
+    except TypeError as err:  # an unknown hyperparameter, or a value the model refuses
         accepted = zoo.hyperparameters(factory)
-        hints = "".join(f" {k!r}{suggest(k, accepted)}" for k in kwargs if k not in accepted)
-        raise ValueError(f"model {name!r} (--model-arg):{hints or ''} {err}") from None
+        hints = [f"{key!r}{suggest(key, accepted)}" for key in kwargs
+                 if key not in accepted and suggest(key, accepted)]
+        hint = f" For {', '.join(hints)}." if hints else ""
+        raise ValueError(f"model {name!r} (--model-arg): {err}{hint}") from None
 
 
 __all__ = ["ADJOINTS", "LINEAR_SOLVERS", "MODELS", "SOLVERS", "accepted_keywords",

@@ -96,10 +96,7 @@ def build_model(cfg: Any, spec: Any) -> nn.Module:
     for key, make in extra.items():
         if key in accepted and key not in kwargs:
             kwargs[key] = make()
-    try:
-        return names.build_model(cfg.model, tuple(spec.input_shape), spec.num_classes, **kwargs)
-    except ValueError as err:  # an unknown or mistyped --model-arg
-        raise ValueError(f"bad model_args {cfg.model_args}: {err}") from None
+    return names.build_model(cfg.model, tuple(spec.input_shape), spec.num_classes, **kwargs)
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float,
