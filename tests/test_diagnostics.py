@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import deqkit.stability.diagnostics as diag
+import deqkit.stability.lipschitz as lip
 from deqkit.nn._dropout import VariationalDropout
 from deqkit.stability import (
     jacobian_spectral_norm,
@@ -324,7 +324,7 @@ def test_lipschitz_conv_lanczos_path(monkeypatch):
     torch.manual_seed(3)
     conv = nn.Conv2d(2, 3, 3, padding=1).double()
     exact = lipschitz_upper_bound(nn.Sequential(conv), (2, 5, 5))
-    monkeypatch.setattr(diag, "_DENSE_CONV_LIMIT", 0)
+    monkeypatch.setattr(lip, "_DENSE_CONV_LIMIT", 0)
     approx = lipschitz_upper_bound(
         nn.Sequential(conv), (2, 5, 5), generator=torch.Generator().manual_seed(0)
     )
@@ -354,7 +354,7 @@ def test_lipschitz_activation_constants():
         nn.Hardsigmoid(),
     ]:
         (slope,) = torch.autograd.grad(act(x).sum(), x)
-        const = diag._activation_constant(act)
+        const = lip._activation_constant(act)
         assert const is not None
         assert float(slope.abs().max()) <= const * (1 + 1e-7), act
         assert float(slope.abs().max()) >= const * 0.99, act

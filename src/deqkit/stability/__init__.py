@@ -7,7 +7,7 @@ the layer modules it stabilises: ``deqkit.nn`` imports it, not the other way rou
 
 from .diagnostics import jacobian_spectral_norm as jacobian_spectral_norm
 from .diagnostics import jacobian_spectral_radius as jacobian_spectral_radius
-from .diagnostics import lipschitz_upper_bound as lipschitz_upper_bound
+from .lipschitz import lipschitz_upper_bound as lipschitz_upper_bound
 from .parametrizations import cached_parametrizations as cached_parametrizations
 from .parametrizations import scale_to_contractive as scale_to_contractive
 from .parametrizations import spectral_norm as spectral_norm
