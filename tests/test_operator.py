@@ -19,6 +19,7 @@ from deqkit.linear import (
     JacobianOperator,
     LinearSolution,
     LinearSolverState,
+    LowRankUpdate,
     MatrixOperator,
     Neumann,
 )
@@ -404,3 +405,205 @@ def test_dense_with_an_operator_of_another_dtype():
     assert sol.value.dtype == F64 and sol.converged.all()
     torch.testing.assert_close(sol.value, torch.linalg.solve(A.double(), rhs), rtol=1e-4,
                                atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# LowRankUpdate: I + U V^T per sample
+# --------------------------------------------------------------------------------------------
+
+
+def _factors(n: int, seed: int, zero_cols: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(seed)
+    U, V = (torch.randn(B, D, n, generator=g, dtype=F64) for _ in range(2))
+    if zero_cols:  # padding: the last columns of every sample, and more for sample 0
+        U[:, :, n - zero_cols:] = 0.0
+        V[:, :, n - zero_cols:] = 0.0
+        V[0, :, 0] = 0.0  # a column with only one factor zero contributes nothing either
+    return U, V
+
+
+@pytest.mark.parametrize("n, zero_cols", [(1, 0), (3, 0), (4, 2), (D + 2, 1)])
+def test_low_rank_update_matches_dense_matrix(n, zero_cols):
+    U, V = _factors(n, seed=40 + n, zero_cols=zero_cols)
+    M = torch.eye(D, dtype=F64) + U @ V.mT
+    op = LowRankUpdate(U, V)
+    g = _gen(50)
+    v, u = torch.randn(B, D, generator=g, dtype=F64), torch.randn(B, D, generator=g, dtype=F64)
+    assert isinstance(op, AbstractLinearOperator)
+    assert op.shape == (B, D) and op.dtype == F64 and op.rank == n
+    checks = {
+        "M v": (op.mv(v), bmv(M, v)),
+        "op(v)": (op(v), bmv(M, v)),
+        "M^T u": (op.rmv(u), bmv(M.mT, u)),
+        ".T mv": (op.T.mv(u), bmv(M.mT, u)),
+        ".T rmv": (op.T.rmv(v), bmv(M, v)),
+        ".T.T": (op.T.T.mv(v), bmv(M, v)),
+        "as_matrix": (op.as_matrix(), M),
+        "T as_matrix": (op.T.as_matrix(), M.mT),
+        "assembled": (AbstractLinearOperator.as_matrix(op), M),
+        "(I - M) v": (IdentityMinus(op).mv(v), v - bmv(M, v)),
+    }
+    for name, (got, ref) in checks.items():
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12, msg=name)
+    assert isinstance(op.T, LowRankUpdate) and op.T.U is V and op.T.V is U
+
+
+@pytest.mark.parametrize("n, zero_cols", [(0, 0), (1, 0), (2, 1), (D, 1), (D + 2, 0)])
+def test_low_rank_update_norm_is_the_spectral_norm(n, zero_cols):
+    U, V = _factors(n, seed=55 + n, zero_cols=zero_cols) if n else (
+        torch.zeros(B, D, 0, dtype=F64), torch.zeros(B, D, 0, dtype=F64))
+    op = LowRankUpdate(U, V)
+    ref = torch.linalg.matrix_norm(op.as_matrix(), ord=2)
+    torch.testing.assert_close(op.norm(), ref, rtol=1e-12, atol=1e-12)
+    # a contraction of the identity (norm < 1) is possible when the update spans everything
+    W = -0.5 * torch.eye(D, dtype=F64).expand(B, D, D)
+    torch.testing.assert_close(LowRankUpdate(W, torch.eye(D, dtype=F64).expand(B, D, D))
+                               .norm(), torch.full((B,), 0.5, dtype=F64))
+
+
+def test_low_rank_update_padding_and_rank_zero():
+    U, V = _factors(2, seed=60)
+    v = torch.randn(B, D, generator=_gen(61), dtype=F64)
+    zeros = torch.zeros(B, D, 3, dtype=F64)
+    padded = LowRankUpdate(torch.cat([U, zeros], 2), torch.cat([V, zeros], 2))
+    torch.testing.assert_close(padded.mv(v), LowRankUpdate(U, V).mv(v), rtol=0, atol=1e-15)
+    empty = LowRankUpdate(torch.zeros(B, D, 0, dtype=F64), torch.zeros(B, D, 0, dtype=F64))
+    out = empty.mv(v)
+    assert torch.equal(out, v) and out is not v  # the identity, not a view of the input
+    assert torch.equal(empty.as_matrix(), torch.eye(D, dtype=F64).expand(B, D, D))
+
+
+def test_low_rank_update_is_differentiable_in_its_factors():
+    U, V = (t.requires_grad_(True) for t in _factors(2, seed=62))
+    v = torch.randn(B, D, generator=_gen(63), dtype=F64)
+    torch.autograd.gradcheck(lambda U, V: LowRankUpdate(U, V).mv(v), (U, V))
+
+
+@pytest.mark.parametrize(
+    "U, V, match",
+    [
+        (torch.zeros(B, D, dtype=F64), torch.zeros(B, D, dtype=F64), "`U` must be"),
+        (torch.zeros(B, D, 2, dtype=F64), "V", "`V` must be"),
+        (torch.zeros(B, D, 2, dtype=torch.int64), torch.zeros(B, D, 2), "floating-point"),
+        (torch.zeros(B, D, 2, dtype=F64), torch.zeros(B, D, 3, dtype=F64), "same shape"),
+        (torch.zeros(B, D, 2, dtype=F64), torch.zeros(B, D, 2), "same shape, dtype"),
+    ],
+)
+def test_low_rank_update_rejects_bad_factors(U, V, match):
+    with pytest.raises(ValueError, match=match) as info:
+        LowRankUpdate(U, V)
+    assert "e.g." in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Preconditioners in the solve template
+# --------------------------------------------------------------------------------------------
+
+
+def _system(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    A = torch.eye(D, dtype=F64) - 0.5 * torch.randn(B, D, D, generator=_gen(seed), dtype=F64) / D
+    return A, torch.randn(B, D, generator=_gen(seed + 1), dtype=F64)
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_preconditioner_is_checked_counted_and_accepted_as_callable_or_operator(name):
+    A, rhs = _system(70)
+    P = torch.linalg.inv(A) + 1e-3 * torch.randn(B, D, D, generator=_gen(72), dtype=F64)
+    solver = SOLVERS[name]
+    calls, products = [], []
+
+    def matvec(v):
+        products.append(1)
+        return bmv(A, v)
+
+    def precond(v):
+        calls.append(1)
+        return bmv(P, v)
+
+    by_callable = solver.solve(matvec, rhs, preconditioner=precond)
+    assert by_callable.nmatvec == len(products) and by_callable.nprecond == len(calls)
+    if name != "dense":  # Dense is exact and does not apply it
+        assert len(calls) > 0
+    by_operator = solver.solve(MatrixOperator(A), rhs, preconditioner=MatrixOperator(P))
+    assert (by_operator.nmatvec, by_operator.nprecond) == (by_callable.nmatvec, len(calls))
+    torch.testing.assert_close(by_operator.value, by_callable.value, rtol=1e-13, atol=1e-13)
+    assert by_callable.converged.all() and solver.supports_preconditioner
+    state = solver.init(MatrixOperator(A))
+    sol = solver.compute(state, rhs, preconditioner=MatrixOperator(P))
+    torch.testing.assert_close(sol.value, by_operator.value, rtol=0, atol=0)
+    assert solver.solve(matvec, rhs).nprecond == 0
+
+
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_bad_preconditioner_arguments_are_refused(name):
+    A, rhs = _system(74)
+    solver, op = SOLVERS[name], MatrixOperator(A)
+    with pytest.raises(ValueError, match=r"preconditioner.*shape of `rhs`"):
+        solver.solve(op, rhs, preconditioner=MatrixOperator(torch.eye(D + 1, dtype=F64)
+                                                            .expand(B, D + 1, D + 1)))
+    with pytest.raises(ValueError, match=r"preconditioner.*callable"):
+        solver.solve(op, rhs, preconditioner=torch.eye(D, dtype=F64))
+    if name == "dense":  # never applied
+        return
+    with pytest.raises(ValueError, match="`preconditioner` must return"):
+        solver.solve(op, rhs, preconditioner=lambda v: v[:, :2])
+    with pytest.raises(ValueError, match="`preconditioner` must return a floating-point"):
+        solver.solve(op, rhs, preconditioner=lambda v: v.long())
+
+
+def test_preconditioner_runs_in_callers_grad_mode_and_is_detached():
+    A, rhs = _system(76)
+    w = torch.ones(1, dtype=F64, requires_grad=True)
+    modes = []
+
+    def precond(v):
+        modes.append(torch.is_grad_enabled())
+        return v * w  # carries a graph when grad is enabled
+
+    for grad in (False, True):
+        modes.clear()
+        with torch.set_grad_enabled(grad):
+            sol = GMRES(rtol=1e-10, atol=0).solve(MatrixOperator(A), rhs, preconditioner=precond)
+        assert modes and set(modes) == {grad}
+        assert not sol.value.requires_grad and sol.converged.all()
+
+
+@dataclasses.dataclass(frozen=True)
+class _LegacyRun(AbstractLinearSolver):
+    """A hook written before preconditioners: ``run(op, prepared, rhs, x0)``."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+    max_steps: int = 60
+
+    def run(self, op, prepared, rhs, x0):
+        x = torch.zeros_like(rhs) if x0 is None else x0
+        for _ in range(self.max_steps):
+            x = x + (rhs - op(x))
+        res = torch.linalg.vector_norm(rhs - op(x), dim=1)
+        return LinearSolution(x, res <= 1e-10, res, torch.full(res.shape, self.max_steps),
+                              op.count)
+
+
+def test_earlier_solvers_keep_working_and_refuse_a_preconditioner():
+    b = torch.ones(2, 3, dtype=F64)
+    op = IdentityMinus(MatrixOperator(0.5 * torch.eye(3, dtype=F64).expand(2, 3, 3)))
+    P = MatrixOperator(2 * torch.eye(3, dtype=F64).expand(2, 3, 3))
+    for solver in (_LegacyRun(), _LegacyRichardson()):
+        assert not solver.supports_preconditioner
+        torch.testing.assert_close(solver.solve(op, b).value, 2 * b)
+        torch.testing.assert_close(solver.solve(op, b, None).value, 2 * b)
+        torch.testing.assert_close(solver.solve(op, b, x0=b, preconditioner=None).value, 2 * b)
+        with pytest.raises(TypeError, match=r"preconditioner.*would be ignored"):
+            solver.solve(op, b, preconditioner=P)
+    with pytest.raises(TypeError, match="`run\\(op, prepared, rhs, x0\\)` hook"):
+        _LegacyRun().compute(_LegacyRun().init(op), b, preconditioner=P)
+
+    @dataclasses.dataclass(frozen=True)
+    class Derived(_LegacyRichardson):  # inherits the earlier solve override
+        pass
+
+    assert not Derived.supports_preconditioner
+    with pytest.raises(TypeError, match="solve` override"):
+        Derived().solve(op, b, preconditioner=P)
+    assert all(s.supports_preconditioner for s in SOLVERS.values())

@@ -22,6 +22,7 @@ from .adjoint import ImplicitAdjoint as ImplicitAdjoint
 from .adjoint import JacobianFreeAdjoint as JacobianFreeAdjoint
 from .adjoint import OneStepAdjoint as OneStepAdjoint
 from .adjoint import PhantomAdjoint as PhantomAdjoint
+from .adjoint import SHINEAdjoint as SHINEAdjoint
 from .adjoint import UnrolledAdjoint as UnrolledAdjoint
 from .hyperdeq import HyperAnderson as HyperAnderson
 from .hyperdeq import train_hyper_solver as train_hyper_solver

@@ -58,6 +58,10 @@ class LoopOutput:
     probed: bool = False
     # statistics of a solve in stages (FallbackChain): "solver_index", "attempts"
     extra: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    # with ``keep_inverse``: the solver's estimate M = I + U V^T of (I - J)^{-1} at each
+    # returned value, (U, V) each (B, D, n) (zero-padded; zero: no estimate); None when the
+    # solver has none (Picard, FixedSteps, FallbackChain) or it was not asked for
+    inverse: tuple[Tensor, Tensor] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +79,9 @@ class LoopOptions:
     # unit roundoff of the least precise dtype f computes in (None: that of z0)
     eps: float | None = None
     slice_args: SliceArgs = slice_args
+    # keep the solver's inverse estimate of each sample (AbstractFixedPointSolver.
+    # inverse_estimate) in LoopOutput.inverse: 2 B D n extra floats, only when asked
+    keep_inverse: bool = False
 
 
 class BatchCouplingError(ValueError):
@@ -221,7 +228,7 @@ def iterate(
     for k in range(max_steps + 1):
         sel = led.observe(k, z, fz)
         if sel is not None:
-            n_active = led.record(k, sel, z)
+            n_active = led.record(k, sel, z, state)
             if n_active == 0:
                 break
             if not probed and k < max_steps:  # the first time rows finish while others go on
@@ -246,12 +253,13 @@ def iterate(
             fz = ev.with_graph(z, graph)
         else:
             fz = ev(z)
+    led.keep_inverse(state)  # (with keep_inverse: the rows that ran out of steps)
     value, absr, rel, nstep, status, trace = led.finish()
     reuse = ev.last is not None and led.reuse_rows is not None and bool(led.reuse_rows.all())
     return LoopOutput(value=value, abs_residual=absr, rel_residual=rel, nstep=nstep,
                       status=status, nfev=ev.nfev, nfev_samples=ev.rows, trace=trace,
                       ref=led.ref, last_eval=ev.last if reuse else None,
-                      probed=opts.probe is not None and probed)
+                      probed=opts.probe is not None and probed, inverse=led.inverse_output())
 
 
 def run_stages(
@@ -267,6 +275,8 @@ def run_stages(
     the samples all before it failed, restarted from their lowest-residual iterate with the
     stopping test of the first attempt. One stage (every ordinary solver) is :func:`iterate`."""
     stages = solver.stages(opts.max_steps)
+    if len(stages) > 1:  # (each stage's estimate would describe a different restart: none)
+        opts = dataclasses.replace(opts, keep_inverse=False)
     first, budget = stages[0]
     loop = iterate(fn, z0, args, first, dataclasses.replace(opts, max_steps=budget),
                    graph=graph if len(stages) == 1 else None)

@@ -7,13 +7,13 @@ The stopping test is the one documented in :mod:`deqkit._iterate` and
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ._solution import RESULTS
-from .solvers._base import AbstractFixedPointSolver
+from .solvers._base import AbstractFixedPointSolver, provides_inverse_estimate
 
 if TYPE_CHECKING:
     from ._iterate import LoopOptions
@@ -73,6 +73,9 @@ class Ledger:
         self.out_status = torch.full((B,), RESULTS.max_steps_reached.code, dtype=torch.int64,
                                      device=dev)
         self.traces: list[Tensor] = []
+        self.solver = solver
+        self.inverse = InverseBook() if opts.keep_inverse and \
+            provides_inverse_estimate(solver) else None
         self.gidx = torch.arange(B, device=dev)
         self.active = torch.ones(B, dtype=torch.bool, device=dev)
         self.all_active = True  # no working row has stopped: cheaper bookkeeping
@@ -170,10 +173,12 @@ class Ledger:
             self.best_fn = torch.where(improved, self.fnorm, self.best_fn)
             self.best_abs = torch.where(improved, self.absr, self.best_abs)
 
-    def record(self, k: int, sel: Tensor, z: Tensor) -> int:
-        """Write the results of the working rows ``sel`` stopping at step ``k``; return the
-        number of rows still active."""
+    def record(self, k: int, sel: Tensor, z: Tensor, state: Any = None) -> int:
+        """Write the results of the working rows ``sel`` stopping at step ``k`` (with the
+        solver's inverse estimate from ``state`` when asked); return the number of rows still
+        active."""
         g = self.gidx[sel]
+        self.keep_inverse(state, sel)
         conv = self.conv
         c = conv[sel]
         val = torch.where(c.unsqueeze(1), z[sel], self.best_z[sel])
@@ -187,6 +192,23 @@ class Ledger:
         self.all_active = False
         self.stopped_early = self.stopped_early or k < self.max_steps
         return int(self.active.sum())
+
+    def keep_inverse(self, state: Any, sel: Tensor | None = None) -> None:
+        """Store the solver's inverse estimate of the working rows ``sel`` (their final value
+        is being recorded; compaction may drop their rows next; None: the active rows)."""
+        if self.inverse is None or state is None:
+            return
+        if sel is None:
+            sel = self.active.nonzero().squeeze(1)
+        if sel.numel() > 0:
+            self.inverse.add(self.gidx[sel], self.solver.inverse_estimate(state, sel))
+
+    def inverse_output(self) -> tuple[Tensor, Tensor] | None:
+        """The stored estimates as ``(B, D, n)`` factors (after :meth:`finish`)."""
+        if self.inverse is None:
+            return None
+        B, D = self.out_value.shape
+        return self.inverse.assemble(B, D, self.out_status)
 
     def _failure_codes(self, sel: Tensor) -> Tensor:
         a_now = self.absr[sel]
@@ -251,4 +273,38 @@ class Ledger:
                 self.out_status, trace)
 
 
-__all__ = ["Ledger", "growth_bound", "reference"]
+class InverseBook:
+    """The solver's inverse estimates ``(U, V)`` (``M = I + U V^T``, see
+    :meth:`~deqkit.AbstractFixedPointSolver.inverse_estimate`) of the samples recorded so far,
+    in chunks of global rows; :meth:`assemble` zero-pads them to a common rank."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def add(self, rows: Tensor, factors: tuple[Tensor, Tensor] | None) -> None:
+        if factors is not None and factors[0].shape[2] > 0:
+            self.chunks.append((rows, factors[0].detach(), factors[1].detach()))
+
+    def assemble(self, B: int, D: int, status: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(U, V)`` of shape ``(B, D, n)``, ``n`` the largest stored rank; zero (``M = I``)
+        for samples without an estimate, with non-finite factors, or whose solve failed
+        (diverged, non-finite, stagnated: the iterates that built the estimate are not near
+        a solution). Samples that ran out of steps keep theirs: it was built from finite
+        iterates, and an adjoint that solves to its own tolerance stays exact whatever M."""
+        if not self.chunks:
+            return None
+        n = max(u.shape[2] for _, u, _ in self.chunks)
+        like = self.chunks[0][1]
+        U, V = like.new_zeros(B, D, n), like.new_zeros(B, D, n)
+        for rows, u, v in self.chunks:
+            U[rows, :, : u.shape[2]] = u
+            V[rows, :, : v.shape[2]] = v
+        bad = (status != RESULTS.successful.code) & (status != RESULTS.max_steps_reached.code)
+        bad = bad | ~(torch.isfinite(U).all(dim=(1, 2)) & torch.isfinite(V).all(dim=(1, 2)))
+        if bool(bad.any()):
+            keep = ~bad[:, None, None]
+            U, V = torch.where(keep, U, 0.0), torch.where(keep, V, 0.0)
+        return U, V
+
+
+__all__ = ["InverseBook", "Ledger", "growth_bound", "reference"]

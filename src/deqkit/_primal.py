@@ -49,17 +49,23 @@ class Primal:
         """Whether the solver's steps are differentiable by autograd (``run(unrolled=True)``)."""
         return all(s.supports_unrolled for s, _ in self.solver.stages(self.options.max_steps))
 
-    def run(self, *, graph: str | None = None, unrolled: bool = False) -> LoopOutput:
+    def run(self, *, graph: str | None = None, unrolled: bool = False,
+            keep_inverse: bool = False) -> LoopOutput:
         """Run the forward solve and return its :class:`LoopOutput` (``value`` ``(B, D)``).
 
         ``graph="params"`` or ``"z"``: make the last evaluation the step budget allows under
         autograd (``"z"``: from a leaf state requiring grad); when every returned value is
         that iterate, ``output.last_eval = (z, f(z))`` carries it (else None).
         ``unrolled=True``: record the whole solve with autograd (no batch compaction).
+        ``keep_inverse=True``: keep the solver's estimate of :math:`(I - J)^{-1}` at each
+        returned value in ``output.inverse`` (``(U, V)``, each ``(B, D, n)``, ``M = I + U
+        V^T``; None for solvers without one; see
+        :meth:`~deqkit.AbstractFixedPointSolver.inverse_estimate`).
         """
         opts, prob = self.options, self.problem
         probe = opts.probe if not known_separable(prob.probe_key) else None
-        opts = dataclasses.replace(opts, probe=probe, compact=opts.compact and not unrolled)
+        opts = dataclasses.replace(opts, probe=probe, compact=opts.compact and not unrolled,
+                                   keep_inverse=keep_inverse)
         if unrolled and not self.supports_unrolled:
             raise ValueError(
                 f"{type(self.solver).__name__} cannot be differentiated by unrolling; use "

@@ -5,4 +5,5 @@ from .implicit import ImplicitAdjoint as ImplicitAdjoint
 from .jacobian_free import JacobianFreeAdjoint as JacobianFreeAdjoint
 from .onestep import OneStepAdjoint as OneStepAdjoint
 from .phantom import PhantomAdjoint as PhantomAdjoint
+from .shine import SHINEAdjoint as SHINEAdjoint
 from .unrolled import UnrolledAdjoint as UnrolledAdjoint

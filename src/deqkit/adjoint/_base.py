@@ -19,18 +19,21 @@ class Primal(Protocol):
     ``run(graph=None, unrolled=False)`` runs the solve and returns its output (``.value``:
     the ``(B, D)`` solution, detached unless ``unrolled``; ``.last_eval``: ``(z, f(z))`` of the
     last evaluation under autograd when ``graph`` was asked and every returned value is that
-    iterate, else None). ``evaluate(z, leaf=False)`` returns ``(z_in, f(z_in))`` under
-    autograd; ``f(z)`` applies f; ``args`` are the call's per-sample inputs;
-    ``differentiable`` says whether gradients were enabled for the call;
-    ``supports_unrolled`` whether the solver's steps are differentiable by autograd. Every
-    evaluation is counted in the solution's ``nfev``.
+    iterate, else None; ``.inverse``: with ``keep_inverse=True``, the solver's estimate
+    ``(U, V)`` of ``(I - J)^{-1} = I + U V^T``, or None). ``evaluate(z, leaf=False)``
+    returns ``(z_in, f(z_in))`` under autograd; ``f(z)`` applies f; ``args`` are the call's
+    per-sample inputs; ``differentiable`` says whether gradients were enabled for the call;
+    ``solver`` is the forward solver; ``supports_unrolled`` whether the solver's steps are
+    differentiable by autograd. Every evaluation is counted in the solution's ``nfev``.
     """
 
     differentiable: bool
     supports_unrolled: bool
     args: tuple[Any, ...]
+    solver: Any
 
-    def run(self, *, graph: str | None = None, unrolled: bool = False) -> Any: ...
+    def run(self, *, graph: str | None = None, unrolled: bool = False,
+            keep_inverse: bool = False) -> Any: ...
 
     def evaluate(self, z: Tensor, *, leaf: bool = False) -> tuple[Tensor, Tensor]: ...
 

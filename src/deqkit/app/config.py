@@ -98,6 +98,15 @@ class TrainConfig:
                                     choices=BACKWARD_SOLVERS)
     backward_rtol: float = _setting(1e-4, "backward relative tolerance")
     backward_max_steps: int = _setting(20, "backward iteration budget")
+    reuse_forward: bool = _setting(False, "implicit adjoint: start and right-precondition the "
+                                   "backward solve with the forward solver's estimate of "
+                                   "(I - J)^-1 (anderson, broyden); still solved to "
+                                   "backward_rtol")
+    backward_rtol_from_forward: bool = _setting(False, "implicit adjoint: per-sample backward "
+                                                "tolerance max(backward_rtol, 0.1 x the "
+                                                "forward relative residual)")
+    shine_refine: int = _setting(0, "shine adjoint: preconditioned refinement steps of "
+                                 "u = M^T g (one VJP each)")
     phantom_steps: int = _setting(5, "phantom adjoint: damped steps from z*")
     phantom_damping: float = _setting(0.5, "phantom adjoint: damping in (0, 1]")
     residual_weight: float = _setting(1.0, "onestep adjoint: fixed-point residual penalty")
@@ -130,7 +139,10 @@ class TrainConfig:
         return names.build_adjoint(self.adjoint, linear_solver=lin,
                                    phantom_steps=self.phantom_steps,
                                    phantom_damping=self.phantom_damping,
-                                   residual_weight=self.residual_weight)
+                                   residual_weight=self.residual_weight,
+                                   reuse_forward=self.reuse_forward,
+                                   rtol_from_forward=self.backward_rtol_from_forward,
+                                   shine_refine=self.shine_refine)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -168,7 +180,8 @@ def _check_names(cfg: TrainConfig) -> None:
                              f"choose one of {list(options)}.")
     if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
         _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    for key in ("progress", "plots", "warm_start", "tensorboard"):
+    for key in ("progress", "plots", "warm_start", "tensorboard", "reuse_forward",
+                "backward_rtol_from_forward"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "expected true or false")
 
@@ -195,7 +208,7 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("epochs", "batch_size", "max_steps", "eval_max_steps", "backward_max_steps",
                 "phantom_steps"):
         positive_int(key)
-    for key in ("seed", "log_every", "augment_shift"):
+    for key in ("seed", "log_every", "augment_shift", "shine_refine"):
         positive_int(key, allow_zero=True)
     for key in ("subset", "threads"):
         if getattr(cfg, key) is not None:

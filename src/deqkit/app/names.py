@@ -43,6 +43,8 @@ ADJOINTS: dict[str, str] = {
     "phantom": "phantom gradient: backprop through a few damped steps from z*",
     "onestep": "one step of f from z* plus a fixed-point residual penalty",
     "unrolled": "backprop through every solver iteration (memory grows with the steps)",
+    "shine": "SHINE: u = M^T g from the forward solver's inverse estimate (anderson, broyden), "
+             "optionally refined",
 }
 MODELS = zoo.MODELS
 
@@ -118,12 +120,16 @@ def build_adjoint(
     phantom_steps: int = 5,
     phantom_damping: float = 0.5,
     residual_weight: float = 1.0,
+    reuse_forward: bool = False,
+    rtol_from_forward: bool = False,
+    shine_refine: int = 0,
     on_failure: str = "ignore",
 ) -> dk.AbstractAdjoint:
     """The adjoint (gradient method) called ``name`` (one of :data:`ADJOINTS`).
 
     ``linear_solver`` is the implicit adjoint's backward solver (default GMRES); the phantom
-    and one-step options apply to those adjoints only. Training runs use
+    and one-step options apply to those adjoints only; ``reuse_forward`` and
+    ``rtol_from_forward`` to the implicit adjoint, ``shine_refine`` to SHINE. Training runs use
     ``on_failure="ignore"``: an unconverged backward solve is counted in the run's metrics
     (``bwd_failed``) instead of warning on every step.
     """
@@ -136,7 +142,10 @@ def build_adjoint(
         return dk.UnrolledAdjoint()
     if key == "onestep":
         return dk.OneStepAdjoint(residual_weight)
-    return dk.ImplicitAdjoint(linear_solver or dk.GMRES(), on_failure=on_failure)
+    if key == "shine":
+        return dk.SHINEAdjoint(refine=shine_refine)
+    return dk.ImplicitAdjoint(linear_solver or dk.GMRES(), on_failure=on_failure,
+                              reuse_forward=reuse_forward, rtol_from_forward=rtol_from_forward)
 
 
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int,

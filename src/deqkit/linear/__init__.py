@@ -13,12 +13,18 @@ batched ``matvec``; see :class:`AbstractLinearSolver`), with per-sample stopping
 Operators (:class:`AbstractLinearOperator`): :class:`JacobianOperator` (the matrix-free
 Jacobian of a cell at a point: ``mv`` = J v, ``rmv`` = J^T u), :class:`IdentityMinus`
 (I - A; ``IdentityMinus(J).T`` is the implicit backward operator I - J^T),
-:class:`MatrixOperator` and :class:`FunctionOperator`.
+:class:`MatrixOperator`, :class:`FunctionOperator` and :class:`LowRankUpdate`
+(I + U V^T per sample: a quasi-Newton inverse, used as a preconditioner).
+
+Every solver takes an optional ``preconditioner`` (an operator or ``v -> P v`` with
+P ~ A^{-1}; :meth:`AbstractLinearSolver.solve`) and reports ``nprecond``, and GMRES and
+Neumann estimate ||A^{-1}||_2 per sample (``LinearSolution.inv_norm``).
 """
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import LinearSolution as LinearSolution
 from ._base import LinearSolverState as LinearSolverState
+from ._lowrank import LowRankUpdate as LowRankUpdate
 from ._operator import AbstractLinearOperator as AbstractLinearOperator
 from ._operator import FunctionOperator as FunctionOperator
 from ._operator import IdentityMinus as IdentityMinus
@@ -40,6 +46,7 @@ __all__ = [
     "JacobianOperator",
     "LinearSolution",
     "LinearSolverState",
+    "LowRankUpdate",
     "MatrixOperator",
     "Neumann",
 ]

@@ -59,6 +59,13 @@ class BiCGStab(AbstractLinearSolver):
     inconsistent systems BiCGStab does not control the null-space component of ``x``
     (it stays finite but may grow); prefer :class:`~deqkit.linear.GMRES` there.
 
+    **Right preconditioning** (``preconditioner=P``, :math:`P \approx A^{-1}`; Saad 2003,
+    §9.3.2, applied to BiCGStab): the recurrences above run on :math:`A P`, i.e.
+    :math:`\hat p_k = P p_k`, :math:`v_k = A \hat p_k`, :math:`\hat s_k = P s_k`,
+    :math:`t_k = A \hat s_k` and :math:`x_k = x_{k-1} + \alpha_k \hat p_k + \omega_k \hat s_k`
+    (two products with ``P`` per iteration); the residuals :math:`r_k, s_k` are those of
+    :math:`A x = b`, so the stopping test is unchanged.  No ``inv_norm`` estimate (``None``).
+
     Args:
         rtol: relative tolerance, default ``1e-6``.  With ``rtol = atol = 0`` the solver runs
             ``max_steps`` iterations (or stops at an exact solution).
@@ -68,7 +75,8 @@ class BiCGStab(AbstractLinearSolver):
     Reference:
         H. A. van der Vorst, "Bi-CGSTAB: A fast and smoothly converging variant of Bi-CG for
         the solution of nonsymmetric linear systems", SIAM J. Sci. Stat. Comput. 13(2),
-        631-644, 1992.
+        631-644, 1992; Y. Saad, "Iterative Methods for Sparse Linear Systems", 2nd ed.,
+        SIAM, 2003, §7.4.2 and §9.3.
 
     Example:
         >>> import torch
@@ -90,7 +98,8 @@ class BiCGStab(AbstractLinearSolver):
         check_int("BiCGStab", "max_steps", self.max_steps, example=100)
 
     def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
-            x0: Tensor | None) -> LinearSolution:
+            x0: Tensor | None, preconditioner: AbstractLinearOperator | None = None
+            ) -> LinearSolution:
         """Solve ``A x = rhs`` row by row; see the class docstring."""
         _, tol = _tolerance(rhs, self.rtol, self.atol)
         x = _initial_guess(rhs, x0)
@@ -105,7 +114,7 @@ class BiCGStab(AbstractLinearSolver):
             # (Re)start: shadow residual = current true residual for every sample.
             rec = _Recurrence.start(x, r, rnorm, active=~done)
             while it < self.max_steps:
-                rec.step(op, tol, nstep)
+                rec.step(op, tol, nstep, preconditioner)
                 it += 1
                 if it < self.max_steps and not bool(rec.active.any()):  # one sync per step
                     break
@@ -146,8 +155,11 @@ class _Recurrence:
             v=torch.zeros_like(r), anorm=torch.zeros_like(rnorm), x_best=x, best=rnorm,
         )
 
-    def step(self, op: AbstractLinearOperator, tol: Tensor, nstep: Tensor) -> None:
-        """One iteration (two products); counts ``nstep`` for the samples that were active."""
+    def step(self, op: AbstractLinearOperator, tol: Tensor, nstep: Tensor,
+             pc: AbstractLinearOperator | None = None) -> None:
+        """One iteration (two products, and two of the right preconditioner ``pc`` if given:
+        the recurrences are those of ``A P``, the iterate ``x`` that of ``A``); counts
+        ``nstep`` for the samples that were active."""
         finfo = torch.finfo(self.r.dtype)
         tiny = finfo.tiny
         cos_tol = finfo.eps  # breakdown threshold on the cosine of two vectors
@@ -160,7 +172,8 @@ class _Recurrence:
         p = torch.where(
             fresh[:, None], r, r + beta[:, None] * (self.p - self.omega[:, None] * self.v)
         )
-        v = op(p)
+        p_hat = p if pc is None else pc(p)
+        v = op(p_hat)
         den = _dot(self.r_hat, v)
         pnorm, vnorm = batched_norm(p), batched_norm(v)
         self.anorm = torch.maximum(self.anorm, vnorm / pnorm.clamp_min(tiny))
@@ -171,7 +184,8 @@ class _Recurrence:
         s = r - alpha[:, None] * v
         snorm = batched_norm(s)
         half = snorm <= tol  # converged after the half step
-        t = op(s)
+        s_hat = s if pc is None else pc(s)
+        t = op(s_hat)
         tt = _dot(t, t)
         ts = _dot(t, s)
         tnorm = torch.sqrt(tt)
@@ -179,7 +193,7 @@ class _Recurrence:
         omega_bd = (ts.abs() <= cos_tol * tnorm * snorm) | (tnorm <= null_tol * self.anorm * snorm)
         omega = torch.where(active & ~half & ~omega_bd, ts / tt, 0.0)
         # Inactive samples have alpha = omega = 0: x and r do not change.
-        self.x = self.x.addcmul(alpha[:, None], p).addcmul_(omega[:, None], s)
+        self.x = self.x.addcmul(alpha[:, None], p_hat).addcmul_(omega[:, None], s_hat)
         self.r = s.addcmul(omega[:, None], t, value=-1.0)
         self.rnorm = batched_norm(self.r)
         self.rho, self.alpha, self.omega, self.p, self.v = rho_new, alpha, omega, p, v

@@ -34,6 +34,9 @@ class Dense(AbstractLinearSolver):
     the tolerance keep it and report ``nstep = 0`` (as do samples with a zero right-hand side);
     the others report ``nstep = 1``.
 
+    A ``preconditioner`` is accepted and ignored (the solve is exact; ``nprecond`` is 0); no
+    ``inv_norm`` estimate (``None``).
+
     Cost: ``D`` matvecs, ``O(B D^2)`` memory and ``O(B D^3)`` time per operator, and
     ``O(B D^2)`` per right-hand side, so this is a reference for tests and small problems, not
     for training.
@@ -90,8 +93,12 @@ class Dense(AbstractLinearSolver):
         return _Factors(matrix=A, lu=lu, pivots=pivots, singular=singular, pinv=pinv)
 
     def run(self, op: AbstractLinearOperator, prepared: object, rhs: Tensor,
-            x0: Tensor | None) -> LinearSolution:
-        """Solve ``A x = rhs`` row by row with the factors; see the class docstring."""
+            x0: Tensor | None, preconditioner: AbstractLinearOperator | None = None
+            ) -> LinearSolution:
+        """Solve ``A x = rhs`` row by row with the factors; see the class docstring.
+
+        A ``preconditioner`` is accepted and not applied (the solve is exact; ``nprecond``
+        is 0)."""
         assert isinstance(prepared, _Factors)  # made by prepare()
         A = prepared.matrix
         if rhs.dtype != A.dtype:  # an operator of another dtype: solve in its dtype

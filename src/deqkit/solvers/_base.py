@@ -79,6 +79,26 @@ class AbstractFixedPointSolver(abc.ABC):
         """Keep rows ``index`` of every batch-first tensor of a dataclass state."""
         return select_rows(state, index)
 
+    def inverse_estimate(self, state: Any, rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        r"""Low-rank factors ``(U, V)``, each ``(len(rows), D, n)``, of the solver's estimate
+
+        .. math:: M = I + U V^\top \approx (I - J)^{-1}, \qquad J = \partial f/\partial z,
+
+        for the working rows ``rows`` of ``state`` (so :math:`M^\top = I + V U^\top`
+        approximates :math:`(I - J^\top)^{-1}`, the implicit backward system's inverse).
+        Quasi-Newton solvers build such an estimate as they go; an adjoint may reuse it
+        (:class:`~deqkit.SHINEAdjoint`, ``ImplicitAdjoint(reuse_forward=True)``). The engine
+        asks for it when a sample's final value is recorded, only with
+        ``LoopOptions.keep_inverse``. Returned tensors must be new (not views of a state that
+        later steps overwrite). Default: None (no estimate)."""
+        return None
+
+
+def provides_inverse_estimate(solver: AbstractFixedPointSolver) -> bool:
+    """Whether ``solver`` overrides :meth:`AbstractFixedPointSolver.inverse_estimate` (wrappers
+    such as ``FallbackChain`` and ``FixedSteps`` do not)."""
+    return type(solver).inverse_estimate is not AbstractFixedPointSolver.inverse_estimate
+
 
 def select_rows(state: Any, index: Tensor) -> Any:
     if state is None:

@@ -226,3 +226,58 @@ class Anderson(AbstractFixedPointSolver):
         if self.beta != 1.0:
             z_next = z_next - (1.0 - self.beta) * torch.bmm(alpha, Gn).squeeze(1)
         return z_next, None, state
+
+    def inverse_estimate(self, state: _AndersonState | None,
+                         rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        r"""The multisecant (type-II) inverse estimate of the stored history, as factors of
+        :math:`M \approx (I - J)^{-1}`.
+
+        With the differences of the stored iterates and residuals from the newest ones,
+        :math:`\Delta Z = [z_i - z_k]`, :math:`\Delta R = [g_i - g_k]` (``D x (n-1)``), the
+        estimate of Fang & Saad (2009), to which Anderson mixing is equivalent, is
+
+        .. math:: (J - I)^{-1} \approx G = -I + (\Delta Z + \Delta R)
+                  (\Delta R^\top \Delta R + \mu I)^{-1} \Delta R^\top ,
+
+        which satisfies every stored secant equation :math:`G \Delta R = \Delta Z` (for
+        :math:`\mu = 0`) and acts as :math:`-I` off the span of :math:`\Delta R`. The
+        regulariser is the weights' own, :math:`\mu = \text{regularisation}\cdot
+        \operatorname{tr}/(n-1)`. Returns :math:`M = -G = I + U V^\top` with
+        :math:`U = -(\Delta Z + \Delta R)`, :math:`V = \Delta R (\ldots)^{-1}`.
+
+        Reference: Fang & Saad (2009), "Two classes of multisecant methods for nonlinear
+        acceleration", Numer. Linear Algebra Appl. 16(3).
+        """
+        if state is None:
+            return None
+        F, G = _history(state, rows)
+        n = F.shape[1]
+        if n < 2:
+            return None
+        newest = (state.k - 1) % state.F.shape[1]
+        others = [i for i in range(n) if i != newest]
+        dR = G[:, others] - G[:, newest : newest + 1]  # (W, n-1, D)
+        dF = F[:, others] - F[:, newest : newest + 1]  # dZ + dR = dF (z = f - g)
+        gram = torch.bmm(dR, dR.transpose(1, 2)).double()
+        diag = gram.diagonal(dim1=1, dim2=2)
+        mu = diag.sum(dim=1, keepdim=True) * (self.regularisation / (n - 1))
+        diag.add_(mu + torch.finfo(torch.float64).tiny)
+        coef = torch.linalg.solve_ex(gram, dR.double())[0].to(dR.dtype)  # (W, n-1, D)
+        U, V = dF.neg().transpose(1, 2), coef.transpose(1, 2)
+        ok = torch.isfinite(V).all(dim=(1, 2)) & torch.isfinite(U).all(dim=(1, 2))
+        if not bool(ok.all()):  # a singular Gram system: no estimate (M = I) for that row
+            keep = ok[:, None, None]
+            U, V = torch.where(keep, U, 0.0), torch.where(keep, V, 0.0)
+        return U.contiguous(), V.contiguous()
+
+
+def _history(state: _AndersonState, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The stored ``(f(z_i), g_i)`` of ``rows``, ``(W, n, D)`` each, in ring-buffer order."""
+    m = state.F.shape[1]
+    n = min(state.k, m)
+    if state.history.get("F") is not None and state.history["F"][0] is not None:
+        Fl, Gl = state.history["F"][:n], state.history["G"][:n]
+        F = torch.stack([t.detach() for t in Fl], dim=1)
+        G = torch.stack([t.detach() for t in Gl], dim=1)
+        return F.index_select(0, rows), G.index_select(0, rows)
+    return state.F.index_select(0, rows)[:, :n], state.G.index_select(0, rows)[:, :n]

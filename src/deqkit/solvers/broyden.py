@@ -127,3 +127,20 @@ class Broyden(AbstractFixedPointSolver):
             z_next, fz_next = z + direction, None
         new_state = dataclasses.replace(state, U=U, V=V, z_prev=z, g_prev=r, n=n, k=state.k + 1)
         return z_next, fz_next, new_state
+
+    def inverse_estimate(self, state: _BroydenState | None,
+                         rows: Tensor) -> tuple[Tensor, Tensor] | None:
+        r"""The low-rank inverse as factors of :math:`M \approx (I - J)^{-1}`.
+
+        Broyden's :math:`H = -I + \sum_i u_i v_i^\top` estimates :math:`J_g^{-1} =
+        (J - I)^{-1}`, so :math:`M = -H = I + U' V'^\top` with :math:`U' = -[u_i]`,
+        :math:`V' = [v_i]` (``(len(rows), D, n)``, ``n`` the stored pairs since the last
+        restart). The good Broyden update satisfies the newest secant equation
+        :math:`H y_k = s_k` exactly; older ones only approximately (they are not inherited).
+        """
+        if state is None or state.n == 0:
+            return None
+        n = state.n
+        U = state.U[:, :n].index_select(0, rows).transpose(1, 2).neg()
+        V = state.V[:, :n].index_select(0, rows).transpose(1, 2)
+        return U.contiguous(), V.contiguous()

@@ -271,7 +271,7 @@ def fetch(dataset: Any, indices: Sequence[int]) -> Any:
 
 
 def _is_max_key(key: str) -> bool:
-    return key.endswith("_max") or key == "nfev"
+    return key.endswith("_max") or key in ("nfev", "bwd_matvecs")  # batched product counts
 
 
 def reduce_batch_stats(env: DistEnv, rows: list[dict[str, float]],

@@ -78,10 +78,15 @@ def solver_stats(model: nn.Module) -> dict[str, float]:
         overflow = _overflow_mask(bwd, bwd["nstep"].numel(), bwd["nstep"].device)
         out["bwd_overflow"] = float(overflow.float().mean())
         out["bwd_steps"] = float(bwd["nstep"].float().mean())
-        res = bwd["residual"].float().reshape(-1)
-        res = res[~overflow] if res.numel() == overflow.numel() else res
-        out["bwd_residual"] = float(res.mean()) if res.numel() else 0.0
-        out["bwd_converged"] = float(bwd["converged"].float().mean())
+        if isinstance(bwd.get("nmatvec"), (int, float)):
+            out["bwd_matvecs"] = float(bwd["nmatvec"])
+        for key, name in (("residual", "bwd_residual"), ("grad_error", "bwd_grad_error")):
+            if isinstance(bwd.get(key), Tensor):  # (SHINE without refinement has none)
+                res = bwd[key].float().reshape(-1)
+                res = res[~overflow] if res.numel() == overflow.numel() else res
+                out[name] = float(res.mean()) if res.numel() else 0.0
+        if isinstance(bwd.get("converged"), Tensor):
+            out["bwd_converged"] = float(bwd["converged"].float().mean())
     return out
 
 
