@@ -172,3 +172,13 @@ def test_bad_arguments() -> None:
     deq = dk.nn.DEQ(TanhCell(0.5))
     with pytest.raises(TypeError, match="linear solver"):
         stability_report(deq, _inputs(), backward_solver="gmres")  # type: ignore[arg-type]
+
+
+def test_monotone_layer_is_refused_with_the_map_to_inspect():
+    layer = dk.nn.MonotoneDEQ(3, 6)
+    x = torch.randn(4, 3)
+    suggested = r"operator splitting.*relu\(layer.linear\(z\) \+ layer.U\(x\)\)"
+    with pytest.raises(TypeError, match=suggested):
+        dk.stability_report(layer, x)
+    z = layer(x).detach()  # the suggested map is the one whose fixed point the layer returns
+    assert torch.allclose(torch.relu(layer.linear(z) + layer.U(x)), z, atol=1e-3)

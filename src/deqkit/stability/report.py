@@ -258,6 +258,15 @@ def _check_arguments(deq: Any, backward_solver: Any) -> None:
         raise TypeError(
             f"stability_report: `deq` must be a deqkit.nn.DEQ, got {type(deq).__name__}."
         )
+    if hasattr(deq, "splitting_map"):  # a MonotoneDEQ: its cell is an operator splitting
+        raise TypeError(
+            f"stability_report: {type(deq).__name__} is solved by an operator splitting whose "
+            "iterate is not the layer's output, so the report's Jacobian at z* would be of "
+            "the wrong map. Its convergence is guaranteed by the monotone parametrisation "
+            "(m > 0); to inspect it, call dk.jacobian_spectral_norm on "
+            "lambda z: torch.relu(layer.linear(z) + layer.U(x)), the map z = relu(W z + U x) "
+            "whose fixed point the layer returns."
+        )
     if backward_solver is not None and not isinstance(backward_solver, AbstractLinearSolver):
         raise TypeError(
             "stability_report: `backward_solver` must be a deqkit linear solver such as "
