@@ -39,6 +39,7 @@ class ForwardInfo:
     rel_residual: Tensor
     z_norm: Tensor
     inverse: tuple[Tensor, Tensor] | None = None
+    _preconditioner: LowRankUpdate | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_output(cls, out: Any) -> ForwardInfo:
@@ -50,13 +51,16 @@ class ForwardInfo:
         """``M^T = I + V U^T``, the estimate of ``(I - J^T)^{-1}`` (None without one)."""
         if self.inverse is None:
             return None
-        U, V = self.inverse
-        return LowRankUpdate(V, U)
+        if self._preconditioner is None:  # one object: its norm is computed once
+            U, V = self.inverse
+            self._preconditioner = LowRankUpdate(V, U)
+        return self._preconditioner
 
     def inverse_norm(self) -> Tensor | None:
         """``||M||_2 = ||M^T||_2`` per sample, exactly from the factors (None without an
         estimate)."""
-        return None if self.inverse is None else LowRankUpdate(*self.inverse).norm()
+        P = self.preconditioner()
+        return None if P is None else P.norm()
 
 
 def accepts_preconditioner(solver: AbstractLinearSolver) -> bool:

@@ -55,6 +55,7 @@ class LowRankUpdate(AbstractLinearOperator):
     def __init__(self, U: Tensor, V: Tensor) -> None:
         _check_factors(U, V)
         self.U, self.V = U, V
+        self._norm: Tensor | None = None  # computed once (M and M^T share it)
 
     shape = property(lambda self: (self.U.shape[0], self.U.shape[1]))
     dtype = property(lambda self: self.U.dtype)
@@ -66,23 +67,22 @@ class LowRankUpdate(AbstractLinearOperator):
         return self.U.shape[2]
 
     def norm(self) -> Tensor:
-        r"""The spectral norms :math:`\|I + U_b V_b^\top\|_2`, shape ``(B,)``, exactly.
+        r"""The spectral norms :math:`\|I + U_b V_b^\top\|_2`, shape ``(B,)``, exactly
+        (computed once per operator, and shared with its transpose).
 
-        With :math:`[U\ V] = Q R` (a thin QR, ``Q`` of ``k = min(D, 2n)`` orthonormal
-        columns, :math:`U = Q R_U`, :math:`V = Q R_V`), :math:`M = Q (I_k + R_U R_V^\top)
-        Q^\top + (I - Q Q^\top)`, so the norm is that of a ``k x k`` matrix (or 1 on the
-        complement of ``Q``, when ``D > k``): :math:`O(B D n^2)`, no product with ``D x D``
-        matrices.  The linear solvers use it to scale their :math:`\|A^{-1}\|_2` estimate
-        when this operator is the preconditioner."""
-        n = self.rank
-        if n == 0:
-            return torch.ones(self.shape[0], dtype=self.dtype, device=self.device)
-        Q, R = torch.linalg.qr(torch.cat([self.U, self.V], dim=2))
-        k = Q.shape[2]
-        small = torch.eye(k, dtype=self.dtype, device=self.device) \
-            + R[:, :, :n] @ R[:, :, n:].transpose(1, 2)
-        norm = torch.linalg.matrix_norm(small, ord=2)
-        return norm if self.shape[1] == k else norm.clamp_min(1.0)
+        With :math:`W = [U\ V] = Q T` (``Q`` orthonormal, ``T = [T_U\ T_V]``),
+        :math:`M = Q (I + T_U T_V^\top) Q^\top + (I - Q Q^\top)`, so the norm is that of a
+        ``2n x 2n`` matrix, or 1 on the complement of the span of ``U`` and ``V``. ``T`` comes
+        from the small Gram matrix (of the columns scaled to unit norm, then scaled back)
+        :math:`W^\top W = Z \Lambda Z^\top` as :math:`T = \Lambda^{1/2} Z^\top` (directions with
+        :math:`\lambda` below the dtype's resolution dropped): one batched :math:`O(B D n^2)`
+        product, about 3x faster on CPUs than a thin QR of the ``(B, D, 2n)`` factors at
+        ``n = 20``. When ``D <= 2n`` the span may be the whole space and a thin QR gives
+        ``T``. The linear solvers use it to scale their :math:`\|A^{-1}\|_2` estimate when
+        this operator is the preconditioner."""
+        if self._norm is None:
+            self._norm = _low_rank_norm(self.U, self.V)
+        return self._norm
 
     def mv(self, v: Tensor) -> Tensor:
         return _apply(self.U, self.V, v)
@@ -91,7 +91,9 @@ class LowRankUpdate(AbstractLinearOperator):
         return _apply(self.V, self.U, u)
 
     def transpose(self) -> LowRankUpdate:
-        return LowRankUpdate(self.V, self.U)
+        out = LowRankUpdate(self.V, self.U)
+        out._norm = self._norm  # ||M^T|| = ||M||
+        return out
 
     def as_matrix(self) -> Tensor:
         """The ``(B, D, D)`` matrices :math:`I + U V^\\top`, without ``D`` products."""
@@ -122,3 +124,27 @@ def _check_factors(U: object, V: object) -> None:
             f"{U.dtype} {tuple(U.shape)} on {U.device} and {V.dtype} {tuple(V.shape)} on "
             f"{V.device}. Pad the shorter one with zero columns, e.g. torch.nn.functional.pad."
         )
+
+
+def _low_rank_norm(U: Tensor, V: Tensor) -> Tensor:
+    """``||I + U_b V_b^T||_2`` per sample (see :meth:`LowRankUpdate.norm`)."""
+    (batch, dim, n), dtype = U.shape, U.dtype
+    if n == 0:
+        return torch.ones(batch, dtype=dtype, device=U.device)
+    W = torch.cat([U, V], dim=2)
+    if dim <= 2 * n:
+        Q, T = torch.linalg.qr(W)
+        k, full = Q.shape[2], True
+    else:
+        # unit columns first: Broyden's pairs differ in scale by many orders of magnitude,
+        # which a Gram matrix of the raw factors would square
+        scale = torch.linalg.vector_norm(W, dim=1, keepdim=True)  # (B, 1, 2n)
+        Wn = W / scale.clamp_min(torch.finfo(dtype).tiny)
+        evals, Z = torch.linalg.eigh((Wn.transpose(1, 2) @ Wn).double())
+        floor = 10 * torch.finfo(dtype).eps * evals.amax(dim=1, keepdim=True)
+        Tn = torch.where(evals > floor, evals, 0.0).sqrt().unsqueeze(2) * Z.transpose(1, 2)
+        T = Tn * scale.double()  # W = Q Tn diag(scale)
+        k, full = 2 * n, False
+    small = torch.eye(k, dtype=T.dtype, device=T.device) + T[:, :, :n] @ T[:, :, n:].transpose(1, 2)
+    norm = torch.linalg.matrix_norm(small, ord=2).to(dtype)
+    return norm if full and dim == k else norm.clamp_min(1.0)
