@@ -191,13 +191,24 @@ class OneEvaluation(AbstractAdjoint, abc.ABC):
 
     def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
         graph = ("z" if self.leaf else "params") if self.reuse else None
-        out = primal.run(graph=graph)
+        out = primal.run(graph=graph, keep_inverse=self.keeps_inverse() and primal.differentiable)
         if not primal.differentiable:
             return out.value
         if out.last_eval is not None:
             z_in, fz = out.last_eval
         else:
             z_in, fz = primal.evaluate(out.value, leaf=self.leaf)
+        return self.attach_output(z_in, fz, backward_stats, out)
+
+    def keeps_inverse(self) -> bool:
+        """Whether the forward solve should keep its solver's inverse-Jacobian estimate for
+        the backward pass (``LoopOutput.inverse``). Default: False."""
+        return False
+
+    def attach_output(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any],
+                      out: Any) -> Tensor:
+        """:meth:`attach`, given also the forward solve's ``LoopOutput`` (its residuals and
+        inverse estimate); adjoints that reuse the forward solve override it."""
         return self.attach(z_in, fz, backward_stats)
 
     def apply(

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._checks import check_bool, check_choice
 from ..linear import GMRES, AbstractLinearSolver, IdentityMinus, JacobianOperator, Neumann
-from ._base import AbstractAdjoint, OneEvaluation, Primal, finite_rows, refuse_higher_order
+from ._base import AbstractAdjoint, OneEvaluation, finite_rows, refuse_higher_order
 from ._reuse import (
     FORWARD_FACTOR,
     ForwardInfo,
@@ -219,15 +219,11 @@ class ImplicitAdjoint(OneEvaluation):
                 f"damping) or dk.JacobianFreeAdjoint(); got {self.fallback!r}."
             )
 
-    def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
-        out = primal.run(graph="z" if self.reuse else None,
-                         keep_inverse=self.reuse_forward and primal.differentiable)
-        if not primal.differentiable:
-            return out.value
-        if out.last_eval is not None:
-            z_in, fz = out.last_eval
-        else:
-            z_in, fz = primal.evaluate(out.value, leaf=True)
+    def keeps_inverse(self) -> bool:
+        return self.reuse_forward
+
+    def attach_output(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any],
+                      out: Any) -> Tensor:
         return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_output(out))
 
     def _linear_solve(self, op: Any, rhs: Tensor, stats: dict[str, Any],

@@ -87,13 +87,13 @@ class SHINEAdjoint(OneEvaluation):
                 f"dk.Broyden or dk.Anderson (not wrapped in FallbackChain or FixedSteps); got "
                 f"{type(primal.solver).__name__}. Use dk.ImplicitAdjoint() for other solvers."
             )
-        out = primal.run(graph="z", keep_inverse=primal.differentiable)
-        if not primal.differentiable:
-            return out.value
-        if out.last_eval is not None:
-            z_in, fz = out.last_eval
-        else:
-            z_in, fz = primal.evaluate(out.value, leaf=True)
+        return super().solve(primal, backward_stats)
+
+    def keeps_inverse(self) -> bool:
+        return True
+
+    def attach_output(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any],
+                      out: Any) -> Tensor:
         return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_output(out))
 
     def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any], *,
