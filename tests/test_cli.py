@@ -334,6 +334,23 @@ def test_warm_start_fewer_steps_and_exact_resume(tmp_path):
     assert full["complete"] and cold["complete"] and resumed["test_acc"] == full["test_acc"]
 
 
+def test_adjoint_cache_run_and_exact_resume(tmp_path):
+    kw = dict(epochs=3, adjoint_cache=True, backward_rtol=1e-6, lr=1e-3)
+    full = train(_cfg(tmp_path, "full", **kw), log=lambda *_: None)
+    recs = _records(tmp_path / "full" / "metrics.jsonl")
+    assert all(r["train_bwd_converged"] == 1.0 for r in recs)  # same tolerance as cold
+    ckpt = load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    assert int(ckpt["adjoint_cache"]["seen"].sum()) > 0
+    assert "adjoint_cache" not in load_checkpoint(str(tmp_path / "full" / "best.pt"))
+    part = _cfg(tmp_path, "part", **kw)
+    train(part, stop_after=1, log=lambda *_: None)
+    resumed = train(part, resume=True, log=lambda *_: None)
+    assert resumed["test_loss"] == full["test_loss"]
+    assert _strip_times(recs) == _strip_times(_records(tmp_path / "part" / "metrics.jsonl"))
+    with pytest.raises(ValueError, match="adjoint 'jfb' has none"):
+        train(_cfg(tmp_path, "j", adjoint="jfb", adjoint_cache=True), log=lambda *_: None)
+
+
 def test_warm_start_rejected_without_a_deq(tmp_path, capsys):
     with pytest.raises(ValueError, match="no DEQ layer to warm-start"):
         train(_cfg(tmp_path, "r", model="resnet_mlp", warm_start=True, model_args={}),

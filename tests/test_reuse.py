@@ -332,3 +332,97 @@ def test_forward_error_and_rtol_from_forward():
     assert bool(((early - plain).norm(dim=1) / size <= 0.2 * fwd).all())
     # ... whose own error is of the order of the forward error estimate
     assert bool(((plain - exact).norm(dim=1) / size <= 3 * fwd).all())
+
+
+# --------------------------------------------------------------------- the adjoint cache
+
+
+def _tanh_problem(B=6, D=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = contractive_matrix(D, 0.9, gen=g)
+    x = torch.randn(B, D, dtype=F64, generator=g)
+    head = torch.randn(D, dtype=F64, generator=g)
+    return (lambda z, x: torch.tanh(z @ W.T + x)), x, head
+
+
+def _cached_grad(f, x, head, scale, adjoint, cache=None):
+    xx = x.clone().requires_grad_()
+    sol = dk.fixed_point(f, torch.zeros_like(x), dk.Anderson(rtol=1e-11, atol=0), adjoint,
+                         max_steps=300, args=(xx,), adjoint_cache=cache)
+    (scale * (sol.value @ head) ** 2).sum().backward()
+    return xx.grad, sol.backward
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_adjoint_cache_same_gradient_fewer_products(reuse):
+    f, x, head = _tanh_problem()
+    adj = dk.ImplicitAdjoint(dk.GMRES(rtol=1e-9), reuse_forward=reuse)
+    store, ids = dk.nn.FixedPointCache(20), torch.tensor([3, 1, 4, 15, 9, 2])
+    first, bwd1 = _cached_grad(f, x, head, 1.0, adj, (store, ids))
+    cold, bwd0 = _cached_grad(f, x, head, 1.0, adj)
+    assert torch.allclose(first, cold, rtol=0, atol=1e-14)  # nothing stored yet: a cold solve
+    assert bwd1["nmatvec"] == bwd0["nmatvec"] and len(store) == 6
+    # the incoming gradient changed by a factor 3: the best multiple of the stored vector
+    # is the answer, found with the one product that scales it
+    again, bwd2 = _cached_grad(f, x, head, 3.0, adj, (store, ids))
+    ref, _ = _cached_grad(f, x, head, 3.0, adj)
+    assert torch.allclose(again, ref, rtol=1e-8, atol=0)
+    assert bwd2["nmatvec"] <= 2 < bwd0["nmatvec"]
+    assert bool(bwd2["converged"].all())
+
+
+def test_adjoint_cache_keeps_the_tolerance_from_a_wrong_vector():
+    f, x, head = _tanh_problem(seed=1)
+    adj = dk.ImplicitAdjoint(dk.GMRES(rtol=1e-9))
+    store, ids = dk.nn.FixedPointCache(6), torch.arange(6)
+    junk = torch.randn(6, 12, dtype=F64, generator=torch.Generator().manual_seed(5))
+    store.update(ids, 1e3 * junk)  # unrelated vectors, large
+    got, bwd = _cached_grad(f, x, head, 1.0, adj, (store, ids))
+    ref, _ = _cached_grad(f, x, head, 1.0, dk.ImplicitAdjoint(dk.GMRES(rtol=1e-12)))
+    assert bool(bwd["converged"].all())
+    assert float(((got - ref).norm(dim=1) / ref.norm(dim=1)).max()) < 1e-7
+
+
+def test_adjoint_cache_stores_only_converged_solves():
+    f, x, head = _tanh_problem(seed=2)
+    store, ids = dk.nn.FixedPointCache(6), torch.arange(6)
+    adj = dk.ImplicitAdjoint(dk.GMRES(rtol=1e-12, max_steps=2), on_failure="ignore")
+    _, bwd = _cached_grad(f, x, head, 1.0, adj, (store, ids))
+    assert not bool(bwd["converged"].any()) and len(store) == 0
+
+
+def test_adjoint_cache_argument_errors():
+    f, x, _ = _tanh_problem()
+    z0, store = torch.zeros_like(x), dk.nn.FixedPointCache(10)
+    with pytest.raises(TypeError, match="adjoint_cache` must be a pair"):
+        dk.fixed_point(f, z0, args=(x,), adjoint_cache=store)
+    with pytest.raises(ValueError, match=r"shape \(6,\)"):
+        dk.fixed_point(f, z0, args=(x,), adjoint_cache=(store, torch.arange(5)))
+    with pytest.raises(ValueError, match="JacobianFreeAdjoint does not use it"):
+        dk.fixed_point(f, z0, args=(x,), adjoint=dk.JacobianFreeAdjoint(),
+                       adjoint_cache=(store, torch.arange(6)))
+
+
+def test_deq_warm_start_with_an_adjoint_cache():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    layer = dk.nn.DEQ(lambda z, x: torch.tanh(lin(z) + x), solver=dk.Anderson(rtol=1e-10),
+                      adjoint=dk.ImplicitAdjoint(dk.GMRES(rtol=1e-10)), max_steps=100)
+    x, ids = torch.randn(4, 8, dtype=F64), torch.tensor([0, 2, 5, 7])
+    store = dk.nn.FixedPointCache(8)
+    counts = []
+    for _ in range(2):
+        with layer.warm_start(None, ids, adjoint_cache=store):
+            layer(x).sum().backward()
+        counts.append(layer.last_solution.backward["nmatvec"])
+    assert len(store) == 4 and counts[1] < counts[0]
+    with pytest.raises(ValueError, match="must be two caches"), \
+            layer.warm_start(store, ids, adjoint_cache=store):
+        pass
+    with pytest.raises(ValueError, match="pass `cache`"), layer.warm_start(None, ids):
+        pass
+    with pytest.raises(TypeError, match=r"`adjoint_cache` must be a dk\.nn\.FixedPointCache"), \
+            layer.warm_start(None, ids, adjoint_cache={}):
+        pass

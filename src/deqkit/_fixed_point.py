@@ -121,6 +121,7 @@ def fixed_point(
     compact_ratio: float = 0.75,
     divergence_ratio: float | None = 1e4,
     patience: int | None = None,
+    adjoint_cache: tuple[Any, torch.Tensor] | None = None,
 ) -> Solution:
     r"""Find :math:`z^\star = f(z^\star)` for a batch of independent problems, differentiably.
 
@@ -196,6 +197,13 @@ def fixed_point(
         patience: stop a sample as ``stagnated`` when its lowest residual has not improved for
             this many consecutive steps (oscillation or stagnation); ``None`` disables the
             test. Default: None.
+        adjoint_cache: ``(cache, ids)``: start the implicit backward solve of sample ``b``
+            from the adjoint vector stored under ``ids[b]`` (best multiple of it, one extra
+            product; see :class:`~deqkit.nn.FixedPointCache`, used here to keep adjoint
+            vectors) and store the new one when its solve converged. The same sample's
+            adjoint changes slowly across epochs, so a training loop that revisits its data
+            may need fewer products; the tolerance is unchanged. Needs an adjoint that uses
+            it (:class:`~deqkit.ImplicitAdjoint`). Default: None.
 
     Returns:
         A :class:`~deqkit.Solution` with ``value``, ``result``, ``stats``.
@@ -223,9 +231,10 @@ def fixed_point(
     adjoint = resolve_adjoint(adjoint)
     opts = _options(max_steps, args, compact, compact_ratio, divergence_ratio, patience, trace)
     problem = make_problem(f, z0, args, solver, max_steps)
+    _check_adjoint_cache(adjoint_cache, adjoint, problem.z0.shape[0])
     # the batch-independence probe: a row may move by a few times sqrt(eps) (rounding only)
     opts = dataclasses.replace(opts, probe=4.0 * math.sqrt(problem.eps), eps=problem.eps)
-    primal = Primal(problem, solver, opts)
+    primal = Primal(problem, solver, opts, adjoint_cache)
     backward: dict[str, Any] = {}
     value = adjoint.solve(primal, backward)
     if primal.output is None:
@@ -237,6 +246,33 @@ def fixed_point(
     if throw and sol.result is not RESULTS.successful and not completed:
         raise _solver_error(sol, primal.output, solver, max_steps)
     return sol
+
+
+def _check_adjoint_cache(cache: Any, adjoint: AbstractAdjoint, batch: int) -> None:
+    """``adjoint_cache`` is None or ``(cache, ids)`` with ``batch`` integer ids, for an
+    adjoint that uses it."""
+    if cache is None:
+        return
+    ok = (isinstance(cache, tuple) and len(cache) == 2
+          and callable(getattr(cache[0], "initial", None))
+          and callable(getattr(cache[0], "update", None)))
+    if not ok:
+        raise TypeError(
+            "fixed_point: `adjoint_cache` must be a pair (cache, ids), e.g. "
+            "(dk.nn.FixedPointCache(len(train_set)), batch_ids); got "
+            f"{type(cache).__name__}.")
+    ids = cache[1]
+    if (not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64)
+            or tuple(ids.shape) != (batch,)):
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(
+            f"fixed_point: the ids of `adjoint_cache` must be an integer tensor of shape "
+            f"({batch},), one id per sample of the batch; got {got}.")
+    if not type(adjoint).uses_adjoint_cache:
+        raise ValueError(
+            f"fixed_point: `adjoint_cache` needs an adjoint with a backward solve to start, "
+            f"such as dk.ImplicitAdjoint(); {type(adjoint).__name__} does not use it. Drop "
+            "adjoint_cache or change the adjoint.")
 
 
 def _solution(primal: Primal, loop: LoopOutput, value: torch.Tensor,

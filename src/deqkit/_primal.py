@@ -30,11 +30,14 @@ class Primal:
         differentiable: whether gradients were enabled when the solve was asked for; an
             adjoint attaches a gradient only then.
         output: the :class:`LoopOutput` of the latest :meth:`run` (None before).
+        adjoint_cache: ``(cache, ids)`` from :func:`~deqkit.fixed_point`'s
+            ``adjoint_cache`` (the samples' stored adjoint vectors), or None.
     """
 
     def __init__(self, problem: Problem, solver: AbstractFixedPointSolver,
-                 options: LoopOptions) -> None:
+                 options: LoopOptions, adjoint_cache: tuple[Any, Tensor] | None = None) -> None:
         self.problem, self.solver, self.options = problem, solver, options
+        self.adjoint_cache = adjoint_cache
         self.differentiable = torch.is_grad_enabled()
         self.output: LoopOutput | None = None
         self.extra_nfev = 0  # evaluations made by the adjoint (evaluate, f)

@@ -22,7 +22,8 @@ class Primal(Protocol):
     iterate, else None; ``.inverse``: with ``keep_inverse=True``, the solver's estimate
     ``(U, V)`` of ``(I - J)^{-1} = I + U V^T``, or None). ``evaluate(z, leaf=False)``
     returns ``(z_in, f(z_in))`` under autograd; ``f(z)`` applies f; ``args`` are the call's
-    per-sample inputs; ``differentiable`` says whether gradients were enabled for the call;
+    per-sample inputs; ``adjoint_cache`` is the call's ``(cache, ids)`` or None;
+    ``differentiable`` says whether gradients were enabled for the call;
     ``solver`` is the forward solver; ``supports_unrolled`` whether the solver's steps are
     differentiable by autograd. Every evaluation is counted in the solution's ``nfev``.
     """
@@ -31,6 +32,7 @@ class Primal(Protocol):
     supports_unrolled: bool
     args: tuple[Any, ...]
     solver: Any
+    adjoint_cache: tuple[Any, Tensor] | None
 
     def run(self, *, graph: str | None = None, unrolled: bool = False,
             keep_inverse: bool = False) -> Any: ...
@@ -69,6 +71,10 @@ class AbstractAdjoint:
         >>> x.grad  # df/dx = 1; the implicit gradient would be 1 / (1 - 0.5) = 2
         tensor([[1., 1.]], dtype=torch.float64)
     """
+
+    #: whether the adjoint starts its backward solve from stored adjoint vectors when
+    #: :func:`~deqkit.fixed_point` gets ``adjoint_cache`` (others refuse the argument)
+    uses_adjoint_cache: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -198,7 +204,7 @@ class OneEvaluation(AbstractAdjoint, abc.ABC):
             z_in, fz = out.last_eval
         else:
             z_in, fz = primal.evaluate(out.value, leaf=self.leaf)
-        return self.attach_output(z_in, fz, backward_stats, out)
+        return self.attach_output(z_in, fz, backward_stats, primal)
 
     def keeps_inverse(self) -> bool:
         """Whether the forward solve should keep its solver's inverse-Jacobian estimate for
@@ -206,9 +212,10 @@ class OneEvaluation(AbstractAdjoint, abc.ABC):
         return False
 
     def attach_output(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any],
-                      out: Any) -> Tensor:
-        """:meth:`attach`, given also the forward solve's ``LoopOutput`` (its residuals and
-        inverse estimate); adjoints that reuse the forward solve override it."""
+                      primal: Primal) -> Tensor:
+        """:meth:`attach`, given also the primal whose solve just ran (``primal.output``: its
+        residuals and inverse estimate; ``primal.adjoint_cache``); adjoints that reuse the
+        forward solve override it."""
         return self.attach(z_in, fz, backward_stats)
 
     def apply(

@@ -39,13 +39,19 @@ class ForwardInfo:
     rel_residual: Tensor
     z_norm: Tensor
     inverse: tuple[Tensor, Tensor] | None = None
+    #: ``(cache, ids)``: where the sample's last adjoint vectors are kept (see
+    #: :func:`warm_solve`), or None
+    adjoint_cache: tuple[Any, Tensor] | None = None
     _preconditioner: LowRankUpdate | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
-    def from_output(cls, out: Any) -> ForwardInfo:
+    def from_primal(cls, primal: Any) -> ForwardInfo:
+        """What ``primal``'s latest run left (its ``LoopOutput``) and its adjoint cache."""
+        out = primal.output
         return cls(abs_residual=out.abs_residual.detach(), rel_residual=out.rel_residual.detach(),
                    z_norm=torch.linalg.vector_norm(out.value.detach(), dim=1),
-                   inverse=getattr(out, "inverse", None))
+                   inverse=getattr(out, "inverse", None),
+                   adjoint_cache=getattr(primal, "adjoint_cache", None))
 
     def preconditioner(self) -> LowRankUpdate | None:
         """``M^T = I + V U^T``, the estimate of ``(I - J^T)^{-1}`` (None without one)."""
@@ -113,6 +119,38 @@ def scaled_solve(solve: Any, solver: AbstractLinearSolver, rhs: Tensor,
     sol = solve(inner, rhs * scale[:, None])
     return dataclasses.replace(sol, value=sol.value / scale[:, None],
                                residual=sol.residual / scale)
+
+
+def warm_solve(solve: Any, solver: AbstractLinearSolver, op: AbstractLinearOperator,
+               rhs: Tensor, rtol: Tensor | None, cache: tuple[Any, Tensor]) -> LinearSolution:
+    r"""Solve ``op u = rhs`` starting from each sample's stored adjoint vector, scaled.
+
+    ``cache = (store, ids)``; ``store.initial(ids, zeros)`` gives :math:`c_b` (the adjoint
+    vector sample ``ids[b]`` had when it was last solved, zero if none). One product gives
+    the best multiple of it, :math:`lpha_b = \langle g_b, A c_b
+angle / \|A c_b\|^2`,
+    so the start residual :math:`r_b = g_b - lpha_b A c_b` is never larger than
+    :math:`\|g_b\|` (a stale vector can only help). The correction solves
+    :math:`A d = r` (``solve(solver', r)``, through :func:`scaled_solve`) to the tolerance
+    of the original system, :math:`\|g_b - A u_b\| \le 	ext{atol} + 	ext{rtol}_b
+    \|g_b\|` (``rtol``: per sample, or the solver's), and :math:`u = lpha c + d`. The
+    cost is one product more than a cold solve (none when no sample of the batch has a
+    stored vector); ``nmatvec`` counts it.
+    """
+    store, ids = cache
+    c = store.initial(ids, torch.zeros_like(rhs)).to(rhs)
+    base = rtol if rtol is not None else torch.full_like(rhs[:, 0], float(solver.rtol))
+    if not bool(c.any()):  # nothing stored for this batch: a cold solve
+        return solve(solver, rhs) if rtol is None else scaled_solve(solve, solver, rhs, rtol)
+    Ac = op.mv(c).detach()
+    tiny = torch.finfo(rhs.dtype).tiny
+    alpha = (rhs * Ac).sum(1) / (Ac * Ac).sum(1).clamp_min(tiny)
+    x0, r0 = alpha[:, None] * c, rhs - alpha[:, None] * Ac
+    ratio = torch.linalg.vector_norm(rhs, dim=1) / torch.linalg.vector_norm(r0, dim=1).clamp_min(
+        tiny)
+    # rtol relative to r0 that is rtol relative to g (at most 1: d = 0 then passes)
+    sol = scaled_solve(solve, solver, r0, (base * ratio).clamp(max=1.0))
+    return dataclasses.replace(sol, value=x0 + sol.value, nmatvec=sol.nmatvec + 1)
 
 
 def error_estimates(u: Tensor, residual: Tensor, forward: ForwardInfo | None,

@@ -19,6 +19,7 @@ from ._reuse import (
     error_estimates,
     preconditioned_solve,
     scaled_solve,
+    warm_solve,
 )
 from .jacobian_free import JacobianFreeAdjoint
 from .phantom import PhantomAdjoint
@@ -192,6 +193,7 @@ class ImplicitAdjoint(OneEvaluation):
     reuse_forward: bool = False
     rtol_from_forward: bool = False
     leaf: ClassVar[bool] = True
+    uses_adjoint_cache: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -223,23 +225,29 @@ class ImplicitAdjoint(OneEvaluation):
         return self.reuse_forward
 
     def attach_output(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any],
-                      out: Any) -> Tensor:
-        return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_output(out))
+                      primal: Any) -> Tensor:
+        return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_primal(primal))
 
     def _linear_solve(self, op: Any, rhs: Tensor, stats: dict[str, Any],
                       forward: ForwardInfo | None) -> Any:
         """The backward linear solve, warm-started and preconditioned by the forward estimate
-        with ``reuse_forward``, to a per-sample tolerance with ``rtol_from_forward``."""
+        with ``reuse_forward``, to a per-sample tolerance with ``rtol_from_forward``, from
+        the samples' stored adjoint vectors with an adjoint cache."""
         P = forward.preconditioner() if forward is not None and self.reuse_forward else None
 
         def run(solver: AbstractLinearSolver, b: Tensor) -> Any:
             return preconditioned_solve(solver, op, b, P)
 
+        rtol = None
         if self.rtol_from_forward and forward is not None:
             base = torch.full_like(forward.rel_residual, float(self.linear_solver.rtol))
             rtol = torch.fmax(base, FORWARD_FACTOR * forward.rel_residual.to(base.dtype))
             stats["rtol"] = rtol
-            return scaled_solve(run, self.linear_solver, rhs, rtol.to(rhs.dtype))
+            rtol = rtol.to(rhs.dtype)
+        if forward is not None and forward.adjoint_cache is not None:
+            return warm_solve(run, self.linear_solver, op, rhs, rtol, forward.adjoint_cache)
+        if rtol is not None:
+            return scaled_solve(run, self.linear_solver, rhs, rtol)
         return run(self.linear_solver, rhs)
 
     def solve_backward(self, op: Any, rhs: Tensor, stats: dict[str, Any],
@@ -260,6 +268,9 @@ class ImplicitAdjoint(OneEvaluation):
             fallback=torch.zeros_like(sol.converged),
             nonfinite_grad=torch.zeros_like(sol.converged) if ok is None else ~ok,
         )
+        if forward is not None and forward.adjoint_cache is not None:
+            store, ids = forward.adjoint_cache
+            store.update(ids, sol.value, converged=stats["converged"])
         failed = ~sol.converged
         if not bool(failed.any()):
             return sol.value

@@ -93,8 +93,8 @@ class SHINEAdjoint(OneEvaluation):
         return True
 
     def attach_output(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any],
-                      out: Any) -> Tensor:
-        return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_output(out))
+                      primal: Any) -> Tensor:
+        return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_primal(primal))
 
     def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any], *,
                forward: ForwardInfo | None = None) -> Tensor:

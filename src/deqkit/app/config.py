@@ -105,6 +105,10 @@ class TrainConfig:
     backward_rtol_from_forward: bool = _setting(False, "implicit adjoint: per-sample backward "
                                                 "tolerance max(backward_rtol, 0.1 x the "
                                                 "forward relative residual)")
+    adjoint_cache: bool = _setting(False, "implicit adjoint: start each sample's backward "
+                                   "solve from its adjoint vector of the last epoch (best "
+                                   "multiple, one extra VJP; single process); saved in last.pt "
+                                   "(key 'adjoint_cache')")
     shine_refine: int = _setting(0, "shine adjoint: preconditioned refinement steps of "
                                  "u = M^T g (one VJP each)")
     phantom_steps: int = _setting(5, "phantom adjoint: damped steps from z*")
@@ -181,7 +185,7 @@ def _check_names(cfg: TrainConfig) -> None:
     if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
         _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     for key in ("progress", "plots", "warm_start", "tensorboard", "reuse_forward",
-                "backward_rtol_from_forward"):
+                "backward_rtol_from_forward", "adjoint_cache"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "expected true or false")
 

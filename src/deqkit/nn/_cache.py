@@ -37,6 +37,10 @@ class FixedPointCache:
     spent from where the last epoch ended), as in DEQ optical flow (Bai et al. 2022), which
     reuses the previous frame's flow the same way.
 
+    The same cache keeps any per-sample vectors: a second instance passed as
+    ``adjoint_cache`` (:func:`~deqkit.fixed_point`, :meth:`~deqkit.nn.DEQ.warm_start`)
+    keeps each sample's adjoint vector and starts its next implicit backward solve there.
+
     Args:
         capacity: number of ids; valid ids are ``0 .. capacity - 1`` (e.g. dataset indices).
         only_converged: :meth:`update` stores a sample only where ``converged`` (when given)

@@ -162,7 +162,7 @@ class DEQ(nn.Module):
         self.fp_kwargs = kwargs
         self.last_solution: Solution | None = None
         self._last_call: tuple[tuple[Any, ...], Any] | None = None
-        self._warm: tuple[Any, torch.Tensor] | None = None
+        self._warm: tuple[Any, torch.Tensor, Any] | None = None
 
     def init_state(self, *inputs: Any) -> Any:
         """Initial guess: ``cell.init_state(*inputs)`` if the cell defines it, else zeros
@@ -234,12 +234,19 @@ class DEQ(nn.Module):
                     self.__dict__.pop(k, None)
 
     @contextlib.contextmanager
-    def warm_start(self, cache: Any, ids: torch.Tensor) -> Any:
+    def warm_start(self, cache: Any, ids: torch.Tensor, *, adjoint_cache: Any = None) -> Any:
         """Within the block, calls without ``z0`` start each sample ``ids[b]`` from its
         equilibrium stored in ``cache`` (a :class:`~deqkit.nn.FixedPointCache`; the default
         initial state where none is stored) and store their result back (converged samples
         only, with the cache's default), so that a model calling this layer internally can
         warm-start across epochs without changing its ``forward``.
+
+        ``adjoint_cache`` (another :class:`~deqkit.nn.FixedPointCache`, or None) does the
+        same for the implicit backward solve: each sample's adjoint vector is stored and
+        the next backward solve of that sample starts from it (see
+        :func:`~deqkit.fixed_point`'s ``adjoint_cache``; needs
+        :class:`~deqkit.ImplicitAdjoint`). ``cache`` may be None to warm-start only the
+        backward.
 
         Example:
             >>> import torch, deqkit as dk
@@ -253,29 +260,40 @@ class DEQ(nn.Module):
             >>> int(layer.last_solution.stats["nstep"].max()), torch.allclose(z, 2 * x)
             (0, True)
         """
-        if not isinstance(cache, FixedPointCache):
-            raise TypeError(
-                f"DEQ.warm_start: `cache` must be a dk.nn.FixedPointCache, got "
-                f"{type(cache).__name__}."
-            )
-        previous, self._warm = self._warm, (cache, ids)
+        for name, value in (("cache", cache), ("adjoint_cache", adjoint_cache)):
+            if value is not None and not isinstance(value, FixedPointCache):
+                raise TypeError(
+                    f"DEQ.warm_start: `{name}` must be a dk.nn.FixedPointCache or None, got "
+                    f"{type(value).__name__}."
+                )
+        if cache is None and adjoint_cache is None:
+            raise ValueError("DEQ.warm_start: pass `cache` (forward equilibria), "
+                             "`adjoint_cache` (backward adjoint vectors) or both.")
+        if cache is not None and cache is adjoint_cache:
+            raise ValueError(
+                "DEQ.warm_start: `cache` and `adjoint_cache` must be two caches (one keeps "
+                "equilibria, the other adjoint vectors).")
+        previous, self._warm = self._warm, (cache, ids, adjoint_cache)
         try:
             yield self
         finally:
             self._warm = previous
 
     def forward(self, *inputs: Any, z0: Any = None) -> Any:
-        warm = self._warm if z0 is None else None
+        warm = self._warm
+        fwd_cache = warm[0] if warm is not None and z0 is None else None
         default_z0 = (z0 is None and not hasattr(self.cell, "init_state")
                       and "init_state" not in self.__dict__)
         if z0 is None:
             z0 = self.init_state(*inputs)
-        if warm is not None:
-            z0 = warm[0].initial(warm[1], z0)
+        if fwd_cache is not None:
+            z0 = fwd_cache.initial(warm[1], z0)
         max_steps = self.max_steps if self.training else self.eval_max_steps
         module = isinstance(self.cell, nn.Module)
         kw = dict(solver=self.solver, adjoint=self.adjoint, max_steps=max_steps,
                   throw=self.throw, **self.fp_kwargs)
+        if warm is not None and warm[2] is not None:
+            kw["adjoint_cache"] = (warm[2], warm[1])
         with parametrization_cache(self.cell):
             try:
                 if module and _batch_statistics(self.cell):
@@ -295,8 +313,8 @@ class DEQ(nn.Module):
                 ) from None
         self.last_solution = sol
         self._last_call = (tuple(inputs), sol.value)
-        if warm is not None:
-            warm[0].update(warm[1], sol.value, converged=sol.stats["converged"])
+        if fwd_cache is not None:
+            fwd_cache.update(warm[1], sol.value, converged=sol.stats["converged"])
         if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
             warnings.warn(
                 f"{type(self).__name__} forward: {sol.summary()}. {sol.result.message}",
@@ -306,6 +324,11 @@ class DEQ(nn.Module):
 
     def _solve_coupled(self, z0: Any, inputs: tuple[Any, ...], kw: dict[str, Any]) -> Solution:
         """Solve a batch-coupled cell as one problem: state ``(1, B, ...)``."""
+        if "adjoint_cache" in kw:
+            raise ValueError(
+                "DEQ.warm_start: `adjoint_cache` needs per-sample solves; this cell couples "
+                "the batch (batch statistics), so its backward is one system. Drop "
+                "adjoint_cache.")
         batch = (z0[0] if isinstance(z0, (tuple, list)) else z0).shape[0]
         cell = self.cell
 

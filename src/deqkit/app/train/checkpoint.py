@@ -108,7 +108,8 @@ def repair_best(run_dir: str, ckpt: dict[str, Any], log: Log) -> tuple[float, in
     if best_epoch == 0 or have == best_epoch:
         return best_val, best_epoch
     if best_epoch == int(ckpt["epoch"]):
-        save_checkpoint({k: v for k, v in ckpt.items() if k != "warm_start"}, path)
+        save_checkpoint({k: v for k, v in ckpt.items()
+                         if k not in ("warm_start", "adjoint_cache")}, path)
         log(f"rewrote {path} from {CHECKPOINT} (epoch {best_epoch}): the run was interrupted "
             "before it was written")
         return best_val, best_epoch

@@ -84,6 +84,7 @@ class _Loop:
     sampler: dd.GlobalBatchSampler
     evals_per_epoch: int
     warm_cache: Any
+    adjoint_cache: Any
     on_step: Callable[[StepInfo], Any] | None
     progress: bool
     log: Callable[[str], Any]
@@ -145,7 +146,9 @@ def _one_step(loop: _Loop, x: Any, y: Any, m: int, ids: Any, coin: Any) -> tuple
         # its share of a short last batch so the result is the global mean.
         share = env.world_size * x.shape[0] / m
     deq = getattr(tr.core, "deq", None)
-    ctx = deq.warm_start(loop.warm_cache, ids) if loop.warm_cache is not None else None
+    ctx = None
+    if loop.warm_cache is not None or loop.adjoint_cache is not None:
+        ctx = deq.warm_start(loop.warm_cache, ids, adjoint_cache=loop.adjoint_cache)
     return train_step(tr, x, y, device=loop.device, coin=coin, share=share, context=ctx)
 
 
@@ -274,7 +277,7 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, batch_size: int,
         scaler: Any = None, seed: int = 0, env: dd.DistEnv | None = None,
         state: FitState | None = None, stop_after: int | None = None,
         evals_per_epoch: int = 1, drop_last: bool = False, warm_cache: Any = None,
-        on_step: Callable[[StepInfo], Any] | None = None,
+        adjoint_cache: Any = None, on_step: Callable[[StepInfo], Any] | None = None,
         on_epoch: Callable[[dict[str, Any], FitState], Any] | None = None,
         progress: bool = False, log: Callable[[str], Any] | None = None) -> FitResult:
     """Train ``model`` on ``train_data`` for ``epochs`` epochs of ``batch_size`` samples.
@@ -291,6 +294,9 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, batch_size: int,
     to AdamW at ``lr``, ``loss_fn`` to cross-entropy (see :data:`LossFn`); ``text`` adds bits
     per target to the evaluations. ``env`` (:func:`~deqkit.app.train.distributed.detect`)
     makes it data parallel: each rank trains on its chunk of every global batch.
+    ``warm_cache``/``adjoint_cache`` (:class:`~deqkit.nn.FixedPointCache`, sized to the
+    training set) warm-start the model's ``deq`` layer's forward/backward solves by sample
+    (:meth:`~deqkit.nn.DEQ.warm_start`).
 
     Example:
         >>> import torch
@@ -313,7 +319,7 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, batch_size: int,
                       ema, options or StepOptions(), core)
     loop = _Loop(trainer, train_data, val_data, batch_size, epochs, seed, env,
                  env.device if env.enabled else model_device(core), text, sampler,
-                 evals_per_epoch, warm_cache, on_step, progress and env.is_main,
+                 evals_per_epoch, warm_cache, adjoint_cache, on_step, progress and env.is_main,
                  log or (lambda *_: None))
     result = FitResult(state, state.history, [], [])
     last = epochs if stop_after is None else min(epochs, state.epoch + stop_after)

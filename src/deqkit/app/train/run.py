@@ -49,6 +49,7 @@ class _Run:
     scaler: Any
     ema: WeightEMA | None
     warm_cache: Any
+    adjoint_cache: Any
     state: FitState
     metrics: RunMetrics
     log: Log
@@ -111,15 +112,22 @@ def _build(cfg: TrainConfig, env: dd.DistEnv, log: Log) -> tuple[Any, nn.Module,
     log(f"building model {cfg.model!r} ...")
     torch.manual_seed(cfg.seed)
     model = setup.build_model(cfg, splits.spec).to(device)
-    if cfg.warm_start:
+    for key in ("warm_start", "adjoint_cache"):
+        if not getattr(cfg, key):
+            continue
+        flag = "--" + key.replace("_", "-")
         if not hasattr(getattr(model, "deq", None), "warm_start"):
             raise ValueError(
-                f"warm_start: model {cfg.model!r} has no DEQ layer to warm-start; use a DEQ "
-                "model (e.g. conv_deq) or drop --warm-start.")
+                f"{key}: model {cfg.model!r} has no DEQ layer to warm-start; use a DEQ "
+                f"model (e.g. conv_deq) or drop {flag}.")
         if env.enabled:
             raise ValueError(
-                "warm_start: --warm-start works in single-process training only (each "
-                "process would keep its own cache); drop it under torchrun.")
+                f"{key}: {flag} works in single-process training only (each process would "
+                "keep its own cache); drop it under torchrun.")
+    if cfg.adjoint_cache and cfg.adjoint != "implicit":
+        raise ValueError(
+            f"adjoint_cache: --adjoint-cache starts the implicit backward solve; adjoint "
+            f"{cfg.adjoint!r} has none. Use --adjoint implicit or drop --adjoint-cache.")
     return splits, model, device
 
 
@@ -148,15 +156,15 @@ def _assemble(cfg: TrainConfig, env: dd.DistEnv, splits: Any, model: nn.Module,
     opt = setup.make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
     steps = len(dd.GlobalBatchSampler(len(splits.train), cfg.batch_size, 0, 1, shuffle=False))
     sched = setup.make_schedule(opt, cfg.schedule, steps * cfg.epochs)
-    warm_cache = None
-    if cfg.warm_start:
-        from deqkit.nn import FixedPointCache
+    from deqkit.nn import FixedPointCache
 
-        warm_cache = FixedPointCache(len(splits.train))
+    warm_cache = FixedPointCache(len(splits.train)) if cfg.warm_start else None
+    adjoint_cache = FixedPointCache(len(splits.train)) if cfg.adjoint_cache else None
     metrics = RunMetrics(cfg.run_dir(), tensorboard=cfg.tensorboard, enabled=env.is_main)
     return _Run(cfg, env, splits, model, device, opt, sched,
                 setup.make_scaler(device, cfg.precision),
-                WeightEMA(model, cfg.ema) if cfg.ema > 0 else None, warm_cache, FitState(),
+                WeightEMA(model, cfg.ema) if cfg.ema > 0 else None, warm_cache, adjoint_cache,
+                FitState(),
                 metrics, log)
 
 
@@ -170,8 +178,9 @@ def _resume(run: _Run, ckpt: dict[str, Any]) -> None:
     if "scaler" in ckpt:
         parts["scaler"] = run.scaler
     ck.restore(ckpt, path, parts)
-    if run.warm_cache is not None and ckpt.get("warm_start") is not None:
-        run.warm_cache.load_state_dict(ckpt["warm_start"])
+    for key, cache in (("warm_start", run.warm_cache), ("adjoint_cache", run.adjoint_cache)):
+        if cache is not None and ckpt.get(key) is not None:
+            cache.load_state_dict(ckpt[key])
     done = int(ckpt["epoch"])
     run.state = FitState(done, run.sched.last_epoch, list(ckpt["history"])[:done],
                          float(ckpt.get("train_time", 0.0)),
@@ -259,8 +268,9 @@ def _on_epoch(run: _Run) -> Callable[[dict[str, Any], FitState], None]:
         if run.ema is not None:
             ckpt["ema"] = run.ema.state_dict()
         best = dict(ckpt)
-        if run.warm_cache is not None:  # in last.pt only: what --resume needs to be exact
-            ckpt["warm_start"] = run.warm_cache.state_dict()
+        for key, cache in (("warm_start", run.warm_cache), ("adjoint_cache", run.adjoint_cache)):
+            if cache is not None:  # in last.pt only: what --resume needs to be exact
+                ckpt[key] = cache.state_dict()
         ck.save_checkpoint(ckpt, os.path.join(run.run_dir, ck.CHECKPOINT))
         if improved:
             ck.save_checkpoint(best, os.path.join(run.run_dir, ck.BEST))
@@ -277,7 +287,8 @@ def _fit(run: _Run, stop_after: int | None) -> None:
             optimizer=run.opt, scheduler=run.sched, loss_fn=cross_entropy(cfg.label_smoothing),
             val_data=run.splits.val, text=run.text, options=opts, ema=run.ema,
             scaler=run.scaler, seed=cfg.seed, env=run.env, state=run.state,
-            stop_after=stop_after, warm_cache=run.warm_cache, on_step=_on_step(run),
+            stop_after=stop_after, warm_cache=run.warm_cache,
+            adjoint_cache=run.adjoint_cache, on_step=_on_step(run),
             on_epoch=_on_epoch(run), progress=cfg.progress, log=run.log)
     except TrainingDiverged as err:
         raise TrainingDiverged(_diverged_message(err, cfg), err.loss, err.epoch,
