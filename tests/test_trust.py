@@ -196,7 +196,7 @@ def test_fixed_steps_claims_no_convergence():
 
 # ------------------------------------------------------------------ second order (item 3)
 
-FIRST_ORDER = [dk.ImplicitAdjoint(), dk.JacobianFreeAdjoint(), dk.PhantomAdjoint(),
+FIRST_ORDER = [dk.SHINEAdjoint(), dk.JacobianFreeAdjoint(), dk.PhantomAdjoint(),
                dk.OneStepAdjoint()]
 
 
@@ -237,7 +237,7 @@ def test_second_order_through_unrolled_matches_finite_differences(solver, steps)
 
 def test_first_order_gradients_still_work_with_create_graph_off():
     f, x = _tanh_cell()
-    for adjoint in FIRST_ORDER:
+    for adjoint in [*FIRST_ORDER, dk.ImplicitAdjoint()]:
         sol = dk.fixed_point(f, torch.zeros(2, 3, dtype=F64), dk.Anderson(rtol=1e-12, atol=0),
                              adjoint, args=(x,))
         (g,) = torch.autograd.grad(sol.value.sum(), x)

@@ -24,6 +24,7 @@ from .adjoint import OneStepAdjoint as OneStepAdjoint
 from .adjoint import PhantomAdjoint as PhantomAdjoint
 from .adjoint import SHINEAdjoint as SHINEAdjoint
 from .adjoint import UnrolledAdjoint as UnrolledAdjoint
+from .adjoint import UnsupportedTransformError as UnsupportedTransformError
 from .hyperdeq import HyperAnderson as HyperAnderson
 from .hyperdeq import train_hyper_solver as train_hyper_solver
 from .linear import GMRES as GMRES

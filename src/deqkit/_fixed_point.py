@@ -23,7 +23,7 @@ from ._iterate import LoopOptions, LoopOutput
 from ._primal import Primal
 from ._problem import ToleranceWarning, make_problem
 from ._solution import RESULTS, Solution, SolverError
-from .adjoint._base import AbstractAdjoint
+from .adjoint._base import AbstractAdjoint, refuse_function_transforms
 from .adjoint.implicit import ImplicitAdjoint
 from .solvers._base import AbstractFixedPointSolver
 from .solvers.anderson import Anderson
@@ -227,6 +227,7 @@ def fixed_point(
         >>> x.grad.shape
         torch.Size([3, 4])
     """
+    refuse_function_transforms()
     solver = resolve_solver(solver)
     adjoint = resolve_adjoint(adjoint)
     opts = _options(max_steps, args, compact, compact_ratio, divergence_ratio, patience, trace)

@@ -1,5 +1,6 @@
 from ._base import AbstractAdjoint as AbstractAdjoint
 from ._base import HigherOrderError as HigherOrderError
+from ._base import UnsupportedTransformError as UnsupportedTransformError
 from .implicit import BackwardSolveWarning as BackwardSolveWarning
 from .implicit import ImplicitAdjoint as ImplicitAdjoint
 from .jacobian_free import JacobianFreeAdjoint as JacobianFreeAdjoint

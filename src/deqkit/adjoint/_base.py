@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 FlatFn = Callable[..., Tensor]
@@ -116,13 +117,16 @@ class AbstractAdjoint:
 
 class HigherOrderError(RuntimeError):
     """A higher-order derivative (``create_graph=True``) was asked through an adjoint whose
-    backward pass is not itself differentiated correctly.
+    backward pass is not itself differentiated correctly (or, with
+    :class:`~deqkit.ImplicitAdjoint`, through a map that closes over a tensor it cannot
+    differentiate: computed outside f; pass it in ``args``).
 
     Example:
         >>> import torch, deqkit as dk
         >>> x = torch.ones(1, 2, dtype=torch.float64, requires_grad=True)
         >>> sol = dk.fixed_point(lambda z: 0.5 * torch.tanh(z) + x,
-        ...                      torch.zeros(1, 2, dtype=torch.float64))
+        ...                      torch.zeros(1, 2, dtype=torch.float64),
+        ...                      adjoint=dk.JacobianFreeAdjoint())
         >>> try:
         ...     torch.autograd.grad(sol.value.sum(), x, create_graph=True)
         ... except dk.HigherOrderError as err:
@@ -131,15 +135,55 @@ class HigherOrderError(RuntimeError):
     """
 
 
+class UnsupportedTransformError(NotImplementedError):
+    """A ``torch.func`` transform (``vmap``, ``grad``, ``vjp``, ``jvp``, ``jacrev``,
+    ``jacfwd``, ``hessian``) was applied to a function that solves an equilibrium: not
+    supported yet. ``torch.autograd`` covers the same derivatives: ``autograd.grad`` (with
+    ``create_graph=True`` for exact higher orders through :class:`~deqkit.ImplicitAdjoint`),
+    ``torch.autograd.functional.hessian``/``hvp``, and ``torch.autograd.forward_ad`` for
+    forward mode; batch independent problems along the batch dimension instead of ``vmap``.
+
+    Example:
+        >>> import torch, deqkit as dk
+        >>> def solve(x):
+        ...     return dk.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros_like(x),
+        ...                           args=(x,)).value.sum()
+        >>> try:
+        ...     torch.func.grad(solve)(torch.ones(1, 2))
+        ... except dk.UnsupportedTransformError as err:
+        ...     print(type(err).__name__)
+        UnsupportedTransformError
+    """
+
+
+def refuse_function_transforms() -> None:
+    """Raise :class:`UnsupportedTransformError` inside a ``torch.func`` transform."""
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # pragma: no cover - a torch without functorch
+        return
+    if peek_interpreter_stack() is not None:
+        raise UnsupportedTransformError(
+            "deqkit.fixed_point under a torch.func transform (vmap, grad, vjp, jvp, jacrev, "
+            "jacfwd, hessian) is not supported yet. Use torch.autograd instead: "
+            "torch.autograd.grad (create_graph=True gives exact higher derivatives through "
+            "dk.ImplicitAdjoint), torch.autograd.functional.hessian/hvp/jacobian, "
+            "torch.autograd.forward_ad for forward mode; for vmap, stack independent "
+            "problems along the batch dimension (samples are solved independently)."
+        )
+
+
 def refuse_higher_order(adjoint: str) -> None:
     """Raise :class:`HigherOrderError` when called in a backward pass that records a graph."""
     if torch.is_grad_enabled():
         raise HigherOrderError(
-            f"{adjoint}: higher-order derivatives through an equilibrium are not implemented "
-            "for this adjoint (its backward pass is not differentiated correctly, so a second "
-            "derivative would be wrong, not just inexact). Use dk.UnrolledAdjoint() (exact "
-            "derivatives of the unrolled solver iterations, any order; memory grows with the "
-            "steps), or call backward/autograd.grad without create_graph=True."
+            f"{adjoint}: higher-order derivatives through an equilibrium are not defined for "
+            "this adjoint (its gradient is an approximation whose own derivative would be "
+            "wrong, not just inexact). Use dk.ImplicitAdjoint() (exact derivatives of any "
+            "order: the backward solve is itself differentiated implicitly) or "
+            "dk.UnrolledAdjoint() (exact derivatives of the unrolled solver iterations; "
+            "memory grows with the steps), or call backward/autograd.grad without "
+            "create_graph=True."
         )
 
 
@@ -163,6 +207,17 @@ def first_order(x: Tensor, adjoint: Any) -> Tensor:
     if not x.requires_grad:
         return x
     return _FirstOrder.apply(x, type(adjoint).__name__)
+
+
+def has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode tangent (``torch.autograd.forward_ad``): the
+    solve's inputs were dual tensors."""
+    return fwad.unpack_dual(t).tangent is not None
+
+
+def dual_level_active() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open (True when unknown)."""
+    return getattr(fwad, "_current_level", 0) >= 0
 
 
 def finite_rows(t: Tensor) -> Tensor | None:
@@ -197,8 +252,11 @@ class OneEvaluation(AbstractAdjoint, abc.ABC):
 
     def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
         graph = ("z" if self.leaf else "params") if self.reuse else None
-        out = primal.run(graph=graph, keep_inverse=self.keeps_inverse() and primal.differentiable)
-        if not primal.differentiable:
+        keep = self.keeps_inverse() and (primal.differentiable or dual_level_active())
+        out = primal.run(graph=graph, keep_inverse=keep)
+        # forward mode (dual inputs): the loop's iterates carry the tangent of the algorithm,
+        # not of the equilibrium; the adjoint's derivative replaces it, also under no_grad
+        if not primal.differentiable and not has_tangent(out.value):
             return out.value
         if out.last_eval is not None:
             z_in, fz = out.last_eval

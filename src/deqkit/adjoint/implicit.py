@@ -11,7 +11,21 @@ from torch import Tensor
 
 from .._checks import check_bool, check_choice
 from ..linear import GMRES, AbstractLinearSolver, IdentityMinus, JacobianOperator, Neumann
-from ._base import AbstractAdjoint, OneEvaluation, finite_rows, refuse_higher_order
+from ._base import (
+    AbstractAdjoint,
+    HigherOrderError,
+    OneEvaluation,
+    finite_rows,
+    has_tangent,
+    refuse_higher_order,
+)
+from ._higher import (
+    Functional,
+    LinearImplicit,
+    captured_intermediates,
+    differentiable_inputs,
+    input_partials,
+)
 from ._reuse import (
     FORWARD_FACTOR,
     ForwardInfo,
@@ -65,19 +79,28 @@ def _depends_on_more_than(out: Tensor, leaf: Tensor) -> bool:
 
 
 class _Implicit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, fz: Tensor, payload: dict[str, Any]) -> Tensor:  # type: ignore[override]
-        ctx.payload = payload
-        ctx.fz = fz
-        return payload["z_star"]
+    """The equilibrium ``z*`` with the implicit gradient through ``fz = f(z*)``. ``inputs``:
+    the differentiable inputs of f (:func:`differentiable_inputs`); they receive gradients
+    only when the backward pass is recorded (``create_graph=True``), otherwise the gradient
+    reaches them through ``fz``'s graph."""
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        # The linear solve below is not differentiated (u depends on z* through J, which
-        # the VJPs do not record): a second derivative would be silently wrong, so refuse.
+    def forward(ctx: Any, fz: Tensor, payload: dict[str, Any],  # type: ignore[override]
+                *inputs: Tensor) -> Tensor:
+        ctx.payload = payload
+        ctx.fz = fz
+        ctx.ninputs = len(inputs)
+        out = payload.pop("z_star")
+        ctx.save_for_backward(out)  # (unpacked in a recorded backward: z* with its graph)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         payload = ctx.payload
-        refuse_higher_order(type(payload["adjoint"]).__name__)
-        adjoint: ImplicitAdjoint = payload["adjoint"]
+        if torch.is_grad_enabled():  # create_graph=True: this gradient is differentiated
+            return (None, None, *_recorded_backward(ctx, grad))
+        none = (None,) * ctx.ninputs
+        adjoint: Any = payload["adjoint"]
         stats: dict[str, Any] = payload["stats"]
         ok = finite_rows(grad)
         if ok is not None and not bool(ok.any()):
@@ -85,14 +108,58 @@ class _Implicit(torch.autograd.Function):
             # can give it meaning. Pass it through unsolved so the non-finite values reach the
             # parameters' gradients, where the scaler sees them and skips the step.
             stats.update(_unsolved_stats(grad, ok))
-            return grad, None
+            return (grad, None, *none)
         # I - J^T at z*, from the one evaluation f(z*) kept by the forward pass
         op = IdentityMinus(JacobianOperator.from_evaluation(payload["z_req"], ctx.fz)).T
         # Rows with a non-finite incoming gradient are solved as zero rows (samples are
         # independent, so they do not disturb the others) and passed through afterwards.
         rhs = grad if ok is None else torch.where(ok.unsqueeze(1), grad, 0.0)
         u = adjoint.solve_backward(op, rhs, stats, ok, payload.get("forward"))
-        return (u if ok is None else torch.where(ok.unsqueeze(1), u, grad)), None
+        return ((u if ok is None else torch.where(ok.unsqueeze(1), u, grad)), None, *none)
+
+    @staticmethod
+    def jvp(ctx: Any, fz_dot: Tensor, *_: Any) -> Tensor:  # type: ignore[override]
+        # forward mode: z_req carries no tangent, so fz's tangent is (df/dp) p_dot and the
+        # equilibrium's is t = (I - J)^{-1} (df/dp) p_dot
+        payload = ctx.payload
+        op = IdentityMinus(JacobianOperator.from_evaluation(payload["z_req"], ctx.fz))
+        return payload["adjoint"].solve_tangent(op, fz_dot, payload["stats"],
+                                                payload.get("forward"))
+
+
+def _recorded_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
+    """The gradients of the inputs of f as differentiable functions of ``grad``, ``z*`` and
+    the inputs (see :mod:`deqkit.adjoint._higher`); refuses adjoints whose gradient is not
+    the exact implicit one."""
+    payload = ctx.payload
+    adjoint, functional = payload["adjoint"], payload.get("functional")
+    name = type(adjoint).__name__
+    if not isinstance(adjoint, ImplicitAdjoint):
+        refuse_higher_order(name)
+    if functional is None:
+        raise HigherOrderError(
+            f"{name}: a higher-order derivative needs the solve's map and inputs, which the "
+            "deprecated `attach`/`apply` path does not keep; call dk.fixed_point.")
+    (z,) = ctx.saved_tensors
+    extra = captured_intermediates(functional, z)
+    if extra:
+        t = extra[0]
+        raise HigherOrderError(
+            f"{name}: a higher-order derivative needs every tensor requiring grad that f reads "
+            f"as an input it can differentiate, but f reads a tensor of shape "
+            f"{tuple(t.shape)} (grad_fn {type(t.grad_fn).__name__}) that was computed "
+            "outside f and is not reachable from f's closure, arguments or module "
+            "attributes (a global?). Pass it through `args` if it is per-sample, close over "
+            "it, or compute it inside f.")
+    ok = finite_rows(grad)
+    rhs = grad if ok is None else torch.where(ok.unsqueeze(1), grad, 0.0)
+    meta = {"functional": functional, "solver": adjoint.linear_solver, "transpose": True,
+            "stats": payload["stats"], "on_failure": adjoint.on_failure,
+            "warning": BackwardSolveWarning}
+    u = LinearImplicit.apply(rhs, z, meta, *functional.inputs)
+    if ok is not None:
+        u = torch.where(ok.unsqueeze(1), u, grad)
+    return input_partials(functional, z, functional.inputs, u)
 
 
 def _unsolved_stats(grad: Tensor, ok: Tensor) -> dict[str, Any]:
@@ -169,6 +236,12 @@ class ImplicitAdjoint(OneEvaluation):
       :math:`\delta z` (scaled by the curvature of f and of the loss) that no backward
       tolerance removes.
 
+    Higher-order derivatives are exact: when the backward pass records a graph
+    (``create_graph=True``) it is built from differentiable pieces, the linear solve being
+    itself differentiated implicitly (the transposed solve), so gradient penalties,
+    Hessian-vector products and ``torch.autograd.gradgradcheck`` work (see
+    :mod:`deqkit.adjoint._higher` and the docs' "Higher-order derivatives").
+
     References: Bai, Kolter, Koltun (2019), "Deep Equilibrium Models"; Geng et al. (2021),
     "On Training Implicit Models" (phantom gradients); Ramzi, Mannel, Bauschke, Kolter
     (2022), "SHINE: SHaring the INverse Estimate from the forward pass for bi-level
@@ -226,7 +299,8 @@ class ImplicitAdjoint(OneEvaluation):
 
     def attach_output(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any],
                       primal: Any) -> Tensor:
-        return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_primal(primal))
+        return self.attach(z_in, fz, backward_stats, forward=ForwardInfo.from_primal(primal),
+                           problem=(primal.problem.fn, primal.args))
 
     def _linear_solve(self, op: Any, rhs: Tensor, stats: dict[str, Any],
                       forward: ForwardInfo | None) -> Any:
@@ -296,16 +370,40 @@ class ImplicitAdjoint(OneEvaluation):
             warnings.warn(msg, BackwardSolveWarning, stacklevel=4)
         return u
 
+    def solve_tangent(self, op: Any, rhs: Tensor, stats: dict[str, Any],
+                      forward: ForwardInfo | None = None) -> Tensor:
+        r"""Forward mode: solve :math:`(I - J) t = \dot f` (``op``, ``rhs``) with the linear
+        solver; its statistics go to ``stats["tangent"]``; a failed solve is handled as
+        ``on_failure`` says (no fallback)."""
+        with torch.no_grad():
+            sol = self.linear_solver.solve(op, rhs.detach())
+        stats["tangent"] = {"nstep": sol.nstep, "residual": sol.residual,
+                            "converged": sol.converged, "nmatvec": sol.nmatvec}
+        if not sol.all_converged and self.on_failure != "ignore":
+            msg = (f"implicit forward-mode tangent: the linear solve {self.linear_solver} did "
+                   f"not converge for {int((~sol.converged).sum())}/{sol.converged.numel()} "
+                   "samples; the tangent is inexact.")
+            if self.on_failure == "raise":
+                raise RuntimeError(msg)
+            warnings.warn(msg, BackwardSolveWarning, stacklevel=4)
+        return sol.value
+
     def attach(self, z_in: Tensor, fz: Tensor, backward_stats: dict[str, Any], *,
-               forward: ForwardInfo | None = None) -> Tensor:
+               forward: ForwardInfo | None = None,
+               problem: tuple[Any, tuple[Any, ...]] | None = None) -> Tensor:
         """The value ``z_in`` with the implicit gradient through ``fz = f(z_in)``;
-        ``forward``: what the forward solve left for the backward (see :meth:`solve`)."""
+        ``forward``: what the forward solve left for the backward (see :meth:`solve`);
+        ``problem``: ``(fn, args)`` with ``fz = fn(z_in, *args)``, for higher-order
+        derivatives (without it they are refused)."""
         z_star = z_in.detach()
-        if not _depends_on_more_than(fz, z_in):  # nothing else f uses requires grad
-            return z_star
+        if not _depends_on_more_than(fz, z_in) and not has_tangent(fz):
+            return z_star  # nothing else f uses requires grad or carries a tangent
+        fn, args = problem if problem is not None else (None, ())
+        inputs = differentiable_inputs(fz, z_in, args, fn)
         payload = {"z_star": z_star, "z_req": z_in, "adjoint": self, "stats": backward_stats,
-                   "forward": forward}
-        return _Implicit.apply(fz, payload)
+                   "forward": forward,
+                   "functional": None if fn is None else Functional(fn, args, inputs)}
+        return _Implicit.apply(fz, payload, *inputs)
 
 
 def _neumann_form(adjoint: AbstractAdjoint) -> tuple[int, float]:

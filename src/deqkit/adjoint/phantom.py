@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_float, check_int
-from ._base import AbstractAdjoint, Primal, first_order, gradient_of
+from ._base import AbstractAdjoint, Primal, first_order, gradient_of, has_tangent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,9 @@ class PhantomAdjoint(AbstractAdjoint):
 
     def solve(self, primal: Primal, backward_stats: dict[str, Any]) -> Tensor:
         z0 = primal.run().value
-        if not primal.differentiable:
+        if not primal.differentiable and not has_tangent(z0):
             return z0
+        z0 = z0.detach()  # held constant (also drops the iterations' forward-mode tangent)
         z = z0
         with torch.enable_grad():
             for _ in range(self.steps):

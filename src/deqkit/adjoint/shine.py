@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_int
+from ..linear import LowRankUpdate
 from ..solvers._base import provides_inverse_estimate
-from ._base import OneEvaluation, Primal
+from ._base import OneEvaluation, Primal, has_tangent
 from ._reuse import ForwardInfo, error_estimates
 from .implicit import _depends_on_more_than, _Implicit
 
@@ -101,11 +102,25 @@ class SHINEAdjoint(OneEvaluation):
         """The value ``z_in`` with the SHINE gradient through ``fz = f(z_in)``; without
         ``forward`` (or its estimate) :math:`M = I` (Jacobian-free backpropagation)."""
         z_star = z_in.detach()
-        if not _depends_on_more_than(fz, z_in):
+        if not _depends_on_more_than(fz, z_in) and not has_tangent(fz):
             return z_star
         payload = {"z_star": z_star, "z_req": z_in, "adjoint": self, "stats": backward_stats,
                    "forward": forward}
         return _Implicit.apply(fz, payload)
+
+    def solve_tangent(self, op: Any, rhs: Tensor, stats: dict[str, Any],
+                      forward: ForwardInfo | None = None) -> Tensor:
+        r"""Forward mode, the transpose of :meth:`solve_backward`: :math:`t = M \dot f`,
+        refined by ``refine`` steps :math:`t \leftarrow t + M(\dot f - (I - J)t)`."""
+        inv = forward.inverse if forward is not None else None
+        M = LowRankUpdate(*inv) if inv is not None else None
+        with torch.no_grad():
+            t = M.mv(rhs) if M is not None else rhs.clone()
+            for _ in range(self.refine):
+                r = rhs - op.mv(t)
+                t = t + (M.mv(r) if M is not None else r)
+        stats["tangent"] = {"nmatvec": self.refine}
+        return t.detach()
 
     def solve_backward(self, op: Any, rhs: Tensor, stats: dict[str, Any],
                        ok: Tensor | None = None, forward: ForwardInfo | None = None) -> Tensor:

@@ -1,0 +1,243 @@
+"""Exact higher-order derivatives through the implicit adjoint (issue 17): the recorded
+backward pass is itself differentiated implicitly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deqkit as dk
+from helpers import F64, contractive_matrix
+
+
+def _tight():
+    return dict(solver=dk.Anderson(rtol=1e-13, atol=0, m=6),
+                adjoint=dk.ImplicitAdjoint(dk.GMRES(rtol=1e-13, atol=0)), max_steps=400)
+
+
+def _inputs(d=3, B=2, seed=0, rho=0.6):
+    g = torch.Generator().manual_seed(seed)
+    W = contractive_matrix(d, rho, gen=g).requires_grad_()
+    x = torch.randn(B, d, dtype=F64, generator=g, requires_grad=True)
+    return x, W
+
+
+def _z(x, W, tuple_state=False):
+    """z* of tanh(z W^T + x): x passed in args, W closed over (a leaf of f's graph)."""
+    B, d = x.shape
+    if not tuple_state:
+        return dk.fixed_point(lambda z, x: torch.tanh(z @ W.T + x),
+                              torch.zeros(B, d, dtype=F64), args=(x,), **_tight()).value
+    h = d // 2
+
+    def f(z, x):
+        out = torch.tanh(torch.cat(z, dim=1) @ W.T + x)
+        return out[:, :h], out[:, h:]
+
+    z0 = (torch.zeros(B, h, dtype=F64), torch.zeros(B, d - h, dtype=F64))
+    return torch.cat(dk.fixed_point(f, z0, args=(x,), **_tight()).value, dim=1)
+
+
+@pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
+def test_gradgradcheck_through_fixed_point(tuple_state):
+    x, W = _inputs(d=4 if tuple_state else 3)
+    fn = lambda x, W: _z(x, W, tuple_state)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, W))
+    assert torch.autograd.gradgradcheck(fn, (x, W))
+
+
+def test_third_derivatives():
+    x, W = _inputs(d=2, B=1)
+
+    def grad_of(x, W):  # the gradient, recorded; gradgradcheck checks its 2nd derivatives
+        return torch.autograd.grad(_z(x, W).pow(3).sum(), (x, W), create_graph=True)
+
+    assert torch.autograd.gradgradcheck(grad_of, (x, W))
+
+
+def test_hessian_equals_the_closed_form_of_a_linear_deq():
+    # f(z) = z A(T)^T + x with A = 0.4 tanh(T): z* = (I - A)^{-1} x exactly (dense solve)
+    g = torch.Generator().manual_seed(3)
+    T = torch.randn(3, 3, dtype=F64, generator=g)
+    x = torch.randn(2, 3, dtype=F64, generator=g)
+    eye = torch.eye(3, dtype=F64)
+
+    def loss_deq(T, x):  # (A is computed inside f, from the leaf T)
+        z = dk.fixed_point(lambda z, x: z @ (0.4 * torch.tanh(T)).T + x, torch.zeros_like(x),
+                           args=(x,), **_tight()).value
+        return torch.sin(z).sum()
+
+    def loss_dense(T, x):
+        A = 0.4 * torch.tanh(T)
+        return torch.sin(torch.linalg.solve(eye - A, x.T).T).sum()
+
+    H = torch.autograd.functional.hessian(loss_deq, (T, x))
+    H_ref = torch.autograd.functional.hessian(loss_dense, (T, x))
+    for row, row_ref in zip(H, H_ref):
+        for h, h_ref in zip(row, row_ref):
+            torch.testing.assert_close(h, h_ref, rtol=1e-8, atol=1e-10)
+
+
+def test_hessian_vector_product_equals_finite_differences():
+    x, W = _inputs(d=5, B=3, seed=1, rho=0.8)
+    v = torch.randn(W.shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+
+    def grad_W(W, create_graph=False):
+        (gW,) = torch.autograd.grad(torch.cos(_z(x, W)).sum(), W, create_graph=create_graph)
+        return gW
+
+    (hvp,) = torch.autograd.grad((grad_W(W, create_graph=True) * v).sum(), W)
+    eps = 1e-5
+    with torch.no_grad():
+        Wp, Wm = (W + eps * v).requires_grad_(), (W - eps * v).requires_grad_()
+    fd = (grad_W(Wp) - grad_W(Wm)) / (2 * eps)
+    torch.testing.assert_close(hvp, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_gradient_penalty_through_a_deq_layer_matches_unrolling():
+    # a DEQ layer (parameters of an nn.Module cell) trained with a penalty on the input
+    # gradient: loss + ||d loss / d x||^2 needs the second derivative of the equilibrium
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 4).double()
+    with torch.no_grad():
+        lin.weight.mul_(0.5 / torch.linalg.matrix_norm(lin.weight, 2))
+
+    def cell(z, x):
+        return torch.tanh(lin(z) + x)
+
+    x = torch.randn(3, 4, dtype=F64, requires_grad=True)
+
+    def penalised(adjoint, solver, steps):
+        layer = dk.nn.DEQ(cell, solver=solver, adjoint=adjoint, max_steps=steps, throw=False)
+        loss = layer(x).pow(2).sum()
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        return torch.autograd.grad(loss + gx.pow(2).sum(), [*lin.parameters(), x])
+
+    got = penalised(_tight()["adjoint"], dk.Anderson(rtol=1e-13, atol=0), 300)
+    # Picard unrolled 90 steps: contraction 0.5, so exact to ~1e-27
+    ref = penalised(dk.UnrolledAdjoint(), dk.FixedSteps(dk.Picard()), 90)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_recorded_backward_reports_its_solve():
+    x, W = _inputs()
+    sol = dk.fixed_point(lambda z, x: torch.tanh(z @ W.T + x), torch.zeros(2, 3, dtype=F64),
+                         args=(x,), **_tight())
+    (gx,) = torch.autograd.grad(sol.value.sum(), x, create_graph=True)
+    assert gx.requires_grad and bool(sol.backward["converged"].all())
+    assert sol.backward["nmatvec"] > 0
+    # the recorded first derivative is the plain one
+    (plain,) = torch.autograd.grad(_z(x, W).sum(), x)
+    torch.testing.assert_close(gx.detach(), plain, rtol=1e-10, atol=1e-12)
+
+
+def test_a_closed_over_intermediate_gets_its_higher_derivatives():
+    # f closes over tensors computed outside it from x and W (not leaves, not in args)
+    x, W = _inputs(d=3, B=2, seed=4)
+
+    def z_closed(x, W):
+        shifted, W2 = 2.0 * x, 0.5 * W
+        return dk.fixed_point(lambda z: torch.tanh(z @ W2.T + shifted),
+                              torch.zeros(2, 3, dtype=F64), **_tight()).value
+
+    def z_args(x, W):
+        return dk.fixed_point(lambda z, s: torch.tanh(z @ (0.5 * W).T + s),
+                              torch.zeros(2, 3, dtype=F64), args=(2.0 * x,),
+                              **_tight()).value
+
+    assert torch.autograd.gradgradcheck(z_closed, (x, W))
+    v = torch.ones(2, 3, dtype=F64)
+    h1 = torch.autograd.functional.hvp(lambda x: z_closed(x, W).pow(2).sum(), x, v)[1]
+    h2 = torch.autograd.functional.hvp(lambda x: z_args(x, W).pow(2).sum(), x, v)[1]
+    torch.testing.assert_close(h1, h2, rtol=1e-9, atol=1e-11)
+
+
+GLOBAL = {}
+
+
+def test_a_tensor_f_cannot_reach_is_refused_for_higher_order():
+    x, W = _inputs()
+    GLOBAL["shift"] = 2.0 * x  # read through a global: not found in f's closure
+
+    def f(z):
+        return torch.tanh(z @ W.T + GLOBAL["shift"])
+
+    sol = dk.fixed_point(f, torch.zeros(2, 3, dtype=F64), **_tight())
+    (g1,) = torch.autograd.grad(sol.value.sum(), x, retain_graph=True)  # first order: fine
+    assert bool(torch.isfinite(g1).all())
+    with pytest.raises(dk.HigherOrderError, match="close over it"):
+        torch.autograd.grad(sol.value.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("adjoint", [dk.JacobianFreeAdjoint(), dk.PhantomAdjoint(),
+                                     dk.OneStepAdjoint(), dk.SHINEAdjoint()],
+                         ids=lambda a: type(a).__name__)
+def test_approximate_adjoints_refuse_higher_order(adjoint):
+    x, W = _inputs()
+    sol = dk.fixed_point(lambda z, x: torch.tanh(z @ W.T + x), torch.zeros(2, 3, dtype=F64),
+                         dk.Anderson(rtol=1e-12, atol=0), adjoint, args=(x,))
+    with pytest.raises(dk.HigherOrderError, match=r"dk\.ImplicitAdjoint"):
+        (g,) = torch.autograd.grad(sol.value.sum(), x, create_graph=True)
+        torch.autograd.grad(g.sum(), x)
+
+
+# ----------------------------------------------------------------- forward mode (forward_ad)
+
+import torch.autograd.forward_ad as fwad  # noqa: E402
+
+
+def _tangent(fn, x, v, grad_enabled=True):
+    with torch.set_grad_enabled(grad_enabled), fwad.dual_level():
+        return fwad.unpack_dual(fn(fwad.make_dual(x, v))).tangent
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
+def test_forward_mode_tangent_equals_the_implicit_jacobian(tuple_state, grad_enabled):
+    x, W = _inputs(d=4, B=3, seed=5, rho=0.8)
+    x = x.detach()
+    v = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(6))
+    fn = lambda x: _z(x, W.detach(), tuple_state)  # noqa: E731
+    J = torch.autograd.functional.jacobian(fn, x)
+    want = torch.einsum("bdce,ce->bd", J, v)
+    got = _tangent(fn, x, v, grad_enabled)
+    assert got is not None  # (before: the tangent was silently dropped)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("adjoint", [dk.JacobianFreeAdjoint(), dk.PhantomAdjoint(steps=3),
+                                     dk.OneStepAdjoint(), dk.SHINEAdjoint(),
+                                     dk.SHINEAdjoint(refine=3), dk.UnrolledAdjoint()],
+                         ids=lambda a: f"{type(a).__name__}{getattr(a, 'refine', '')}")
+def test_forward_mode_matches_each_adjoints_reverse_mode(adjoint):
+    # each adjoint defines a Jacobian; forward and reverse mode give the same one
+    x, W = _inputs(d=4, B=2, seed=7, rho=0.7)
+    x, W = x.detach(), W.detach()
+    v = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(8))
+
+    def fn(x):
+        return dk.fixed_point(lambda z, x: torch.tanh(z @ W.T + x), torch.zeros(2, 4, dtype=F64),
+                              dk.Anderson(rtol=1e-12, atol=0, m=4), adjoint, args=(x,),
+                              max_steps=60, throw=False).value
+
+    J = torch.autograd.functional.jacobian(fn, x)
+    want = torch.einsum("bdce,ce->bd", J, v)
+    torch.testing.assert_close(_tangent(fn, x, v), want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap", "jacrev", "hessian"])
+def test_torch_func_transforms_are_refused_clearly(transform):
+    x, W = _inputs()
+    x, W = x.detach(), W.detach()
+
+    def loss(x):
+        return _z(x, W).sum()
+
+    calls = {"grad": lambda: torch.func.grad(loss)(x),
+             "jvp": lambda: torch.func.jvp(loss, (x,), (x,)),
+             "vmap": lambda: torch.func.vmap(loss)(x[None].expand(3, 2, 3)),
+             "jacrev": lambda: torch.func.jacrev(loss)(x),
+             "hessian": lambda: torch.func.hessian(loss)(x)}
+    with pytest.raises(dk.UnsupportedTransformError, match=r"torch\.autograd\.functional"):
+        calls[transform]()
