@@ -69,7 +69,14 @@ def check_implicit_layers(ns):
     assert ns["validation"][-1] < ns["validation"][0]
 
 
+def check_bilevel(ns):
+    assert ns["first_error"] < 1e-9 and ns["second_error"] < 1e-8  # vs the closed form
+    assert ns["fd_error"] < 1e-6  # vs finite differences of the first derivative
+    assert ns["newton_error"] < 1e-5 < ns["gd_error"]  # Newton converged, gradient descent not
+
+
 CHECKS = {
+    "bilevel": check_bilevel,
     "linear_deq": check_linear_deq,
     "compare": check_compare,
     "classifier": check_classifier,

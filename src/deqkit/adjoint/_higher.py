@@ -188,8 +188,25 @@ def captured_intermediates(functional: Functional, z: Tensor) -> list[Tensor]:
         functional.fn(z_chk, *functional.args)
     unique: dict[int, Tensor] = {}
     for t in mode.unknown:
-        unique.setdefault(id(t), t)
+        # a tensor that depends on the fresh z_chk was made during the call (e.g. by a
+        # torch.func transform inside f, whose results bypass the mode)
+        if id(t) not in unique and not _reaches(t, z_chk):
+            unique[id(t)] = t
     return list(unique.values())
+
+
+def _reaches(t: Tensor, leaf: Tensor) -> bool:
+    """Whether ``t``'s autograd graph reaches the leaf ``leaf``."""
+    stack, seen = [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is leaf:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 class LinearImplicit(torch.autograd.Function):
