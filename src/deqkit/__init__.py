@@ -28,6 +28,7 @@ from .adjoint import UnsupportedTransformError as UnsupportedTransformError
 from .hyperdeq import HyperAnderson as HyperAnderson
 from .hyperdeq import train_hyper_solver as train_hyper_solver
 from .linear import GMRES as GMRES
+from .linear import RecyclingGMRES as RecyclingGMRES
 from .linear import AbstractLinearSolver as AbstractLinearSolver
 from .linear import BiCGStab as BiCGStab
 from .linear import Dense as Dense

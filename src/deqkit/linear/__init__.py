@@ -4,6 +4,8 @@ Every solver solves ``B`` independent systems ``A_b x_b = r_b`` given an operato
 batched ``matvec``; see :class:`AbstractLinearSolver`), with per-sample stopping.
 
 - :class:`GMRES`: restarted GMRES, the robust default for nonsymmetric systems.
+- :class:`RecyclingGMRES`: GMRES that deflates a subspace recycled from its previous solves
+  (GCRO; for sequences of related systems).
 - :class:`BiCGStab`: short recurrences, two matvecs per step, constant memory.
 - :class:`Neumann`: damped Richardson / truncated Neumann series (the classical DEQ
   fixed-point backward pass); needs a contractive iteration.
@@ -34,6 +36,8 @@ from .bicgstab import BiCGStab as BiCGStab
 from .dense import Dense as Dense
 from .gmres import GMRES as GMRES
 from .neumann import Neumann as Neumann
+from .recycle import RecycledSpace as RecycledSpace
+from .recycle import RecyclingGMRES as RecyclingGMRES
 
 __all__ = [
     "GMRES",
@@ -49,4 +53,6 @@ __all__ = [
     "LowRankUpdate",
     "MatrixOperator",
     "Neumann",
+    "RecycledSpace",
+    "RecyclingGMRES",
 ]
