@@ -226,18 +226,112 @@ def test_forward_mode_matches_each_adjoints_reverse_mode(adjoint):
     torch.testing.assert_close(_tangent(fn, x, v), want, rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.parametrize("transform", ["grad", "jvp", "vmap", "jacrev", "hessian"])
-def test_torch_func_transforms_are_refused_clearly(transform):
+# ----------------------------------------------------------------- torch.func transforms
+
+
+@pytest.mark.parametrize("tuple_state", [False, True], ids=["tensor", "tuple"])
+def test_torch_func_grad_jacrev_jacfwd_hessian_match_autograd(tuple_state):
+    x, W = _inputs(d=4, B=2, seed=9, rho=0.8)
+    x, W = x.detach(), W.detach()
+
+    def z(x):
+        return _z(x, W, tuple_state)
+
+    def loss(x):
+        return torch.sin(z(x)).sum()
+
+    xr = x.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(loss(xr), xr)
+    J_ref = torch.autograd.functional.jacobian(z, x)
+    H_ref = torch.autograd.functional.hessian(loss, x)
+    close = dict(rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(torch.func.grad(loss)(x), g_ref, **close)
+    torch.testing.assert_close(torch.func.jacrev(z)(x), J_ref, **close)
+    torch.testing.assert_close(torch.func.jacfwd(z)(x), J_ref, **close)
+    torch.testing.assert_close(torch.func.hessian(loss)(x), H_ref, **close)
+    v = torch.randn(x.shape, dtype=F64, generator=torch.Generator().manual_seed(1))
+    _, jv = torch.func.jvp(z, (x,), (v,))
+    torch.testing.assert_close(jv, torch.einsum("bdce,ce->bd", J_ref, v), **close)
+    _, vjp_fn = torch.func.vjp(z, x)
+    torch.testing.assert_close(vjp_fn(v)[0], torch.einsum("bdce,bd->ce", J_ref, v), **close)
+
+
+def test_torch_func_vmap_equals_a_loop_over_inputs_and_over_weights():
+    x, W = _inputs(d=3, B=2, seed=10)
+    x, W = x.detach(), W.detach()
+    xs = torch.randn(4, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    got = torch.func.vmap(lambda x: _z(x, W))(xs)
+    torch.testing.assert_close(got, torch.stack([_z(a, W) for a in xs]), rtol=0, atol=1e-12)
+    Ws = torch.stack([contractive_matrix(3, 0.6, gen=torch.Generator().manual_seed(s))
+                      for s in range(3)])
+    got = torch.func.vmap(lambda W: _z(x, W))(Ws)  # an ensemble of closed-over weights
+    torch.testing.assert_close(got, torch.stack([_z(x, a) for a in Ws]), rtol=0, atol=1e-12)
+    # per-example gradients of an ensemble: vmap over grad
+    grads = torch.func.vmap(torch.func.grad(lambda W: _z(x, W).square().sum()))(Ws)
+    for Wi, gi in zip(Ws, grads):
+        Wi = Wi.clone().requires_grad_()
+        (ref,) = torch.autograd.grad(_z(x, Wi).square().sum(), Wi)
+        torch.testing.assert_close(gi, ref, rtol=1e-9, atol=1e-11)
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4).double()
+        with torch.no_grad():
+            self.lin.weight.mul_(0.5 / torch.linalg.matrix_norm(self.lin.weight, 2))
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+def test_torch_func_through_a_deq_module_with_functional_call():
+    # the parameters are swapped in for the call only: the backward pass runs after
+    # functional_call has put the originals back, and still differentiates the swapped ones
+    torch.manual_seed(0)
+    layer = dk.nn.DEQ(_Cell(), **_tight())
+    x = torch.randn(3, 4, dtype=F64)
+    params = {k: 1.1 * v.detach() for k, v in layer.named_parameters()}
+
+    def loss(params):
+        return torch.func.functional_call(layer, params, (x,)).pow(2).sum()
+
+    got = torch.func.grad(loss)(params)
+    with torch.no_grad():
+        for k, v in layer.named_parameters():
+            v.copy_(params[k])
+    ref = torch.autograd.grad(layer(x).pow(2).sum(), list(layer.parameters()))
+    for (name, g), r in zip(got.items(), ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_second_derivative_after_functional_call_restored_the_module():
+    torch.manual_seed(1)
+    layer = dk.nn.DEQ(_Cell(), **_tight())
+    x = torch.randn(3, 4, dtype=F64)
+    params = {k: (0.9 * v.detach()).requires_grad_() for k, v in layer.named_parameters()}
+    out = torch.func.functional_call(layer, params, (x,))  # module restored on return
+    (gW,) = torch.autograd.grad(out.pow(2).sum(), params["cell.lin.weight"], create_graph=True)
+    (hb,) = torch.autograd.grad(gW.sum(), params["cell.lin.bias"])
+    with torch.no_grad():
+        for k, v in layer.named_parameters():
+            v.copy_(params[k])
+    W, b = layer.cell.lin.weight, layer.cell.lin.bias
+    (gW_ref,) = torch.autograd.grad(layer(x).pow(2).sum(), W, create_graph=True)
+    (hb_ref,) = torch.autograd.grad(gW_ref.sum(), b)
+    torch.testing.assert_close(hb, hb_ref, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("adjoint", [dk.JacobianFreeAdjoint(), dk.PhantomAdjoint(),
+                                     dk.OneStepAdjoint(), dk.SHINEAdjoint(),
+                                     dk.UnrolledAdjoint()], ids=lambda a: type(a).__name__)
+def test_torch_func_with_other_adjoints_is_refused_clearly(adjoint):
     x, W = _inputs()
     x, W = x.detach(), W.detach()
 
     def loss(x):
-        return _z(x, W).sum()
+        return dk.fixed_point(lambda z, x: torch.tanh(z @ W.T + x), torch.zeros(2, 3, dtype=F64),
+                              dk.Anderson(rtol=1e-10, atol=0), adjoint, args=(x,)).value.sum()
 
-    calls = {"grad": lambda: torch.func.grad(loss)(x),
-             "jvp": lambda: torch.func.jvp(loss, (x,), (x,)),
-             "vmap": lambda: torch.func.vmap(loss)(x[None].expand(3, 2, 3)),
-             "jacrev": lambda: torch.func.jacrev(loss)(x),
-             "hessian": lambda: torch.func.hessian(loss)(x)}
-    with pytest.raises(dk.UnsupportedTransformError, match=r"torch\.autograd\.functional"):
-        calls[transform]()
+    with pytest.raises(dk.UnsupportedTransformError, match=r"only dk\.ImplicitAdjoint"):
+        torch.func.grad(loss)(x)

@@ -28,12 +28,12 @@ from .adjoint import UnsupportedTransformError as UnsupportedTransformError
 from .hyperdeq import HyperAnderson as HyperAnderson
 from .hyperdeq import train_hyper_solver as train_hyper_solver
 from .linear import GMRES as GMRES
-from .linear import RecyclingGMRES as RecyclingGMRES
 from .linear import AbstractLinearSolver as AbstractLinearSolver
 from .linear import BiCGStab as BiCGStab
 from .linear import Dense as Dense
 from .linear import LinearSolution as LinearSolution
 from .linear import Neumann as Neumann
+from .linear import RecyclingGMRES as RecyclingGMRES
 from .nn._export import FixedStepDEQ as FixedStepDEQ
 from .nn._export import FixedStepModel as FixedStepModel
 from .nn._export import export_fixed_steps as export_fixed_steps

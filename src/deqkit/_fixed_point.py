@@ -23,8 +23,9 @@ from ._iterate import LoopOptions, LoopOutput
 from ._primal import Primal
 from ._problem import ToleranceWarning, make_problem
 from ._solution import RESULTS, Solution, SolverError
-from .adjoint._base import AbstractAdjoint, refuse_function_transforms
-from .adjoint.implicit import ImplicitAdjoint
+from .adjoint._base import AbstractAdjoint, UnsupportedTransformError
+from .adjoint._transform import solve_under_transform, transform_active
+from .adjoint.implicit import BackwardSolveWarning, ImplicitAdjoint
 from .solvers._base import AbstractFixedPointSolver
 from .solvers.anderson import Anderson
 from .solvers.broyden import Broyden
@@ -227,7 +228,6 @@ def fixed_point(
         >>> x.grad.shape
         torch.Size([3, 4])
     """
-    refuse_function_transforms()
     solver = resolve_solver(solver)
     adjoint = resolve_adjoint(adjoint)
     opts = _options(max_steps, args, compact, compact_ratio, divergence_ratio, patience, trace)
@@ -235,9 +235,12 @@ def fixed_point(
     _check_adjoint_cache(adjoint_cache, adjoint, problem.z0.shape[0])
     # the batch-independence probe: a row may move by a few times sqrt(eps) (rounding only)
     opts = dataclasses.replace(opts, probe=4.0 * math.sqrt(problem.eps), eps=problem.eps)
-    primal = Primal(problem, solver, opts, adjoint_cache)
     backward: dict[str, Any] = {}
-    value = adjoint.solve(primal, backward)
+    if transform_active():  # torch.func: the whole solve is one transformable Function
+        primal, value = _under_transform(problem, solver, adjoint, opts, backward)
+    else:
+        primal = Primal(problem, solver, opts, adjoint_cache)
+        value = adjoint.solve(primal, backward)
     if primal.output is None:
         raise RuntimeError(f"{type(adjoint).__name__}.solve did not run the solve "
                            "(call primal.run()).")
@@ -247,6 +250,29 @@ def fixed_point(
     if throw and sol.result is not RESULTS.successful and not completed:
         raise _solver_error(sol, primal.output, solver, max_steps)
     return sol
+
+
+def _under_transform(problem: Any, solver: AbstractFixedPointSolver, adjoint: AbstractAdjoint,
+                     opts: LoopOptions, backward: dict[str, Any]) -> tuple[Primal, Any]:
+    """The solve inside ``torch.func`` transforms (see :mod:`deqkit.adjoint._transform`);
+    returns the primal to report (the worst of the ``vmap`` slices) and the flat value."""
+    if not isinstance(adjoint, ImplicitAdjoint):
+        raise UnsupportedTransformError(
+            f"{type(adjoint).__name__} under a torch.func transform: only dk.ImplicitAdjoint "
+            "defines the derivatives of a solve inside vmap/grad/jvp/jacrev/jacfwd/hessian. "
+            "Use it, or torch.autograd (forward_ad, create_graph) with this adjoint.")
+    opts = dataclasses.replace(opts, compact=False)
+
+    def run(prob: Any) -> Primal:
+        primal = Primal(prob, solver, opts)
+        primal.run()
+        return primal
+
+    value, record = solve_under_transform(problem, adjoint, run, backward,
+                                          BackwardSolveWarning)
+    worst = max(record, key=lambda p: int(p.output.status.max()) if p.output.status.numel()
+                else 0)
+    return worst, value
 
 
 def _check_adjoint_cache(cache: Any, adjoint: AbstractAdjoint, batch: int) -> None:

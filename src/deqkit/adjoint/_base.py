@@ -137,40 +137,21 @@ class HigherOrderError(RuntimeError):
 
 class UnsupportedTransformError(NotImplementedError):
     """A ``torch.func`` transform (``vmap``, ``grad``, ``vjp``, ``jvp``, ``jacrev``,
-    ``jacfwd``, ``hessian``) was applied to a function that solves an equilibrium: not
-    supported yet. ``torch.autograd`` covers the same derivatives: ``autograd.grad`` (with
-    ``create_graph=True`` for exact higher orders through :class:`~deqkit.ImplicitAdjoint`),
-    ``torch.autograd.functional.hessian``/``hvp``, and ``torch.autograd.forward_ad`` for
-    forward mode; batch independent problems along the batch dimension instead of ``vmap``.
+    ``jacfwd``, ``hessian``) was applied to a solve whose adjoint does not define its
+    derivatives there: only :class:`~deqkit.ImplicitAdjoint` does. ``torch.autograd``
+    (including ``forward_ad`` and ``create_graph=True``) works with every adjoint.
 
     Example:
         >>> import torch, deqkit as dk
         >>> def solve(x):
-        ...     return dk.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros_like(x),
-        ...                           args=(x,)).value.sum()
+        ...     return dk.fixed_point(lambda z, x: 0.5 * z + x, torch.zeros_like(x), args=(x,),
+        ...                           adjoint=dk.JacobianFreeAdjoint()).value.sum()
         >>> try:
         ...     torch.func.grad(solve)(torch.ones(1, 2))
         ... except dk.UnsupportedTransformError as err:
         ...     print(type(err).__name__)
         UnsupportedTransformError
     """
-
-
-def refuse_function_transforms() -> None:
-    """Raise :class:`UnsupportedTransformError` inside a ``torch.func`` transform."""
-    try:
-        from torch._C._functorch import peek_interpreter_stack
-    except ImportError:  # pragma: no cover - a torch without functorch
-        return
-    if peek_interpreter_stack() is not None:
-        raise UnsupportedTransformError(
-            "deqkit.fixed_point under a torch.func transform (vmap, grad, vjp, jvp, jacrev, "
-            "jacfwd, hessian) is not supported yet. Use torch.autograd instead: "
-            "torch.autograd.grad (create_graph=True gives exact higher derivatives through "
-            "dk.ImplicitAdjoint), torch.autograd.functional.hessian/hvp/jacobian, "
-            "torch.autograd.forward_ad for forward mode; for vmap, stack independent "
-            "problems along the batch dimension (samples are solved independently)."
-        )
 
 
 def refuse_higher_order(adjoint: str) -> None:

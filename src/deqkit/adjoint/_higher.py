@@ -38,6 +38,7 @@ Reference: the implicit function theorem applied twice, as in JAX's differentiab
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -49,7 +50,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from ..linear import IdentityMinus, JacobianOperator
+from ..linear import FunctionOperator, IdentityMinus
 
 
 def differentiable_inputs(fz: Tensor, z_req: Tensor, args: tuple[Any, ...],
@@ -80,10 +81,14 @@ def differentiable_inputs(fz: Tensor, z_req: Tensor, args: tuple[Any, ...],
     return [*explicit.values(), *leaves]
 
 
-def closed_over(fn: Any, depth: int = 8) -> list[Tensor]:
+def closed_over(fn: Any, depth: int = 8, *, every: bool = False,
+                slots: list[tuple[Any, str, str, Tensor]] | None = None) -> list[Tensor]:
     """The non-leaf tensors requiring grad that ``fn`` can reach through closures, bound
     methods, ``functools.partial`` and the tensor attributes of modules (e.g. a lambda
-    closing over ``x = 2 * w``): the tensors f may read without receiving them."""
+    closing over ``x = 2 * w``): the tensors f may read without receiving them. ``every``:
+    all floating-point tensors reached, the parameters and buffers of modules included (the
+    inputs of a solve under ``torch.func`` transforms). ``slots``: a list that receives
+    ``(module, kind, name, tensor)`` for every tensor found held by a module."""
     found: dict[int, Tensor] = {}
     seen: set[int] = set()
 
@@ -92,11 +97,23 @@ def closed_over(fn: Any, depth: int = 8) -> list[Tensor]:
             return
         seen.add(id(obj))
         if isinstance(obj, Tensor):
-            if obj.requires_grad and obj.grad_fn is not None:
+            if (obj.is_floating_point() if every
+                    else obj.requires_grad and obj.grad_fn is not None):
                 found.setdefault(id(obj), obj)
             return
         for child in _children(obj):
             visit(child, d - 1)
+        if isinstance(obj, torch.nn.Module):
+            held = [("attr", k, v) for k, v in vars(obj).items()
+                    if isinstance(v, Tensor) and not k.startswith("_")]
+            if every:
+                held += [("param", k, v) for k, v in obj._parameters.items() if v is not None]
+                held += [("buffer", k, v) for k, v in obj._buffers.items() if v is not None]
+            for kind, name, t in held:
+                if slots is not None:
+                    slots.append((obj, kind, name, t))
+                seen.discard(id(t))
+                visit(t, d - 1)
 
     visit(fn, depth)
     return list(found.values())
@@ -111,8 +128,9 @@ def _children(obj: Any) -> list[Any]:
         return [obj.__self__, obj.__func__]
     if isinstance(obj, types.FunctionType):
         return [c.cell_contents for c in obj.__closure__ or () if _filled(c)]
-    if isinstance(obj, torch.nn.Module):
-        plain = [v for k, v in vars(obj).items() if not k.startswith("_")]
+    if isinstance(obj, torch.nn.Module):  # (its tensors: see closed_over)
+        plain = [v for k, v in vars(obj).items()
+                 if not k.startswith("_") and not isinstance(v, Tensor)]
         return [*plain, *obj._modules.values()]
     if isinstance(obj, (list, tuple)):
         return list(obj[:64])
@@ -127,6 +145,34 @@ def _filled(cell: Any) -> bool:
     except ValueError:  # an empty cell (a name not yet bound)
         return False
     return True
+
+
+def module_slots(fn: Any, inputs: list[Tensor]) -> list[tuple[Any, str, str, int]]:
+    """Where the modules ``fn`` reaches hold ``inputs``: ``(module, kind, name, index)``,
+    recorded at forward time so that a later re-evaluation of f puts the same tensors back
+    even if the module changed meanwhile (e.g. ``torch.func.functional_call`` restored its
+    parameters before the backward pass)."""
+    index = {id(t): i for i, t in enumerate(inputs)}
+    found: list[tuple[Any, str, str, Tensor]] = []
+    closed_over(fn, every=True, slots=found)
+    return [(m, kind, name, index[id(t)]) for m, kind, name, t in found if id(t) in index]
+
+
+@contextlib.contextmanager
+def installed(slots: list[tuple[Any, str, str, int]], values: tuple[Tensor, ...] | list[Tensor]
+              ) -> Any:
+    """Put ``values[index]`` in each module slot for the duration of the block."""
+    saved = []
+    try:
+        for module, kind, name, i in slots:
+            store = {"param": module._parameters, "buffer": module._buffers}.get(
+                kind, module.__dict__)
+            saved.append((store, name, store.get(name)))
+            store[name] = values[i]
+        yield
+    finally:
+        for store, name, old in reversed(saved):
+            store[name] = old
 
 
 class _Swap(TorchFunctionMode):
@@ -164,18 +210,16 @@ class _Swap(TorchFunctionMode):
 class Functional:
     """``f(z, *args)`` as a function of ``z`` and its differentiable inputs ``p``:
     ``self(z, *q)`` evaluates ``fn(z, *args)`` with every ``inputs[i]`` replaced by
-    ``q[i]``."""
+    ``q[i]`` (where f reads it, by identity; in the module ``slots``, by position)."""
 
-    def __init__(self, fn: Any, args: tuple[Any, ...], inputs: list[Tensor]) -> None:
+    def __init__(self, fn: Any, args: tuple[Any, ...], inputs: list[Tensor],
+                 slots: list[tuple[Any, str, str, int]] | None = None) -> None:
         self.fn, self.args, self.inputs = fn, args, inputs
+        self.slots = slots or []
 
     def __call__(self, z: Tensor, *q: Tensor) -> Tensor:
-        with _Swap({id(p): t for p, t in zip(self.inputs, q)}):
+        with installed(self.slots, q), _Swap({id(p): t for p, t in zip(self.inputs, q)}):
             return self.fn(z, *self.args)
-
-    def evaluate(self, z: Tensor) -> Tensor:
-        """``f(z)`` with the original inputs (no replacement)."""
-        return self.fn(z, *self.args)
 
 
 def captured_intermediates(functional: Functional, z: Tensor) -> list[Tensor]:
@@ -184,7 +228,7 @@ def captured_intermediates(functional: Functional, z: Tensor) -> list[Tensor]:
     (e.g. read from a global). One evaluation of f."""
     z_chk = z.detach().requires_grad_()
     mode = _Swap({id(p): p for p in functional.inputs} | {id(z_chk): z_chk}, record=True)
-    with torch.enable_grad(), mode:
+    with torch.enable_grad(), installed(functional.slots, functional.inputs), mode:
         functional.fn(z_chk, *functional.args)
     unique: dict[int, Tensor] = {}
     for t in mode.unknown:
@@ -209,39 +253,104 @@ def _reaches(t: Tensor, leaf: Tensor) -> bool:
     return False
 
 
+class Meta(dict):
+    """The settings of a solve passed to an ``autograd.Function``: a dict subclass, which
+    ``torch.func`` passes by reference (a plain dict would be rebuilt, losing what the
+    solve records in it)."""
+
+
 class LinearImplicit(torch.autograd.Function):
     r"""``x`` solving :math:`(I - J^\top) x = b` (``transpose``) or :math:`(I - J) x = b` at
     ``z``, differentiable to every order in ``b``, ``z`` and the inputs ``p`` (see the
-    module docstring). ``meta``: ``functional``, ``solver`` (a deqkit linear solver),
-    ``transpose``, ``stats`` (a dict for the solve's statistics, or None)."""
+    module docstring), in reverse and forward mode and under ``torch.func`` transforms
+    (``vmap`` solves the slices one by one). ``meta``: ``functional``, ``solver`` (a deqkit
+    linear solver), ``transpose``, ``stats`` (a dict for the solve's statistics, or None).
+    """
 
     @staticmethod
-    def forward(ctx: Any, b: Tensor, z: Tensor, meta: dict[str, Any],  # type: ignore[override]
+    def forward(b: Tensor, z: Tensor, meta: dict[str, Any],  # type: ignore[override]
                 *p: Tensor) -> Tensor:
-        functional = meta["functional"]
-        z_leaf = z.detach().requires_grad_()
-        with torch.enable_grad():
-            fz = functional.evaluate(z_leaf)
-        op = IdentityMinus(JacobianOperator.from_evaluation(z_leaf, fz))
+        J = function_jacobian(meta["functional"], z.detach(), [t.detach() for t in p])
+        op = IdentityMinus(J)
         sol = meta["solver"].solve(op.T if meta["transpose"] else op, b.detach())
         if meta.get("stats") is not None:
             meta["stats"].update(nstep=sol.nstep, residual=sol.residual,
                                  converged=sol.converged, nmatvec=sol.nmatvec)
         _warn_unconverged(sol, meta)
-        x = sol.value
+        return sol.value
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        _, z, meta, *p = inputs
         ctx.meta = meta
-        ctx.save_for_backward(x, z, *p)
-        return x
+        ctx.save_for_backward(output, z, *p)
+        ctx.save_for_forward(output, z, *p)
 
     @staticmethod
     def backward(ctx: Any, xbar: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, z, *p = ctx.saved_tensors
         meta = ctx.meta
-        other = {**meta, "transpose": not meta["transpose"], "stats": None}
+        other = Meta(meta, transpose=not meta["transpose"], stats=None)
         w = LinearImplicit.apply(xbar, z, other, *p)
         a, b = (x, w) if meta["transpose"] else (w, x)
         grads = bilinear_partials(meta["functional"], z, p, a, b)
         return (w, grads[0], None, *grads[1:])
+
+    @staticmethod
+    def jvp(ctx: Any, b_dot: Tensor | None, z_dot: Tensor | None, _: Any,
+            *p_dot: Tensor | None) -> Tensor:
+        # A x = b with A = I - J^T (or I - J): x_dot = A^{-1} (b_dot + d[J^T x] (or d[J x]))
+        x, z, *p = ctx.saved_tensors
+        meta = ctx.meta
+        functional, transpose = meta["functional"], meta["transpose"]
+
+        def jx(zz: Tensor, *q: Tensor) -> Tensor:  # J^T x or J x at (zz, q), x fixed
+            if transpose:
+                return torch.func.vjp(lambda y: functional(y, *q), zz)[1](x)[0]
+            return torch.func.jvp(lambda y: functional(y, *q), (zz,), (x,))[1]
+
+        primals = (z, *p)
+        tangents = tuple(torch.zeros_like(t) if d is None else d
+                         for t, d in zip(primals, (z_dot, *p_dot)))
+        rhs = torch.func.jvp(jx, primals, tangents)[1]
+        if b_dot is not None:
+            rhs = rhs + b_dot
+        return LinearImplicit.apply(rhs, z, Meta(meta, stats=None), *p)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], b: Tensor, z: Tensor,
+             meta: dict[str, Any], *p: Tensor) -> tuple[Tensor, int]:
+        return loop_vmap(LinearImplicit.apply, info, in_dims, (b, z, meta, *p)), 0
+
+
+def loop_vmap(apply: Any, info: Any, in_dims: tuple[Any, ...], inputs: tuple[Any, ...]
+              ) -> Tensor:
+    """A ``vmap`` rule that calls ``apply`` on each slice of the batched inputs and stacks
+    the results (the solves have data-dependent control flow: no batching rule)."""
+    outs = []
+    for i in range(info.batch_size):
+        sliced = tuple(t.select(d, i) if d is not None and isinstance(t, Tensor) else t
+                       for t, d in zip(inputs, in_dims))
+        outs.append(apply(*sliced))
+    return torch.stack(outs)
+
+
+def function_jacobian(functional: Functional, z: Tensor, p: list[Tensor]) -> FunctionOperator:
+    """The Jacobian of ``y -> functional(y, *p)`` at ``z`` as an operator: ``mv`` by
+    ``torch.func.jvp``, ``rmv`` by ``torch.func.vjp`` (one evaluation, reused); no
+    ``requires_grad_``, so it works inside ``torch.func`` transforms."""
+    vjp_fn: list[Any] = []
+
+    def rmatvec(u: Tensor) -> Tensor:
+        if not vjp_fn:
+            vjp_fn.append(torch.func.vjp(lambda y: functional(y, *p), z)[1])
+        return vjp_fn[0](u.reshape(z.shape))[0].reshape(u.shape)
+
+    def matvec(v: Tensor) -> Tensor:
+        out = torch.func.jvp(lambda y: functional(y, *p), (z,), (v.reshape(z.shape),))[1]
+        return out.reshape(v.shape)
+
+    return FunctionOperator(matvec, like=z, rmatvec=rmatvec)
 
 
 def bilinear_partials(functional: Functional, z: Tensor, p: list[Tensor] | tuple[Tensor, ...],

@@ -22,9 +22,11 @@ from ._base import (
 from ._higher import (
     Functional,
     LinearImplicit,
+    Meta,
     captured_intermediates,
     differentiable_inputs,
     input_partials,
+    module_slots,
 )
 from ._reuse import (
     FORWARD_FACTOR,
@@ -153,9 +155,9 @@ def _recorded_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, ...]:
             "it, or compute it inside f.")
     ok = finite_rows(grad)
     rhs = grad if ok is None else torch.where(ok.unsqueeze(1), grad, 0.0)
-    meta = {"functional": functional, "solver": adjoint.linear_solver, "transpose": True,
-            "stats": payload["stats"], "on_failure": adjoint.on_failure,
-            "warning": BackwardSolveWarning}
+    meta = Meta(functional=functional, solver=adjoint.linear_solver, transpose=True,
+                stats=payload["stats"], on_failure=adjoint.on_failure,
+                warning=BackwardSolveWarning)
     u = LinearImplicit.apply(rhs, z, meta, *functional.inputs)
     if ok is not None:
         u = torch.where(ok.unsqueeze(1), u, grad)
@@ -402,7 +404,8 @@ class ImplicitAdjoint(OneEvaluation):
         inputs = differentiable_inputs(fz, z_in, args, fn)
         payload = {"z_star": z_star, "z_req": z_in, "adjoint": self, "stats": backward_stats,
                    "forward": forward,
-                   "functional": None if fn is None else Functional(fn, args, inputs)}
+                   "functional": None if fn is None else Functional(
+                       fn, args, inputs, module_slots(fn, inputs))}
         return _Implicit.apply(fz, payload, *inputs)
 
 
