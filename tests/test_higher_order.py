@@ -262,6 +262,15 @@ def test_torch_func_vmap_equals_a_loop_over_inputs_and_over_weights():
     xs = torch.randn(4, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
     got = torch.func.vmap(lambda x: _z(x, W))(xs)
     torch.testing.assert_close(got, torch.stack([_z(a, W) for a in xs]), rtol=0, atol=1e-12)
+
+    def from_x(x):  # the initial state is batched too (made from the vmapped input)
+        return dk.fixed_point(lambda z, x: torch.tanh(z @ W.T + x), 0.1 * x, args=(x,),
+                              **_tight()).value
+
+    torch.testing.assert_close(torch.func.vmap(from_x)(xs), torch.stack([_z(a, W) for a in xs]),
+                               rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        torch.func.vmap(from_x)(xs.clone().index_fill_(0, torch.tensor([1]), float("nan")))
     Ws = torch.stack([contractive_matrix(3, 0.6, gen=torch.Generator().manual_seed(s))
                       for s in range(3)])
     got = torch.func.vmap(lambda W: _z(x, W))(Ws)  # an ensemble of closed-over weights

@@ -21,7 +21,7 @@ from ._checks import check_float, check_int
 from ._flatten import State
 from ._iterate import LoopOptions, LoopOutput
 from ._primal import Primal
-from ._problem import ToleranceWarning, make_problem
+from ._problem import ToleranceWarning, check_z0, make_problem
 from ._solution import RESULTS, Solution, SolverError
 from .adjoint._base import AbstractAdjoint, UnsupportedTransformError
 from .adjoint._transform import solve_under_transform, transform_active
@@ -231,12 +231,13 @@ def fixed_point(
     solver = resolve_solver(solver)
     adjoint = resolve_adjoint(adjoint)
     opts = _options(max_steps, args, compact, compact_ratio, divergence_ratio, patience, trace)
-    problem = make_problem(f, z0, args, solver, max_steps)
+    transformed = transform_active()  # torch.func: the whole solve is one Function
+    problem = make_problem(f, z0, args, solver, max_steps, check_values=not transformed)
     _check_adjoint_cache(adjoint_cache, adjoint, problem.z0.shape[0])
     # the batch-independence probe: a row may move by a few times sqrt(eps) (rounding only)
     opts = dataclasses.replace(opts, probe=4.0 * math.sqrt(problem.eps), eps=problem.eps)
     backward: dict[str, Any] = {}
-    if transform_active():  # torch.func: the whole solve is one transformable Function
+    if transformed:
         primal, value = _under_transform(problem, solver, adjoint, opts, backward)
     else:
         primal = Primal(problem, solver, opts, adjoint_cache)
@@ -264,6 +265,7 @@ def _under_transform(problem: Any, solver: AbstractFixedPointSolver, adjoint: Ab
     opts = dataclasses.replace(opts, compact=False)
 
     def run(prob: Any) -> Primal:
+        check_z0(prob.z0)
         primal = Primal(prob, solver, opts)
         primal.run()
         return primal

@@ -69,8 +69,11 @@ class Problem:
 
 
 def make_problem(f: Callable[..., State], z0: State, args: tuple[Any, ...],
-                 solver: AbstractFixedPointSolver, max_steps: int) -> Problem:
-    """Check and normalise ``(f, z0, args)`` for ``solver`` (see :func:`deqkit.fixed_point`)."""
+                 solver: AbstractFixedPointSolver, max_steps: int, *,
+                 check_values: bool = True) -> Problem:
+    """Check and normalise ``(f, z0, args)`` for ``solver`` (see :func:`deqkit.fixed_point`);
+    ``check_values=False`` skips the checks that read values (under a ``torch.func``
+    transform they are made on the unwrapped tensors instead: :func:`check_z0`)."""
     if not callable(f):
         raise TypeError(f"`f` must be callable, got {type(f).__name__}.")
     if not isinstance(args, tuple):
@@ -79,8 +82,8 @@ def make_problem(f: Callable[..., State], z0: State, args: tuple[Any, ...],
     _check_batch(z0, layout.batch)
     check_args(args, layout.batch)
     z0f = flatten(layout, z0).detach()
-    if not all_finite(z0f):
-        raise ValueError("`z0` contains NaN or inf; pass a finite initial guess.")
+    if check_values:
+        check_z0(z0f)
     probe_key = _probe_key(f)
     amp_dtype, no_autocast = _autocast_split(z0f.device.type)
     _check_tolerance_precision(solver, max_steps, layout.dtypes, amp_dtype)
@@ -89,6 +92,12 @@ def make_problem(f: Callable[..., State], z0: State, args: tuple[Any, ...],
     return Problem(layout=layout, fn=_checked_flat_fn(layout, f), z0=z0f, args=args,
                    eps=_cell_eps(layout, amp_dtype), probe_key=probe_key,
                    no_autocast=no_autocast)
+
+
+def check_z0(z0f: Tensor) -> None:
+    """Refuse a non-finite initial guess."""
+    if not all_finite(z0f):
+        raise ValueError("`z0` contains NaN or inf; pass a finite initial guess.")
 
 
 def _checked_flat_fn(layout: Layout, f: Callable[..., State]) -> Callable[..., Tensor]:
