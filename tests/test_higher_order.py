@@ -344,3 +344,26 @@ def test_torch_func_with_other_adjoints_is_refused_clearly(adjoint):
 
     with pytest.raises(dk.UnsupportedTransformError, match=r"only dk\.ImplicitAdjoint"):
         torch.func.grad(loss)(x)
+
+
+def test_torch_func_hessian_through_minimise():
+    # dk.minimise's map itself uses torch.func.grad: transforms nest inside the solve
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(3, 8, 4, dtype=F64, generator=g)
+    y = torch.randn(3, 8, dtype=F64, generator=g)
+
+    def loss(s):
+        lam = s.exp()
+
+        def energy(w, A, y):
+            return (torch.einsum("bnp,bp->bn", A, w) - y).square().sum(1) + lam * w.square().sum(1)
+
+        w = dk.minimise(energy, torch.zeros(3, 4, dtype=F64), dk.NewtonKrylov(rtol=1e-12, atol=0),
+                        dk.ImplicitAdjoint(dk.GMRES(rtol=1e-12)), args=(A, y)).value
+        return w.square().sum()
+
+    s = torch.tensor(0.3, dtype=F64, requires_grad=True)
+    (d1,) = torch.autograd.grad(loss(s), s, create_graph=True)
+    (d2,) = torch.autograd.grad(d1, s)
+    torch.testing.assert_close(torch.func.grad(loss)(s.detach()), d1.detach(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(torch.func.hessian(loss)(s.detach()), d2, rtol=1e-9, atol=0)

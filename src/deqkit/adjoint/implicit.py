@@ -242,7 +242,10 @@ class ImplicitAdjoint(OneEvaluation):
     (``create_graph=True``) it is built from differentiable pieces, the linear solve being
     itself differentiated implicitly (the transposed solve), so gradient penalties,
     Hessian-vector products and ``torch.autograd.gradgradcheck`` work (see
-    :mod:`deqkit.adjoint._higher` and the docs' "Higher-order derivatives").
+    :mod:`deqkit.adjoint._higher` and the docs' "Higher-order derivatives"). Forward mode
+    (``torch.autograd.forward_ad``) gives :math:`\dot z = (I - J)^{-1}\partial_p f\,\dot p`
+    (statistics in ``sol.backward["tangent"]``), and the ``torch.func`` transforms (``grad``,
+    ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap``) work through this adjoint.
 
     References: Bai, Kolter, Koltun (2019), "Deep Equilibrium Models"; Geng et al. (2021),
     "On Training Implicit Models" (phantom gradients); Ramzi, Mannel, Bauschke, Kolter
