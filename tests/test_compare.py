@@ -251,7 +251,7 @@ def test_compare_command_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0
     res = json.loads((out / "compare.json").read_text())
     assert set(res["models"]) == {"resnet", "unrolled", "node_adjoint", "node_direct",
-                                  "deq_implicit", "deq_jfb", "deq_phantom"}
+                                  "deq_implicit", "deq_jfb", "deq_phantom", "deq_reversible"}
     md = (out / "compare.md").read_text()
     for prop in ("Forward computation", "Memory (forward)", "Memory (backward)",
                  "Effective depth", "Expressiveness", "Training speed", "Gradient accuracy",

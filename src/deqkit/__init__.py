@@ -22,6 +22,8 @@ from .adjoint import ImplicitAdjoint as ImplicitAdjoint
 from .adjoint import JacobianFreeAdjoint as JacobianFreeAdjoint
 from .adjoint import OneStepAdjoint as OneStepAdjoint
 from .adjoint import PhantomAdjoint as PhantomAdjoint
+from .adjoint import ReconstructionWarning as ReconstructionWarning
+from .adjoint import ReversibleAdjoint as ReversibleAdjoint
 from .adjoint import SHINEAdjoint as SHINEAdjoint
 from .adjoint import UnrolledAdjoint as UnrolledAdjoint
 from .adjoint import UnsupportedTransformError as UnsupportedTransformError
@@ -45,6 +47,7 @@ from .solvers import FallbackChain as FallbackChain
 from .solvers import FixedSteps as FixedSteps
 from .solvers import NewtonKrylov as NewtonKrylov
 from .solvers import Picard as Picard
+from .solvers import Reversible as Reversible
 from .stability import StabilityReport as StabilityReport
 from .stability import fixed_point_correction_loss as fixed_point_correction_loss
 from .stability import jacobian_frobenius_reg as jacobian_frobenius_reg

@@ -6,5 +6,7 @@ from .implicit import ImplicitAdjoint as ImplicitAdjoint
 from .jacobian_free import JacobianFreeAdjoint as JacobianFreeAdjoint
 from .onestep import OneStepAdjoint as OneStepAdjoint
 from .phantom import PhantomAdjoint as PhantomAdjoint
+from .reversible import ReconstructionWarning as ReconstructionWarning
+from .reversible import ReversibleAdjoint as ReversibleAdjoint
 from .shine import SHINEAdjoint as SHINEAdjoint
 from .unrolled import UnrolledAdjoint as UnrolledAdjoint

@@ -50,6 +50,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .._recompute import recomputing
 from ..linear import FunctionOperator, IdentityMinus
 
 
@@ -218,7 +219,8 @@ class Functional:
         self.slots = slots or []
 
     def __call__(self, z: Tensor, *q: Tensor) -> Tensor:
-        with installed(self.slots, q), _Swap({id(p): t for p, t in zip(self.inputs, q)}):
+        with recomputing(), installed(self.slots, q), \
+                _Swap({id(p): t for p, t in zip(self.inputs, q)}):
             return self.fn(z, *self.args)
 
 
@@ -228,7 +230,8 @@ def captured_intermediates(functional: Functional, z: Tensor) -> list[Tensor]:
     (e.g. read from a global). One evaluation of f."""
     z_chk = z.detach().requires_grad_()
     mode = _Swap({id(p): p for p in functional.inputs} | {id(z_chk): z_chk}, record=True)
-    with torch.enable_grad(), installed(functional.slots, functional.inputs), mode:
+    with torch.enable_grad(), recomputing(), installed(functional.slots, functional.inputs), \
+            mode:
         functional.fn(z_chk, *functional.args)
     unique: dict[int, Tensor] = {}
     for t in mode.unknown:

@@ -109,6 +109,9 @@ class TrainConfig:
                                    "solve from its adjoint vector of the last epoch (best "
                                    "multiple, one extra VJP; single process); saved in last.pt "
                                    "(key 'adjoint_cache')")
+    reversible_checkpoint: int = _setting(4, "reversible adjoint: keep the exact iterates every "
+                                          "N steps (bounds the reconstruction error; memory "
+                                          "O(steps/N)); 0 = only the start")
     shine_refine: int = _setting(0, "shine adjoint: preconditioned refinement steps of "
                                  "u = M^T g (one VJP each)")
     phantom_steps: int = _setting(5, "phantom adjoint: damped steps from z*")
@@ -146,7 +149,8 @@ class TrainConfig:
                                    residual_weight=self.residual_weight,
                                    reuse_forward=self.reuse_forward,
                                    rtol_from_forward=self.backward_rtol_from_forward,
-                                   shine_refine=self.shine_refine)
+                                   shine_refine=self.shine_refine,
+                                   reversible_checkpoint=self.reversible_checkpoint)
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -212,7 +216,7 @@ def validate(cfg: TrainConfig) -> None:
     for key in ("epochs", "batch_size", "max_steps", "eval_max_steps", "backward_max_steps",
                 "phantom_steps"):
         positive_int(key)
-    for key in ("seed", "log_every", "augment_shift", "shine_refine"):
+    for key in ("seed", "log_every", "augment_shift", "shine_refine", "reversible_checkpoint"):
         positive_int(key, allow_zero=True)
     for key in ("subset", "threads"):
         if getattr(cfg, key) is not None:
@@ -232,6 +236,9 @@ def validate(cfg: TrainConfig) -> None:
     number("jac_reg_freq", 0.0, 1.0, open_lo=True)
     if cfg.grad_clip is not None:
         number("grad_clip", 0.0, open_lo=True)
+    if cfg.adjoint == "reversible" and cfg.solver != "reversible":
+        _fail("adjoint", cfg.adjoint, f"the reversible adjoint rebuilds the steps of "
+              f"--solver reversible, not {cfg.solver!r}; pass --solver reversible")
 
 
 def _valid_device(name: str) -> bool:

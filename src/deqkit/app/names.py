@@ -30,6 +30,7 @@ SOLVERS: dict[str, type[dk.AbstractFixedPointSolver]] = {
     "picard": dk.Picard,
     "broyden": dk.Broyden,
     "newton_krylov": dk.NewtonKrylov,
+    "reversible": dk.Reversible,
 }
 LINEAR_SOLVERS: dict[str, type[dk.AbstractLinearSolver]] = {
     "gmres": dk.GMRES,
@@ -45,6 +46,8 @@ ADJOINTS: dict[str, str] = {
     "unrolled": "backprop through every solver iteration (memory grows with the steps)",
     "shine": "SHINE: u = M^T g from the forward solver's inverse estimate (anderson, broyden), "
              "optionally refined",
+    "reversible": "exact backprop through the reversible solver's steps, rebuilt backwards "
+                  "(needs --solver reversible; memory independent of the steps)",
 }
 MODELS = zoo.MODELS
 
@@ -123,13 +126,15 @@ def build_adjoint(
     reuse_forward: bool = False,
     rtol_from_forward: bool = False,
     shine_refine: int = 0,
+    reversible_checkpoint: int = 0,
     on_failure: str = "ignore",
 ) -> dk.AbstractAdjoint:
     """The adjoint (gradient method) called ``name`` (one of :data:`ADJOINTS`).
 
     ``linear_solver`` is the implicit adjoint's backward solver (default GMRES); the phantom
     and one-step options apply to those adjoints only; ``reuse_forward`` and
-    ``rtol_from_forward`` to the implicit adjoint, ``shine_refine`` to SHINE. Training runs use
+    ``rtol_from_forward`` to the implicit adjoint, ``shine_refine`` to SHINE,
+    ``reversible_checkpoint`` (0: none) to the reversible adjoint. Training runs use
     ``on_failure="ignore"``: an unconverged backward solve is counted in the run's metrics
     (``bwd_failed``) instead of warning on every step.
     """
@@ -144,6 +149,8 @@ def build_adjoint(
         return dk.OneStepAdjoint(residual_weight)
     if key == "shine":
         return dk.SHINEAdjoint(refine=shine_refine)
+    if key == "reversible":
+        return dk.ReversibleAdjoint(checkpoint_every=reversible_checkpoint or None)
     return dk.ImplicitAdjoint(linear_solver or dk.GMRES(), on_failure=on_failure,
                               reuse_forward=reuse_forward, rtol_from_forward=rtol_from_forward)
 

@@ -5,3 +5,4 @@ from .fallback import FallbackChain as FallbackChain
 from .fixed import FixedSteps as FixedSteps
 from .newton_krylov import NewtonKrylov as NewtonKrylov
 from .picard import Picard as Picard
+from .reversible import Reversible as Reversible

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .._checks import check_float, check_int
+from .._recompute import active as recompute_active
 from .diagnostics import jacobian_spectral_norm
 
 __all__ = [
@@ -127,7 +128,7 @@ class _SpectralNormBound(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         mat = self._reshape(weight)
-        if self.training:
+        if self.training and not recompute_active():  # (not when a backward re-evaluates f)
             self._power_iteration(mat.detach(), self.n_power_iterations)
         # clones: the buffers are updated in place by later calls, the graph must not see it
         u = self._u.clone(memory_format=torch.contiguous_format)

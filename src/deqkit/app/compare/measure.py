@@ -222,6 +222,9 @@ def sweep_factories(models: dict[str, nn.Module], width: int, in_shape: tuple[in
     for kind in ("jfb", "phantom") if full else ():
         if f"deq_{kind}" in models:
             fac[f"deq_{kind}"] = lambda L, m=models[f"deq_{kind}"]: forced_steps(m, L)
+    if "deq_reversible" in models:  # its own solver: the adjoint rebuilds those steps
+        fac["deq_reversible"] = lambda L, m=models["deq_reversible"]: forced_steps(
+            m, L, "reversible")
     node = models.get("node_adjoint") or NeuralODEClassifier(in_shape, num_classes, width=width)
     fac["node_direct"] = lambda L: _ODEFixedStep(node, L, adjoint=False)
     fac["node_adjoint"] = lambda L: _ODEFixedStep(node, L, adjoint=True)

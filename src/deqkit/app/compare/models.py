@@ -24,6 +24,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "deq_implicit": ("deq", "DEQ, implicit (GMRES)"),
     "deq_jfb": ("deq", "DEQ, JFB"),
     "deq_phantom": ("deq", "DEQ, phantom(5, 0.5)"),
+    "deq_reversible": ("deq", "DEQ, reversible (exact backprop by reconstruction)"),
 }
 
 
@@ -90,6 +91,10 @@ def build_models(
             lambda kind=kind: DEQMLP(in_shape, num_classes, width=width,
                                      adjoint=deq_adjoint(kind), max_steps=deq_max_steps)
         )
+    makers["deq_reversible"] = lambda: DEQMLP(
+        in_shape, num_classes, width=width, solver=names.build_solver("reversible", beta=0.5),
+        adjoint=names.build_adjoint("reversible", reversible_checkpoint=4),
+        max_steps=deq_max_steps)
     out = {}
     for k in keys:
         torch.manual_seed(seed)

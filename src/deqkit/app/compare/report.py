@@ -23,7 +23,7 @@ CLAIMS: dict[str, tuple[str, str, str]] = {
 FAMILIES = ("standard", "ode", "deq")
 SHORT = {"resnet": "ResNet", "unrolled": "tied", "node_adjoint": "adjoint",
          "node_direct": "direct", "deq_implicit": "implicit", "deq_jfb": "JFB",
-         "deq_phantom": "phantom"}
+         "deq_phantom": "phantom", "deq_reversible": "reversible"}
 
 
 def fmt_bytes(n: float) -> str:
@@ -238,6 +238,7 @@ STYLE: dict[str, tuple[str, str, str, str]] = {
     "deq_neumann_picard": ("DEQ Picard, implicit Neumann", "tab:purple", "X", ":"),
     "deq_jfb": ("DEQ, JFB", "tab:green", "<", "-."),
     "deq_phantom": ("DEQ, phantom(5, 0.5)", "tab:olive", ">", ":"),
+    "deq_reversible": ("DEQ, reversible", "tab:gray", "d", "-"),
 }
 
 

@@ -87,6 +87,8 @@ def solver_stats(model: nn.Module) -> dict[str, float]:
                 out[name] = float(res.mean()) if res.numel() else 0.0
         if isinstance(bwd.get("converged"), Tensor):
             out["bwd_converged"] = float(bwd["converged"].float().mean())
+        if isinstance(bwd.get("reconstruction_error"), Tensor):  # the reversible backward
+            out["bwd_recon_error_max"] = float(bwd["reconstruction_error"].max())
     return out
 
 
