@@ -367,3 +367,19 @@ def test_torch_func_hessian_through_minimise():
     (d2,) = torch.autograd.grad(d1, s)
     torch.testing.assert_close(torch.func.grad(loss)(s.detach()), d1.detach(), rtol=1e-10, atol=0)
     torch.testing.assert_close(torch.func.hessian(loss)(s.detach()), d2, rtol=1e-9, atol=0)
+
+
+def test_vmap_over_inputs_with_shared_weights_solves_one_folded_batch():
+    x, W = _inputs(d=3, B=2, seed=11)
+    x, W = x.detach(), W.detach()
+    rows = []
+
+    def f(z, x):
+        rows.append(z.shape[0])
+        return torch.tanh(z @ W.T + x)
+
+    xs = torch.randn(5, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    got = torch.func.vmap(lambda x: dk.fixed_point(f, torch.zeros(2, 3, dtype=F64), args=(x,),
+                                                   **_tight()).value)(xs)
+    assert max(rows) == 10  # the 5 problems of 2 samples ran as one batch of 10
+    torch.testing.assert_close(got, torch.stack([_z(a, W) for a in xs]), rtol=0, atol=1e-12)

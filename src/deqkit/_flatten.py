@@ -106,9 +106,11 @@ class StateShapeError(ValueError):
     """``f`` returned a state whose structure, shape or dtype does not match ``z0``."""
 
 
-def check_output(layout: Layout, out: State) -> None:
-    """Validate that f's output has the structure, batch size and shapes of the state, in no
-    wider a dtype than the solver's (called on f's first evaluation of a solve)."""
+def check_output(layout: Layout, out: State, batch: int | None = None) -> None:
+    """Validate that f's output has the structure, batch size (``batch``: the rows f was
+    given; default the state's) and shapes of the state, in no wider a dtype than the
+    solver's (called on f's first evaluation of a solve)."""
+    batch = layout.batch if batch is None else batch
     parts = tuple(out) if isinstance(out, (tuple, list)) else (out,)
     if isinstance(out, (tuple, list)) != layout.is_tuple or len(parts) != len(layout.shapes):
         want = f"a tuple of {len(layout.shapes)} tensors" if layout.is_tuple else "a tensor"
@@ -120,11 +122,11 @@ def check_output(layout: Layout, out: State) -> None:
     wide = layout.solver_dtype
     for i, (p, shape) in enumerate(zip(parts, layout.shapes)):
         if not isinstance(p, Tensor) or p.dim() == 0 or p.shape[1:] != shape \
-                or p.shape[0] != layout.batch:
+                or p.shape[0] != batch:
             got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
             raise StateShapeError(
                 f"`f` returned a part {i} of shape {got}; it must keep the shape of z0 "
-                f"{(layout.batch, *shape)} (batch {layout.batch} first)."
+                f"{(batch, *shape)} (batch {batch} first)."
             )
         if p.is_floating_point() and torch.promote_types(p.dtype, wide) != wide:
             raise StateShapeError(

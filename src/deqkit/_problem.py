@@ -109,7 +109,7 @@ def _checked_flat_fn(layout: Layout, f: Callable[..., State]) -> Callable[..., T
         if first[0]:
             first[0] = False
             out = f(unflatten(layout, zf), *a)
-            check_output(layout, out)
+            check_output(layout, out, zf.shape[0])
             return flatten(layout, out)
         return fn(zf, *a)
 

@@ -12,9 +12,11 @@ replaced by the unwrapped ones (:class:`~deqkit.adjoint._higher.Functional`). It
   :class:`~deqkit.adjoint._higher.LinearImplicit` solve and :math:`\bar p =
   \partial_p[u^\top f(z^\star, p)]` (every order, as in the recorded implicit backward);
 * forward mode: :math:`\dot z = (I - J)^{-1}\, \partial_p f\, \dot p`;
-* ``vmap``: the slices are solved one after the other (the solver's per-sample stopping is
-  data-dependent control flow, which has no batching rule); batch independent problems
-  along the batch dimension instead when speed matters.
+* ``vmap``: when only the initial state and the per-sample ``args`` are batched (the
+  weights are shared), the problems are independent samples of one map and are solved as
+  one batch of N * B samples; otherwise (an ensemble of weights) the slices are solved one
+  after the other (the solver's per-sample stopping is data-dependent control flow, which
+  has no batching rule).
 
 Only :class:`~deqkit.ImplicitAdjoint` defines these derivatives; the batch is not compacted.
 """
@@ -48,14 +50,19 @@ def transform_active() -> bool:
     return peek_interpreter_stack() is not None
 
 
-def transform_inputs(problem: Any) -> list[Tensor]:
+def transform_inputs(problem: Any) -> tuple[list[Tensor], int]:
     """The floating-point tensors the flat map of ``problem`` can read: those in its
-    ``args`` and those its closures, partials and modules reach."""
+    ``args`` (first; their number is returned too) and those its closures, partials and
+    modules reach."""
     found: dict[int, Tensor] = {}
-    for t in [*tree_flatten(problem.args)[0], *closed_over(problem.fn, every=True)]:
+    for t in tree_flatten(problem.args)[0]:
         if isinstance(t, Tensor) and t.is_floating_point():
             found.setdefault(id(t), t)
-    return list(found.values())
+    n_args = len(found)
+    for t in closed_over(problem.fn, every=True):
+        if t.is_floating_point():
+            found.setdefault(id(t), t)
+    return list(found.values()), n_args
 
 
 class SolveFunction(torch.autograd.Function):
@@ -97,7 +104,20 @@ class SolveFunction(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[Any, ...], z0: Tensor, meta: dict[str, Any],
              *p: Tensor) -> tuple[Tensor, int]:
-        return loop_vmap(SolveFunction.apply, info, in_dims, (z0, meta, *p)), 0
+        n = meta["n_args"]
+        if any(d is not None for d in in_dims[2 + n:]):  # batched weights: slice by slice
+            return loop_vmap(SolveFunction.apply, info, in_dims, (z0, meta, *p)), 0
+        # only the initial state and the per-sample args are batched: the problems are
+        # independent samples of one map, so solve them as one batch of N * B samples
+        N = info.batch_size
+
+        def fold(t: Tensor, d: int | None) -> Tensor:
+            t = t.expand(N, *t.shape) if d is None else t.movedim(d, 0)
+            return t.reshape(N * t.shape[1], *t.shape[2:])
+
+        args = [fold(t, d) for t, d in zip(p[:n], in_dims[2:2 + n])]
+        out = SolveFunction.apply(fold(z0, in_dims[0]), meta, *args, *p[n:])
+        return out.reshape(N, -1, *out.shape[1:]), 0
 
 
 def _linear_meta(meta: dict[str, Any], *, transpose: bool) -> dict[str, Any]:
@@ -112,10 +132,10 @@ def solve_under_transform(problem: Any, adjoint: Any, run: Any, backward: dict[s
     """Run the solve of ``problem`` as a :class:`SolveFunction` (``run(problem)`` makes and
     runs the primal); returns the flat value and the primals of the solves that ran (one,
     or one per ``vmap`` slice)."""
-    inputs = transform_inputs(problem)
+    inputs, n_args = transform_inputs(problem)
     functional = Functional(problem.fn, problem.args, inputs, module_slots(problem.fn, inputs))
     record: list[Any] = []
     meta = Meta(problem=problem, functional=functional, adjoint=adjoint, run=run,
-                record=record, backward=backward, warning=warning)
+                record=record, backward=backward, warning=warning, n_args=n_args)
     value = SolveFunction.apply(problem.z0, meta, *inputs)
     return value, record
