@@ -291,6 +291,12 @@ def _deq_adjoints(tolerances: Iterable[float]) -> list[tuple[str, float | None,
     out.append(("JFB", None, names.build_adjoint("jfb")))
     out.append(("phantom(5, 0.5)", None, names.build_adjoint("phantom", phantom_steps=5,
                                                              phantom_damping=0.5)))
+    # the backward reusing the forward: GMRES preconditioned by Anderson's inverse estimate
+    # (same tolerance as the 1e-4 row: compare the products), and SHINE refined twice
+    gmres = names.build_linear_solver("gmres", rtol=1e-4, atol=0.0, max_steps=200, restart=64)
+    out.append(("implicit GMRES, reuse", 1e-4, names.build_adjoint(
+        "implicit", linear_solver=gmres, reuse_forward=True)))
+    out.append(("SHINE(2)", None, names.build_adjoint("shine", shine_refine=2)))
     return out
 
 
@@ -299,7 +305,8 @@ def deq_gradient_accuracy(model: DEQMLP, x: Tensor, y: Tensor,
                           repeats: int = 3) -> dict[str, Any]:
     """Parameter gradients of the DEQ (float64 copy of ``model``) for several adjoints vs the
     reference ``ImplicitAdjoint(Dense())``, all at the same tightly solved ``z*`` (Anderson,
-    rtol 1e-12): GMRES at each backward tolerance, JFB, phantom(5, 0.5)."""
+    rtol 1e-12): GMRES at each backward tolerance, JFB, phantom(5, 0.5), GMRES at 1e-4
+    preconditioned by the forward's inverse estimate, SHINE refined twice."""
     # eval mode: the spectral normalisation's power iteration runs only in training mode, so
     # every adjoint sees the same weights (autograd works the same in eval mode)
     m = clone_model(model).double().eval()
@@ -317,7 +324,7 @@ def deq_gradient_accuracy(model: DEQMLP, x: Tensor, y: Tensor,
                                    **gradient_error(g, ref or g), "backward_s": bwd}
             if not ref:
                 ref, fwd_stats = g, m.deq.last_solution.stats
-            if method == "implicit GMRES":
+            if method.startswith("implicit GMRES"):
                 row["matvecs"] = int(m.deq.last_solution.backward.get("nmatvec", 0))
             rows.append(row)
     rows[0].update(rel_err=0.0, cosine=1.0)

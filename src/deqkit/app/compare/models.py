@@ -24,6 +24,8 @@ MODELS: dict[str, tuple[str, str]] = {
     "deq_implicit": ("deq", "DEQ, implicit (GMRES)"),
     "deq_jfb": ("deq", "DEQ, JFB"),
     "deq_phantom": ("deq", "DEQ, phantom(5, 0.5)"),
+    "deq_reuse": ("deq", "DEQ, implicit GMRES preconditioned by the forward's inverse estimate"),
+    "deq_shine": ("deq", "DEQ, SHINE (the forward's inverse estimate, 2 refinements)"),
     "deq_reversible": ("deq", "DEQ, reversible (exact backprop by reconstruction)"),
 }
 
@@ -32,15 +34,16 @@ def n_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
-def deq_adjoint(kind: str, backward_rtol: float = 1e-4) -> dk.AbstractAdjoint:
-    """The compared DEQ's adjoint ``kind`` (a :data:`deqkit.app.names.ADJOINTS` name)."""
+def deq_adjoint(kind: str, backward_rtol: float = 1e-4, **options: Any) -> dk.AbstractAdjoint:
+    """The compared DEQ's adjoint ``kind`` (a :data:`deqkit.app.names.ADJOINTS` name), with
+    ``options`` for :func:`deqkit.app.names.build_adjoint` (e.g. ``reuse_forward=True``)."""
     # restart=5: the Krylov basis (restart + 1 state-sized vectors per sample) is the DEQ's
     # only memory beyond one graph of f; GMRES(5) restarted reaches rtol 1e-4 within the 20
     # steps on these contractive cells (backward statistics are recorded in the run)
     gmres = names.build_linear_solver("gmres", rtol=backward_rtol, atol=1e-8, max_steps=20,
                                       restart=5)
     return names.build_adjoint(kind, linear_solver=gmres, phantom_steps=5, phantom_damping=0.5,
-                               on_failure="ignore")
+                               on_failure="ignore", **options)
 
 
 def matched_resnet_width(in_shape: tuple[int, ...], num_classes: int, depth: int,
@@ -90,6 +93,16 @@ def build_models(
         makers[f"deq_{kind}"] = (
             lambda kind=kind: DEQMLP(in_shape, num_classes, width=width,
                                      adjoint=deq_adjoint(kind), max_steps=deq_max_steps)
+        )
+    # the backward that reuses the forward: Anderson's secant estimate M of (I - J)^-1
+    # preconditions GMRES (reuse) or is the gradient itself, refined twice (SHINE)
+    reuse = {"deq_reuse": ("implicit", {"reuse_forward": True}),
+             "deq_shine": ("shine", {"shine_refine": 2})}
+    for key, (kind, opts) in reuse.items():
+        makers[key] = (
+            lambda kind=kind, opts=opts: DEQMLP(in_shape, num_classes, width=width,
+                                                adjoint=deq_adjoint(kind, **opts),
+                                                max_steps=deq_max_steps)
         )
     makers["deq_reversible"] = lambda: DEQMLP(
         in_shape, num_classes, width=width, solver=names.build_solver("reversible", beta=0.5),

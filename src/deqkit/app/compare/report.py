@@ -23,7 +23,8 @@ CLAIMS: dict[str, tuple[str, str, str]] = {
 FAMILIES = ("standard", "ode", "deq")
 SHORT = {"resnet": "ResNet", "unrolled": "tied", "node_adjoint": "adjoint",
          "node_direct": "direct", "deq_implicit": "implicit", "deq_jfb": "JFB",
-         "deq_phantom": "phantom", "deq_reversible": "reversible"}
+         "deq_phantom": "phantom", "deq_reuse": "reuse", "deq_shine": "SHINE",
+         "deq_reversible": "reversible"}
 
 
 def fmt_bytes(n: float) -> str:
@@ -173,9 +174,16 @@ def _grad_cell(res: dict[str, Any], fam: str) -> list[str]:
         out = [f"implicit GMRES rel err {', '.join(pts)}"]
         ref = rows[0]["backward_s"]
         for r in rows:
-            if r["method"] in ("JFB", "phantom(5, 0.5)"):
+            if r["method"] in ("JFB", "phantom(5, 0.5)", "SHINE(2)"):
                 out.append(f"{r['method']}: rel err {r['rel_err']:.2f}, cos {r['cosine']:.3f}, "
                            f"bwd {fmt_time(r['backward_s'])} (Dense ref {fmt_time(ref)})")
+        plain = {r["tol"]: r for r in rows if r["method"] == "implicit GMRES"}
+        for r in rows:
+            if r["method"] == "implicit GMRES, reuse" and "matvecs" in r:
+                base = plain.get(r["tol"], {}).get("matvecs")
+                vs = f" (plain GMRES: {base})" if base is not None else ""
+                out.append(f"GMRES reusing the forward: rel err {r['rel_err']:.0e}@"
+                           f"{r['tol']:.0e}, {r['matvecs']} products{vs}")
         return out
     return []
 
@@ -238,6 +246,8 @@ STYLE: dict[str, tuple[str, str, str, str]] = {
     "deq_neumann_picard": ("DEQ Picard, implicit Neumann", "tab:purple", "X", ":"),
     "deq_jfb": ("DEQ, JFB", "tab:green", "<", "-."),
     "deq_phantom": ("DEQ, phantom(5, 0.5)", "tab:olive", ">", ":"),
+    "deq_reuse": ("DEQ, implicit reusing the forward", "tab:red", "h", ":"),
+    "deq_shine": ("DEQ, SHINE", "tab:green", "*", "--"),
     "deq_reversible": ("DEQ, reversible", "tab:gray", "d", "-"),
 }
 
@@ -316,8 +326,9 @@ def _plot_gradients(res: dict[str, Any], path: str) -> str:
         pts = [(r["tol"], r["rel_err"]) for r in rows if r["method"] == "implicit GMRES"]
         ax.plot(*zip(*pts), **_style("deq_implicit", i, "DEQ implicit, GMRES at tolerance"))
         for r in rows:
-            if r["method"] in ("JFB", "phantom(5, 0.5)"):
-                name = "deq_jfb" if r["method"] == "JFB" else "deq_phantom"
+            if r["method"] in ("JFB", "phantom(5, 0.5)", "SHINE(2)"):
+                name = {"JFB": "deq_jfb", "SHINE(2)": "deq_shine"}.get(r["method"],
+                                                                      "deq_phantom")
                 _, color, _, ls = STYLE[name]
                 ax.axhline(max(r["rel_err"], 1e-17), ls=ls, color=color, lw=1.8,
                            label=f"DEQ {r['method']} (no tolerance)")

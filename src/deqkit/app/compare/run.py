@@ -280,8 +280,12 @@ def methods(res: dict[str, Any]) -> list[str]:
         "b) - z, z(0)=0, T=1, dopri5 rtol 1e-3 atol 1e-4; odeint_adjoint or odeint); DEQ = "
         "deqkit.zoo.DEQMLP (same cell; Anderson m=5 rtol 1e-4, 20 steps in training, 50 in "
         "evaluation; backward ImplicitAdjoint(GMRES rtol 1e-4, restart 5, 20 steps), "
-        "JacobianFreeAdjoint, "
-        "or PhantomAdjoint(5, 0.5)). Same data split, seed, epochs, AdamW + cosine schedule.",
+        "JacobianFreeAdjoint, PhantomAdjoint(5, 0.5), the backward reusing the forward "
+        "(reuse: the same GMRES preconditioned by Anderson's secant estimate of (I - J)^-1, "
+        "ImplicitAdjoint(reuse_forward=True); SHINE: SHINEAdjoint(refine=2), the estimate "
+        "itself refined by two fixed-point steps), or the reversible pair (dk.Reversible(0.5) "
+        "forward, ReversibleAdjoint(checkpoint_every=4): exact backprop through the steps run, "
+        "rebuilt backwards). Same data split, seed, epochs, AdamW + cosine schedule.",
         "Forward computation: cell evaluations per forward pass on the test set in eval mode "
         "(DEQ and tied: Solution stats nfev, which for the tied net is L + 1: its Picard "
         "driver evaluates f once more to test the residual; ODE: NFE; ResNet: L blocks), and "
@@ -314,7 +318,8 @@ def methods(res: dict[str, Any]) -> list[str]:
         "Gradient accuracy: relative error ||g - g_ref|| / ||g_ref|| and cosine of all "
         "parameter gradients of the cross-entropy on a test batch, in float64. DEQ: same z* "
         "(Anderson rtol 1e-12) for all; reference ImplicitAdjoint(Dense()); GMRES(rtol=tol, "
-        "atol=0, restart 64, 200 steps); JFB; phantom(5, 0.5); backward times are medians. "
+        "atol=0, restart 64, 200 steps); JFB; phantom(5, 0.5); GMRES at 1e-4 preconditioned by "
+        "the forward's inverse estimate (reuse); SHINE(2); backward times are medians. "
         "ODE: reference odeint direct backprop dopri5 rtol=atol=1e-10; odeint_adjoint and "
         "odeint at rtol=atol=tol. Standard: float32 backprop vs float64 backprop.",
         f"Timings are wall-clock on {c['threads']} CPU thread(s) shared with other jobs: "
