@@ -176,6 +176,21 @@ def installed(slots: list[tuple[Any, str, str, int]], values: tuple[Tensor, ...]
             store[name] = old
 
 
+def _substitute(x: Any, table: dict[int, Tensor]) -> Any:
+    """``x`` with its tensors replaced through ``table`` (by identity): plain lists, tuples
+    and dicts directly (this runs on every torch call of f), other containers by pytree."""
+    if isinstance(x, Tensor):
+        return table.get(id(x), x)
+    kind = type(x)
+    if kind is tuple or kind is list:
+        return kind(_substitute(v, table) for v in x)
+    if kind is dict:
+        return {k: _substitute(v, table) for k, v in x.items()}
+    if isinstance(x, (tuple, list, dict)):  # named tuples, OrderedDicts, ...
+        return tree_map(lambda t: table.get(id(t), t) if isinstance(t, Tensor) else t, x)
+    return x
+
+
 class _Swap(TorchFunctionMode):
     """Replace tensors by identity in every torch call; optionally record the tensors that
     requiring grad entered a call without being known or produced inside."""
@@ -195,12 +210,7 @@ class _Swap(TorchFunctionMode):
                 if (isinstance(t, Tensor) and t.requires_grad and id(t) not in self.table
                         and id(t) not in self.produced_ids):
                     self.unknown.append(t)
-        table = self.table
-
-        def sub(t: Any) -> Any:
-            return table.get(id(t), t) if isinstance(t, Tensor) else t
-
-        out = func(*tree_map(sub, args), **tree_map(sub, kwargs))
+        out = func(*_substitute(args, self.table), **_substitute(kwargs, self.table))
         if self.record:
             self.produced.append(out)
             self.produced_ids.update(id(t) for t in tree_flatten(out)[0]
