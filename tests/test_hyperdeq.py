@@ -11,7 +11,7 @@ from torch import nn
 import deqkit as dk
 from deqkit.hyperdeq import HyperAnderson, pretrain_initialiser, train_hyper_solver
 from deqkit.hyperdeq.loss import UnrolledLoss
-from deqkit.hyperdeq.networks import floor_distance, precondition
+from deqkit.hyperdeq.networks import floor_distance, precondition, precondition_into
 
 F64 = torch.float64
 
@@ -545,3 +545,169 @@ def test_tolerance_loss_trains_the_preconditioner():
 def test_preconditioner_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HyperAnderson((4, 3, 3), **kwargs)
+
+
+# ----------------------------------------------------------- fast inference path (issue 18)
+
+
+def _solve_both_paths(cell, u, make, max_steps=100, start=None):
+    """The same solve with ``fast_inference`` off (the differentiable step under no_grad) and
+    on (the inference path)."""
+    out = {}
+    for fast in (False, True):
+        torch.manual_seed(0)
+        hyp = make()
+        hyp.fast_inference = fast
+        z0 = torch.zeros_like(u) if start is None else start
+        with torch.no_grad():
+            out[fast] = dk.fixed_point(cell, z0, solver=hyp, args=(u,), max_steps=max_steps,
+                                       throw=False)
+    return out
+
+
+def _recomputed_rel(cell, u, z):
+    with torch.no_grad():
+        fz = cell(z, u)
+    return (fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_precondition_into_matches_precondition(groups, dtype):
+    """The inference preconditioner (float masks, preallocated scratch, written into a strided
+    history slot) equals the differentiable one, with a trained-looking (random) network."""
+    torch.manual_seed(0)
+    a = torch.randn(5, 4, 6, 6, dtype=dtype)
+    weight = torch.tensor([1.5, -0.7, 0.3, -2.0], dtype=dtype)
+    fz = torch.nn.functional.group_norm(torch.relu(a), 2, weight,
+                                        torch.randn(4, dtype=dtype)).flatten(1)
+    solver = HyperAnderson((4, 6, 6), precondition=0.6, precondition_groups=groups,
+                           precondition_hidden=4).to(dtype)
+    with torch.no_grad():
+        for p in solver.pre_net.parameters():
+            p.normal_(0, 0.3)
+        r = 1e-3 * torch.randn_like(fz)
+        absr = r.norm(dim=1)
+        ref = precondition(solver.pre_gain, solver.pre_net, fz, r, absr, 3, groups)
+        hist = torch.full((5, 3, fz.shape[1]), float("nan"), dtype=dtype)
+        work = torch.full((4, 7, fz.shape[1]), float("nan"), dtype=dtype)  # wider than W
+        out = precondition_into(solver.pre_gain, solver.pre_net, fz, r, absr, 3, groups,
+                                hist[:, 1], work)
+    tol = 1e-12 if dtype == F64 else 1e-6
+    assert out.data_ptr() == hist[:, 1].data_ptr()
+    assert torch.allclose(out, ref, rtol=tol, atol=tol * float(r.abs().max()))
+    assert torch.isnan(hist[:, 0]).all() and torch.isnan(hist[:, 2]).all()  # other slots
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_fast_inference_path_matches_the_step_path(groups):
+    """fast_inference (default) takes the same steps as the differentiable step run under
+    no_grad: same per-sample step counts, same solution to float rounding, and the reported
+    residuals hold when recomputed (float64, several samples stopping at different steps)."""
+    cell = relu_gn_cell().double()
+    u = torch.randn(6, 8, 6, 6, dtype=F64) * torch.logspace(-1, 0.5, 6, dtype=F64).view(-1, 1,
+                                                                                         1, 1)
+
+    def make():
+        return HyperAnderson((8, 6, 6), rtol=1e-8, atol=0, m=4, precondition=0.6,
+                             precondition_groups=groups, beta_init=1.0, beta_max=2.0,
+                             safeguard=2.0, hidden=None).double()
+
+    out = _solve_both_paths(cell, u, make)
+    old, new = out[False], out[True]
+    assert new.result is dk.RESULTS.successful and old.result is dk.RESULTS.successful
+    assert torch.equal(new.stats["nstep"], old.stats["nstep"])
+    assert torch.allclose(new.value, old.value, rtol=0, atol=1e-10)
+    rel = _recomputed_rel(cell, u, new.value)
+    assert bool((rel <= 1e-8 * (1 + 1e-6)).all())
+    assert torch.allclose(new.stats["rel_residual"].to(F64), rel, rtol=1e-6, atol=0)
+
+
+def test_fast_inference_path_with_update_network_and_safeguard():
+    """With an update network (random weights, so the safeguard rejects steps) the inference
+    path still matches the step path, sample by sample (status, steps, value)."""
+    cell = relu_gn_cell().double()
+    u = torch.randn(5, 8, 6, 6, dtype=F64)
+
+    def make():
+        hyp = HyperAnderson((8, 6, 6), rtol=1e-7, atol=0, m=3, precondition=0.5,
+                            precondition_groups=2, safeguard=1.0).double()
+        with torch.no_grad():
+            for p in hyp.update_net.parameters():
+                p.normal_(0, 0.5)
+            for p in hyp.pre_net.parameters():
+                p.normal_(0, 0.1)
+        return hyp
+
+    out = _solve_both_paths(cell, u, make, max_steps=200)
+    old, new = out[False], out[True]
+    assert torch.equal(new.stats["status"], old.stats["status"])
+    ok = new.stats["status"] == 0
+    assert bool(ok.any())  # (the random network may stop some samples as diverged)
+    assert torch.equal(new.stats["nstep"], old.stats["nstep"])
+    assert torch.allclose(new.value, old.value, rtol=0, atol=1e-9)
+    assert bool((_recomputed_rel(cell, u, new.value)[ok] <= 1e-7 * (1 + 1e-6)).all())
+
+
+def test_fast_inference_vector_state_and_float32_conv_state():
+    """The inference path on a vector state (no preconditioner, m=1 edge case) and on a
+    float32 conv state from the initialiser (the benchmark's configuration)."""
+    f = tanh_map()
+    x = torch.randn(4, 6, dtype=F64)
+    for m in (1, 3):
+        out = _solve_both_paths(
+            f, x, lambda m=m: HyperAnderson((6,), rtol=1e-10, atol=0, m=m, hidden=None,
+                                            beta_init=0.8).double(), max_steps=300)
+        assert out[True].result is dk.RESULTS.successful
+        assert torch.equal(out[True].stats["nstep"], out[False].stats["nstep"])
+        assert torch.allclose(out[True].value, out[False].value, atol=1e-12)
+    cell = relu_gn_cell()
+    u = torch.randn(6, 8, 6, 6)
+    torch.manual_seed(0)
+    hyp = HyperAnderson((8, 6, 6), rtol=1e-4, atol=0, m=4, init_hidden=None, init_groups=2,
+                        precondition=0.7, precondition_groups=2, precondition_hidden=4,
+                        beta_init=1.0, beta_max=2.0, safeguard=2.0, hidden=None)
+    with torch.no_grad():
+        z0 = hyp.initial_state(u)
+    out = _solve_both_paths(cell, u, lambda: hyp, start=z0)
+    assert torch.equal(out[True].stats["nstep"], out[False].stats["nstep"])
+    assert torch.allclose(out[True].value, out[False].value, rtol=0, atol=1e-5)
+    assert bool((_recomputed_rel(cell, u, out[True].value) <= 1e-4 * (1 + 1e-4)).all())
+
+
+def test_inference_buffers_are_reused_and_not_shared_between_live_solves():
+    """Consecutive solves reuse one set of history buffers (same result every time); a solve
+    that starts while another one's state is alive gets its own."""
+    cell = relu_gn_cell().double()
+    u = torch.randn(4, 8, 6, 6, dtype=F64)
+    hyp = HyperAnderson((8, 6, 6), rtol=1e-8, atol=0, precondition=0.6, precondition_groups=2,
+                        hidden=None, beta_init=1.0, beta_max=2.0, safeguard=2.0).double()
+    with torch.no_grad():
+        sols = [dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,))
+                for _ in range(3)]
+        pool = hyp.__dict__["_buffer_pool"]
+        assert len(pool) == 1
+        ptr = next(iter(pool.values()))[0].data_ptr()
+        flat = u.flatten(1)
+        s1 = hyp.init(None, flat, flat, flat, 10)  # takes the pooled set
+        s2 = hyp.init(None, flat, flat, flat, 10)  # the pool is empty: a fresh set
+        assert s1.F.data_ptr() == ptr and s2.F.data_ptr() != ptr
+        del s1, s2
+        again = dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,))
+    for s in [*sols[1:], again]:
+        assert torch.equal(s.value, sols[0].value)
+        assert torch.equal(s.stats["nstep"], sols[0].stats["nstep"])
+
+
+def test_inference_buffers_across_inference_mode_and_no_grad():
+    """Buffers made under torch.inference_mode are not reused by a no_grad solve (inference
+    tensors cannot be written outside inference mode), and both give the same result."""
+    cell = relu_gn_cell()
+    u = torch.randn(3, 8, 6, 6)
+    hyp = HyperAnderson((8, 6, 6), rtol=1e-5, atol=0, precondition=0.6, precondition_groups=2,
+                        hidden=None, beta_init=1.0, beta_max=2.0, safeguard=2.0)
+    with torch.inference_mode():
+        a = dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,))
+    with torch.no_grad():
+        b = dk.fixed_point(cell, torch.zeros_like(u), solver=hyp, args=(u,))
+    assert torch.equal(a.value, b.value) and a.result is dk.RESULTS.successful

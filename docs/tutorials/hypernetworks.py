@@ -155,4 +155,6 @@ print(f"relative difference between the two equilibria: {hyper_agreement:.1e}")
 # paper come from large models whose solves take tens of steps, where a good initial state
 # removes most of them; `benchmarks/bench_hyperdeq.py` measures HyperAnderson against a grid
 # of tuned Anderson settings on a trained `ConvDEQ`, with the parameter and training-time
-# cost of the learned solver.
+# cost of the learned solver, and the wall time of each solve beside its f evaluations
+# (a learned step costs more than a plain Anderson step, so fewer f evaluations are only
+# part of the story).

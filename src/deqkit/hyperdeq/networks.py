@@ -236,7 +236,73 @@ def precondition(
     return (scale * (r.view(nw, channels, positions) + g * x)).reshape(nw, -1)
 
 
+def precondition_into(
+    gain: Tensor, net: nn.Module, fz: Tensor, r: Tensor, absr: Tensor, k: int,
+    groups: int | None, out: Tensor, work: Tensor,
+) -> Tensor:
+    r""":func:`precondition` for inference (no autograd), written into ``out`` (W, D), which
+    may be a strided view such as a history slot; ``work`` is scratch space of at least
+    ``(4, W, D)`` (contiguous rows), so that a step allocates nothing of the state's size.
+    Returns ``out``.
+
+    The same map in float-only passes over the (W, C, P) state, each into a preallocated
+    buffer: on the CPU a comparison to a bool tensor costs ~2.5x one written to a float
+    buffer, a full-width ``where`` on a bool mask ~40x a float subtraction (PyTorch 2.x, one
+    thread), and a fresh output of the state's size can cost more than the op itself (page
+    faults), so the masks are 0/1 floats and ``where`` is an ``addcmul`` with a 0/1 factor.
+    With ``groups``, :math:`\langle \text{active} \odot r, h\rangle = \langle r,
+    h\rangle` (:math:`h` vanishes off the active entries) and :math:`P(r) = \big(e^{b} +
+    e^{b}(e^{a} - 1)\,\text{active}\big) \odot r - e^{b}(e^{a} - 1)\,c \odot h`,
+    :math:`c` the per-group projection coefficient. The masks and the floor distance are
+    exactly :func:`floor_distance`'s; the result equals :func:`precondition` up to float
+    rounding."""
+    channels = gain.shape[0]
+    nw, positions = r.shape[0], r.shape[1] // channels
+    shape = (nw, channels, positions)
+    b1, b2, b3, b4 = (work[i, :nw].view(shape) for i in range(4))
+    f = fz.reshape(shape)
+    lo, hi = f.amin(dim=2, keepdim=True), f.amax(dim=2, keepdim=True)
+    eps = (hi - lo).mul_(1e-3)
+    # 0/1 float masks written by the comparison itself (a bool result costs ~2.5x)
+    above = torch.gt(torch.sub(f, lo, out=b1), eps, out=b3)  # f - lo > eps
+    below = torch.gt(torch.sub(hi, f, out=b2), eps, out=b4)  # hi - f > eps
+    # floor at the low end where at least as many entries sit there: #(~above) >= #(~below)
+    n_above, n_below = above.sum(2, keepdim=True), below.sum(2, keepdim=True)
+    fl = (n_above <= n_below).to(f.dtype)  # (W, C, 1)
+    sgn = fl.mul(2.0).sub_(1.0)  # +1 floor low, -1 floor high
+    base = torch.addcmul(hi, fl, lo - hi)  # fl ? lo : hi
+    dist = torch.addcmul(base.mul_(-sgn), f, sgn, out=b1)  # f - lo  or  hi - f, exactly
+    act = torch.gt(dist, eps, out=b3)  # fl ? above : below
+    fnorm = torch.linalg.vector_norm(fz, dim=1).clamp_min(1e-30)
+    rel = (absr / fnorm).clamp_min(1e-30).log10().clamp(-12, 2) / 6
+    n_act = torch.addcmul(n_below, fl, n_above - n_below)  # active entries per channel
+    frac = n_act.view(nw, channels).sum(1).to(gain.dtype) / (channels * positions)
+    feats = torch.stack(
+        [rel.to(gain.dtype), torch.full_like(rel, step_feature(k), dtype=gain.dtype), frac],
+        dim=1,
+    )
+    o = net(feats)  # (W, 2C)
+    a, b = gain + o[:, :channels], o[:, channels:]
+    r3 = r.reshape(shape)
+    o3 = out.view(shape)
+    if groups is None:  # exp(clamp(a act + b)) r, act in {0, 1}
+        lb = b.clamp(-4.0, 4.0).unsqueeze(2)
+        sa = (a + b).clamp(-4.0, 4.0).unsqueeze(2).exp() - lb.exp()
+        scale = torch.addcmul(lb.exp().to(r.dtype), sa.to(r.dtype), act, out=b2)
+        return torch.mul(scale, r3, out=o3).view_as(out)
+    scale = torch.exp(b.clamp(-4.0, 4.0)).to(r.dtype).unsqueeze(2)  # (W, C, 1)
+    sg = scale * torch.expm1(a.clamp(-4.0, 4.0)).to(r.dtype).unsqueeze(2)
+    h = dist.mul_(act)  # (W, C, P), zero off the active entries
+    rh = torch.mul(r3, h, out=b2).view(nw, groups, -1).sum(2)
+    hh = torch.mul(h, h, out=b2).view(nw, groups, -1).sum(2)
+    coef = rh / hh.clamp_min(1e-30)  # (W, G)
+    cg = sg * coef.repeat_interleave(channels // groups, dim=1).unsqueeze(2)  # (W, C, 1)
+    torch.mul(torch.addcmul(scale, sg, act, out=b2), r3, out=o3)
+    o3.addcmul_(cg, h, value=-1.0)
+    return out
+
+
 __all__ = [
     "compress_residual", "floor_distance", "initialiser", "learned_weights", "precondition",
-    "preconditioner", "step_feature", "update_features", "update_network",
+    "precondition_into", "preconditioner", "step_feature", "update_features", "update_network",
 ]

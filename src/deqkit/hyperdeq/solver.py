@@ -34,7 +34,25 @@ class _HyperState:
     Q: Tensor  # (W, m, 2p) compressed residuals (mean and RMS of the learned projection)
     best: Tensor  # (W,) lowest residual norm so far
     fz_best: Tensor  # (W, D) f at the lowest-residual iterate (the safeguard's fallback step)
+    # (4, W0, D) scratch of the inference path, W0 the initial width: rows [:W] are used as
+    # the batch shrinks, so it is not a batch field (compaction does not copy it)
+    work: Tensor | None = dataclasses.field(default=None, metadata={"batch": False})
+    lease: Any = dataclasses.field(default=None, metadata={"batch": False})  # returns the buffers
     k: int = dataclasses.field(default=0, metadata={"batch": False})
+
+
+class _Lease:
+    """Holds the inference path's buffers for one solve and gives them back to the solver's
+    pool when the solve's last state is dropped."""
+
+    __slots__ = ("buffers", "key", "pool")
+
+    def __init__(self, pool: dict, key: tuple, buffers: tuple) -> None:
+        self.pool, self.key, self.buffers = pool, key, buffers
+
+    def __del__(self) -> None:
+        if not self.pool:  # (keep one set)
+            self.pool[self.key] = self.buffers
 
 
 class HyperAnderson(nn.Module, AbstractFixedPointSolver):
@@ -173,6 +191,10 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         precondition_groups: groups of the cell's final GroupNorm: the preconditioner then
             leaves, per group, the direction of the distance from the floor unscaled (see
             above); ``None``: no projection. Must divide the state channels. Default: None.
+        fast_inference: when autograd is off, run :meth:`step`'s inference path (the same
+            iteration with fewer passes over the state and the history updated in place;
+            equal up to float rounding). ``False`` keeps the differentiable path also for
+            inference (e.g. to compare). Default: True.
 
     Example:
         >>> import torch
@@ -225,6 +247,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         precondition: float | None = None,
         precondition_hidden: int = 8,
         precondition_groups: int | None = None,
+        fast_inference: bool = True,
     ) -> None:
         super().__init__()
         shape = state_shape_of(state_shape)
@@ -244,6 +267,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         self.beta_init, self.beta_max = float(beta_init), float(beta_max)
         self.safeguard = None if safeguard is None else float(safeguard)
         self.regularisation = float(regularisation)
+        self.fast_inference = bool(fast_inference)
         self.init_map = networks.initialiser(
             shape, in_channels, hidden=init_hidden, depthwise=init_depthwise,
             layers=init_layers, separable=init_separable, groups=init_groups,
@@ -332,19 +356,48 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
                 f"{self.state_shape} has {self.channels * self.positions}."
             )
         m = self.m
+        if self.fast_inference and not torch.is_grad_enabled():
+            # (only the n <= m written slots are ever read: no zero fill on this path)
+            lease = self._lease(w, d, z)
+            F, G, work = lease.buffers
+        else:
+            lease, work = None, None
+            F, G = z.new_zeros(w, m, d), z.new_zeros(w, m, d)
         return _HyperState(
-            F=z.new_zeros(w, m, d),
-            G=z.new_zeros(w, m, d),
+            F=F,
+            G=G,
             H=torch.zeros(w, m, m, dtype=torch.float64, device=z.device),
             Q=z.new_zeros(w, m, 2 * self.features),
             best=z.new_full((w,), math.inf),
             fz_best=fz,
             k=0,
+            work=work,
+            lease=lease,
         )
+
+    def _lease(self, w: int, d: int, z: Tensor) -> _Lease:
+        """The inference path's history and scratch buffers, ``(F, G, work)``, reused across
+        solves of the same width, dtype and device: a fresh buffer of the state's size is
+        paid for again in page faults at its first write (on the CPU with glibc's malloc,
+        large blocks are mapped per allocation: ~11,000 minor faults, ~20 ms of system time
+        per solve of the 250-sample benchmark of ``benchmarks/bench_hyperdeq.py`` without
+        reuse). A solve holds its buffers until its state is dropped; a concurrent (e.g.
+        nested) solve gets fresh ones. At most one set is kept."""
+        key = (w, d, self.m, z.dtype, z.device, torch.is_inference_mode_enabled(),
+               self.pre_gain is not None)  # (inference tensors are read-only outside it)
+        pool = self.__dict__.setdefault("_buffer_pool", {})
+        bufs = pool.pop(key, None)
+        if bufs is None:
+            pool.clear()
+            bufs = (z.new_empty(w, self.m, d), z.new_empty(w, self.m, d),
+                    z.new_empty(4, w, d) if key[-1] else None)
+        return _Lease(pool, key, bufs)
 
     def step(
         self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: _HyperState
     ) -> tuple[Tensor, Tensor | None, _HyperState]:
+        if self.fast_inference and not torch.is_grad_enabled():
+            return self._step_inference(z, fz, r, state)
         m, k = self.m, state.k
         slot, n = k % m, min(k + 1, m)
         absr = torch.linalg.vector_norm(r, dim=1)
@@ -388,6 +441,81 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             state, F=Fb, G=Gb, H=H, Q=Qb, best=best, fz_best=fz_best, k=k + 1
         )
         return z_next, None, new_state
+
+    def _step_inference(
+        self, z: Tensor, fz: Tensor, r: Tensor, state: _HyperState
+    ) -> tuple[Tensor, Tensor | None, _HyperState]:
+        """:meth:`step` without autograd (``fast_inference``): the same iteration with fewer
+        passes over the (W, D) state. The preconditioned residual is written straight into
+        its history slot (:func:`networks.precondition_into`), the Gram row is one batched
+        vector-matrix product (no (W, m, D) temporary), the damping term is skipped when
+        ``beta == 1``, and on the CPU (where reading a flag costs no device sync) the
+        safeguard's full-width ``where`` runs only when some sample rejects a step or fails
+        to improve. The state is updated in place."""
+        m, k = self.m, state.k
+        slot, n = k % m, min(k + 1, m)
+        full = n == m
+        F, G = state.F, state.G
+        absr = torch.linalg.vector_norm(r, dim=1)
+        if self.pre_gain is not None and self.pre_net is not None and k > 0:
+            g = networks.precondition_into(self.pre_gain, self.pre_net, fz, r, absr, k,
+                                           self.precondition_groups, G[:, slot],
+                                           state.work)
+            torch.add(z, g, out=F[:, slot])
+            absg = None if self.update_net is None else torch.linalg.vector_norm(g, dim=1)
+        else:
+            F[:, slot].copy_(fz)
+            G[:, slot].copy_(r)
+            g, absg = r, absr
+        if self.compress is not None:
+            q = networks.compress_residual(self.compress.weight, g, self.channels,
+                                           self.positions)
+            state.Q[:, slot].copy_(q.to(state.Q.dtype))
+        Gn = G if full else G[:, :n]
+        row = torch.matmul(g.unsqueeze(1), Gn.transpose(1, 2)).squeeze(1)  # (W, n)
+        row = row.to(torch.float64)
+        H = state.H
+        H[:, slot, :n] = row
+        H[:, :n, slot] = row
+        # Safeguard bookkeeping (per sample): reject a step that raised the residual.
+        host = z.device.type == "cpu"  # a flag read is free there
+        reject = None if k == 0 or self.safeguard is None else \
+            ~(absr < self.safeguard * state.best)
+        if reject is not None and host and not bool(reject.any()):
+            reject = None
+        improved = absr < state.best
+        if host and bool(improved.all()):
+            state.fz_best = fz
+        else:
+            state.fz_best = torch.where(improved.unsqueeze(1), fz, state.fz_best)
+        state.best = torch.where(improved, absr, state.best)
+        Fn = F if full else F[:, :n]
+        if self.update_net is None:  # least-squares weights, fixed damping
+            beta: Any = self.beta_init
+            if n == 1:
+                alpha = None
+            else:
+                alpha = anderson_weights(H if full else H[:, :n, :n], slot,
+                                         self.regularisation).to(z.dtype)
+        else:
+            alpha_ls = anderson_weights(H[:, :n, :n], slot, self.regularisation).squeeze(1)
+            perm = torch.tensor([(slot - j) % m for j in range(n)], device=z.device)
+            feats = networks.update_features(H, state.Q, alpha_ls, perm, absr, absg, fz, k,
+                                             self._triu, self.compress.weight.dtype)
+            a2, beta = networks.learned_weights(self.update_net(feats), alpha_ls, perm,
+                                                self.beta_max, z.dtype)
+            alpha = a2.unsqueeze(1)
+        if alpha is None:  # one slot: its weight is 1
+            z_next = F[:, slot] if beta == 1.0 else F[:, slot] - (1.0 - beta) * G[:, slot]
+            z_next = z_next.clone() if beta == 1.0 else z_next
+        else:
+            z_next = torch.bmm(alpha, Fn).squeeze(1)
+            if not (isinstance(beta, float) and beta == 1.0):
+                z_next = z_next - (1.0 - beta) * torch.bmm(alpha, Gn).squeeze(1)
+        if reject is not None:
+            z_next = torch.where(reject.unsqueeze(1), state.fz_best, z_next)
+        state.k = k + 1
+        return z_next, None, state
 
     def active(self, fz: Tensor) -> Tensor:
         """(W, D) -> (W, C, P) float mask of the entries away from their channel's floor.
