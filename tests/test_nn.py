@@ -251,3 +251,20 @@ def test_overrides_module_solver_is_not_registered():
     assert isinstance(layer.solver, dk.Picard)
     assert "init_state" not in layer.__dict__
     torch.testing.assert_close(z, layer(x), atol=1e-3, rtol=0)  # same equilibrium
+
+
+def test_jacobian_regularisation_through_attention_cells():
+    """The regulariser's double backward through a transformer cell: the fused CPU/CUDA
+    attention kernels have none, so the cell runs the math kernel for it."""
+    from deqkit.zoo import DEQTransformerLM
+
+    torch.manual_seed(0)
+    m = DEQTransformerLM(11, d_model=16, n_heads=2, d_ff=32, block_size=8,
+                         solver=dk.Anderson(), adjoint=dk.ImplicitAdjoint(), max_steps=5)
+    x = torch.randint(0, 11, (2, 8))
+    loss = m(x).logsumexp(-1).mean()
+    reg = m.deq.jacobian_regularisation(generator=torch.Generator().manual_seed(0))
+    assert reg.item() > 0
+    (loss + reg).backward()
+    cell_grads = [p.grad for p in m.deq.cell.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in cell_grads)

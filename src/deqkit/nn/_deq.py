@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._checks import check_bool, check_int
 from .._fixed_point import fixed_point, resolve_adjoint, resolve_solver
@@ -365,8 +366,9 @@ class DEQ(nn.Module):
         def f(zf: torch.Tensor) -> torch.Tensor:
             return flatten(layout, cell(unflatten(layout, zf), *inputs))
 
-        cm = parametrization_cache(cell)
-        with cm:
+        # the fused attention kernels (flash, memory-efficient) have no double backward:
+        # attention inside the cell runs the plain (math) kernel for the regulariser
+        with parametrization_cache(cell), sdpa_kernel(SDPBackend.MATH):
             return jacobian_frobenius_reg(f, z, n_samples=n_samples, generator=generator)
 
     def extra_repr(self) -> str:
