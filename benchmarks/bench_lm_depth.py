@@ -82,7 +82,7 @@ from deqkit.app.compare.memory import (
 )
 from deqkit.app.train import make_optimizer, solver_stats
 from deqkit.data import load_dataset
-from deqkit.nn._dropout import reset_dropout
+from deqkit.nn import reset_dropout
 from deqkit.zoo import DEQTransformerLM, TransformerLM
 
 ALL_ROWS = ("L1", "L2", "L4", "L8", "deq-onestep", "deq-implicit", "deq-phantom", "deq-jfb",

@@ -10,7 +10,6 @@ the engine's. Its mixing weights start from the core's least-squares weights
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -21,38 +20,10 @@ from torch import Tensor, nn
 from ..solvers._base import AbstractFixedPointSolver, FlatFn, put_slot
 from ..solvers.anderson import anderson_weights
 from . import networks
+from ._state import Attachment, BufferLease, HyperState, gram_update
 from .settings import check_settings, state_shape_of
 
 _OWNER = "HyperAnderson"
-
-
-@dataclasses.dataclass
-class _HyperState:
-    F: Tensor  # (W, m, D) past f(z_i)
-    G: Tensor  # (W, m, D) past residuals g_i = f(z_i) - z_i
-    H: Tensor  # (W, m, m) Gram matrix G G^T, float64
-    Q: Tensor  # (W, m, 2p) compressed residuals (mean and RMS of the learned projection)
-    best: Tensor  # (W,) lowest residual norm so far
-    fz_best: Tensor  # (W, D) f at the lowest-residual iterate (the safeguard's fallback step)
-    # (4, W0, D) scratch of the inference path, W0 the initial width: rows [:W] are used as
-    # the batch shrinks, so it is not a batch field (compaction does not copy it)
-    work: Tensor | None = dataclasses.field(default=None, metadata={"batch": False})
-    lease: Any = dataclasses.field(default=None, metadata={"batch": False})  # returns the buffers
-    k: int = dataclasses.field(default=0, metadata={"batch": False})
-
-
-class _Lease:
-    """Holds the inference path's buffers for one solve and gives them back to the solver's
-    pool when the solve's last state is dropped."""
-
-    __slots__ = ("buffers", "key", "pool")
-
-    def __init__(self, pool: dict, key: tuple, buffers: tuple) -> None:
-        self.pool, self.key, self.buffers = pool, key, buffers
-
-    def __del__(self) -> None:
-        if not self.pool:  # (keep one set)
-            self.pool[self.key] = self.buffers
 
 
 class HyperAnderson(nn.Module, AbstractFixedPointSolver):
@@ -318,7 +289,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             )
         return z.to(x.dtype)
 
-    def attach(self, deq: nn.Module) -> _Attachment:
+    def attach(self, deq: nn.Module) -> Attachment:
         """Use this solver and its initialiser in a :class:`deqkit.nn.DEQ` layer.
 
         Runs ``deq`` with ``solver=self`` and ``init_state=self.initial_state`` through
@@ -345,10 +316,10 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
                 f"{_OWNER}.attach: expected a deqkit.nn.DEQ layer (e.g. model.deq), got "
                 f"{type(deq).__name__}."
             )
-        return _Attachment(overrides(solver=self, init_state=self.initial_state))
+        return Attachment(overrides(solver=self, init_state=self.initial_state))
 
     # ------------------------------------------------------------------ protocol
-    def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> _HyperState:
+    def init(self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, max_steps: int) -> HyperState:
         w, d = z.shape
         if d != self.channels * self.positions:
             raise ValueError(
@@ -363,7 +334,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         else:
             lease, work = None, None
             F, G = z.new_zeros(w, m, d), z.new_zeros(w, m, d)
-        return _HyperState(
+        return HyperState(
             F=F,
             G=G,
             H=torch.zeros(w, m, m, dtype=torch.float64, device=z.device),
@@ -375,7 +346,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             lease=lease,
         )
 
-    def _lease(self, w: int, d: int, z: Tensor) -> _Lease:
+    def _lease(self, w: int, d: int, z: Tensor) -> BufferLease:
         """The inference path's history and scratch buffers, ``(F, G, work)``, reused across
         solves of the same width, dtype and device: a fresh buffer of the state's size is
         paid for again in page faults at its first write (on the CPU with glibc's malloc,
@@ -391,11 +362,11 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             pool.clear()
             bufs = (z.new_empty(w, self.m, d), z.new_empty(w, self.m, d),
                     z.new_empty(4, w, d) if key[-1] else None)
-        return _Lease(pool, key, bufs)
+        return BufferLease(pool, key, bufs)
 
     def step(
-        self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: _HyperState
-    ) -> tuple[Tensor, Tensor | None, _HyperState]:
+        self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: HyperState
+    ) -> tuple[Tensor, Tensor | None, HyperState]:
         if self.fast_inference and not torch.is_grad_enabled():
             return self._step_inference(z, fz, r, state)
         m, k = self.m, state.k
@@ -414,7 +385,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             q = networks.compress_residual(self.compress.weight, g, self.channels,
                                            self.positions)
             Qb = put_slot(Qb, slot, q.to(Qb.dtype))
-        H = _gram_update(state.H, Gb[:, :n], g, slot)
+        H = gram_update(state.H, Gb[:, :n], g, slot)
         # Safeguard bookkeeping (per sample): reject a step that raised the residual.
         reject = None if k == 0 or self.safeguard is None else \
             ~(absr < self.safeguard * state.best)  # strict: no stalling
@@ -443,8 +414,8 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         return z_next, None, new_state
 
     def _step_inference(
-        self, z: Tensor, fz: Tensor, r: Tensor, state: _HyperState
-    ) -> tuple[Tensor, Tensor | None, _HyperState]:
+        self, z: Tensor, fz: Tensor, r: Tensor, state: HyperState
+    ) -> tuple[Tensor, Tensor | None, HyperState]:
         """:meth:`step` without autograd (``fast_inference``): the same iteration with fewer
         passes over the (W, D) state. The preconditioned residual is written straight into
         its history slot (:func:`networks.precondition_into`), the Gram row is one batched
@@ -542,41 +513,6 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             f"state_shape={self.state_shape}, m={self.m}, rtol={self.rtol}, atol={self.atol}, "
             f"safeguard={self.safeguard}, precondition={self.precondition}"
         )
-
-
-class _Attachment:
-    """Handle returned by :meth:`HyperAnderson.attach`: the layer's overrides are in force
-    from ``attach`` until :meth:`remove` (or the end of a ``with`` block)."""
-
-    def __init__(self, overrides: contextlib.AbstractContextManager[Any]) -> None:
-        overrides.__enter__()
-        self._overrides: contextlib.AbstractContextManager[Any] | None = overrides
-
-    def remove(self) -> None:
-        """Restore the layer's previous solver and initial state (once; later calls do
-        nothing)."""
-        overrides, self._overrides = self._overrides, None
-        if overrides is not None:
-            overrides.__exit__(None, None, None)
-
-    def __enter__(self) -> _Attachment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-def _gram_update(H: Tensor, G: Tensor, g: Tensor, slot: int) -> Tensor:
-    """``H`` (W, m, m, float64) with row and column ``slot`` set to the inner products of the
-    newest residual ``g`` (W, D) with the ``n`` valid residuals ``G`` (W, n, D); out of place
-    when the write must stay differentiable (unrolled solves)."""
-    n = G.shape[1]
-    row = torch.linalg.vecdot(G, g.unsqueeze(1)).to(torch.float64)  # (W, n)
-    if torch.is_grad_enabled() and (row.requires_grad or H.requires_grad):
-        H = H.clone()
-    H[:, slot, :n] = row
-    H[:, :n, slot] = row
-    return H
 
 
 __all__ = ["HyperAnderson"]
