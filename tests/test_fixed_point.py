@@ -392,3 +392,52 @@ def test_anderson_gram_row_forms_agree():
         ref = torch.einsum("wd,wnd->wn", r, hist).unsqueeze(1)
         for matvec in (False, True):
             torch.testing.assert_close(_gram_row(r, hist, matvec), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_anderson_history_buffers_reused_only_between_finished_solves():
+    """CPU solves outside autograd reuse the last finished solve's history buffers (page
+    faults); a solve nested inside another one's f gets its own; results are unchanged."""
+    from deqkit.solvers import anderson
+
+    torch.manual_seed(0)
+    W = 0.4 * torch.randn(6, 6, dtype=torch.float64) / 6 ** 0.5
+    b = torch.randn(5, 6, dtype=torch.float64)
+    solver = dk.Anderson(m=3, rtol=1e-12, atol=0)
+
+    def solve(f):
+        with torch.no_grad():
+            return dk.fixed_point(f, torch.zeros_like(b), solver, max_steps=60).value
+
+    def outer(z):  # its f runs an inner solve of the same shape (a nested solve)
+        inner = solve(lambda y: torch.tanh(y @ W.T + 0.5 * z))
+        return torch.tanh(z @ W.T + b) + 0.1 * inner
+
+    anderson._POOL.clear()
+    ref = solve(outer)
+    assert len(anderson._POOL) == 1  # the finished solves gave their buffers back
+    (F, G), = anderson._POOL.values()
+    ptr = F.data_ptr()
+    again = solve(outer)  # reuses them (history slots hold stale values of the last solve)
+    assert torch.equal(again, ref)
+    seen = []
+    original = anderson._history_buffers
+
+    def spy(z, fz, m):
+        F, G, lease = original(z, fz, m)
+        seen.append(F.data_ptr())
+        return F, G, lease
+
+    anderson._history_buffers = spy
+    try:
+        solve(outer)
+    finally:
+        anderson._history_buffers = original
+    assert seen[0] == ptr  # the outer solve got the pooled buffers
+    assert len(seen) > 2 and seen[0] not in seen[1:]  # nested solves never share them
+    z = torch.zeros_like(b)
+    for _ in range(200):  # the fixed point by plain iteration
+        z = outer(z)
+    assert torch.allclose(ref, z, atol=1e-10)
+    with torch.enable_grad():  # differentiable solves never use the pool
+        _, _, lease = anderson._history_buffers(b.requires_grad_(), b, 3)
+    assert lease is None
