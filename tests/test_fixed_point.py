@@ -415,7 +415,7 @@ def test_anderson_history_buffers_reused_only_between_finished_solves():
     anderson._POOL.clear()
     ref = solve(outer)
     assert len(anderson._POOL) == 1  # the finished solves gave their buffers back
-    (F, G), = anderson._POOL.values()
+    (F, _), = anderson._POOL.values()
     ptr = F.data_ptr()
     again = solve(outer)  # reuses them (history slots hold stale values of the last solve)
     assert torch.equal(again, ref)
