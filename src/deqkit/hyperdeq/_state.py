@@ -1,5 +1,5 @@
-"""The state of a :class:`~deqkit.hyperdeq.HyperAnderson` solve, the buffers its inference
-path reuses across solves, and the handle of :meth:`~deqkit.hyperdeq.HyperAnderson.attach`."""
+"""The state of a :class:`~deqkit.hyperdeq.HyperAnderson` solve and the handle of
+:meth:`~deqkit.hyperdeq.HyperAnderson.attach`."""
 
 from __future__ import annotations
 
@@ -22,22 +22,8 @@ class HyperState:
     # (4, W0, D) scratch of the inference path, W0 the initial width: rows [:W] are used as
     # the batch shrinks, so it is not a batch field (compaction does not copy it)
     work: Tensor | None = dataclasses.field(default=None, metadata={"batch": False})
-    lease: Any = dataclasses.field(default=None, metadata={"batch": False})  # returns the buffers
+    lease: Any = dataclasses.field(default=None, metadata={"batch": False})  # gives F, G, work back
     k: int = dataclasses.field(default=0, metadata={"batch": False})
-
-
-class BufferLease:
-    """Holds the inference path's buffers for one solve and gives them back to the solver's
-    pool when the solve's last state is dropped."""
-
-    __slots__ = ("buffers", "key", "pool")
-
-    def __init__(self, pool: dict, key: tuple, buffers: tuple) -> None:
-        self.pool, self.key, self.buffers = pool, key, buffers
-
-    def __del__(self) -> None:
-        if not self.pool:  # (keep one set)
-            self.pool[self.key] = self.buffers
 
 
 class Attachment:
@@ -75,4 +61,4 @@ def gram_update(H: Tensor, G: Tensor, g: Tensor, slot: int) -> Tensor:
     return H
 
 
-__all__ = ["Attachment", "BufferLease", "HyperState", "gram_update"]
+__all__ = ["Attachment", "HyperState", "gram_update"]

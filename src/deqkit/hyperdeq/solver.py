@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from ..solvers._base import AbstractFixedPointSolver, FlatFn, put_slot
+from ..solvers._buffers import BufferPool, Lease, reusable
 from ..solvers.anderson import anderson_weights
 from . import networks
-from ._state import Attachment, BufferLease, HyperState, gram_update
+from ._state import Attachment, HyperState, gram_update
 from .settings import check_settings, state_shape_of
 
 _OWNER = "HyperAnderson"
@@ -329,8 +330,7 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
         m = self.m
         if self.fast_inference and not torch.is_grad_enabled():
             # (only the n <= m written slots are ever read: no zero fill on this path)
-            lease = self._lease(w, d, z)
-            F, G, work = lease.buffers
+            (F, G, work), lease = self._inference_buffers(w, d, z, fz)
         else:
             lease, work = None, None
             F, G = z.new_zeros(w, m, d), z.new_zeros(w, m, d)
@@ -346,23 +346,23 @@ class HyperAnderson(nn.Module, AbstractFixedPointSolver):
             lease=lease,
         )
 
-    def _lease(self, w: int, d: int, z: Tensor) -> BufferLease:
-        """The inference path's history and scratch buffers, ``(F, G, work)``, reused across
-        solves of the same width, dtype and device: a fresh buffer of the state's size is
-        paid for again in page faults at its first write (on the CPU with glibc's malloc,
-        large blocks are mapped per allocation: ~11,000 minor faults, ~20 ms of system time
-        per solve of the 250-sample benchmark of ``benchmarks/bench_hyperdeq.py`` without
-        reuse). A solve holds its buffers until its state is dropped; a concurrent (e.g.
-        nested) solve gets fresh ones. At most one set is kept."""
+    def _inference_buffers(self, w: int, d: int, z: Tensor, fz: Tensor
+                           ) -> tuple[tuple[Tensor, Tensor, Tensor | None], Lease | None]:
+        """The inference path's history and scratch buffers ``(F, G, work)`` and their lease:
+        those of the last finished solve of the same width, dtype and device where
+        :func:`~deqkit.solvers._buffers.reusable` (~11,000 minor faults, ~20 ms of system
+        time per solve of the 250-sample ``benchmarks/bench_hyperdeq.py`` solve without
+        reuse); a solve nested in another one's f gets fresh ones."""
         key = (w, d, self.m, z.dtype, z.device, torch.is_inference_mode_enabled(),
                self.pre_gain is not None)  # (inference tensors are read-only outside it)
-        pool = self.__dict__.setdefault("_buffer_pool", {})
-        bufs = pool.pop(key, None)
-        if bufs is None:
-            pool.clear()
-            bufs = (z.new_empty(w, self.m, d), z.new_empty(w, self.m, d),
+
+        def make() -> tuple[Tensor, Tensor, Tensor | None]:
+            return (z.new_empty(w, self.m, d), z.new_empty(w, self.m, d),
                     z.new_empty(4, w, d) if key[-1] else None)
-        return BufferLease(pool, key, bufs)
+
+        if not reusable(z, fz):
+            return make(), None
+        return self.__dict__.setdefault("_buffer_pool", BufferPool()).lease(key, make)
 
     def step(
         self, fn: FlatFn, z: Tensor, fz: Tensor, r: Tensor, state: HyperState

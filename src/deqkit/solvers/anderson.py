@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 
 from .._checks import check_float, check_int, check_tolerances
 from ._base import AbstractFixedPointSolver, FlatFn
+from ._buffers import BufferPool, Lease, reusable
 
 
 @dataclasses.dataclass
@@ -23,50 +23,27 @@ class _AndersonState:
     # differentiable (unrolled) solves keep the history as lists of the iterates' own tensors
     # instead of writing copies into F and G, so autograd saves no per-step buffer copies
     history: dict = dataclasses.field(default_factory=dict, metadata={"batch": False})
-    lease: Any = dataclasses.field(default=None, metadata={"batch": False})  # see _history_buffers
+    lease: Any = dataclasses.field(default=None, metadata={"batch": False})  # returns F, G to _POOL
 
 
 #: (W, m, D, dtype, inference mode) -> the (F, G) buffers of the last finished CPU solve
-_POOL: dict[tuple, tuple[Tensor, Tensor]] = {}
+_POOL = BufferPool()
 
 
-class _Lease:
-    """Owns one solve's history buffers; gives them back to :data:`_POOL` when the solve's
-    last state is dropped (keeping only the newest set)."""
-
-    __slots__ = ("buffers", "key")
-
-    def __init__(self, key: tuple, buffers: tuple[Tensor, Tensor]) -> None:
-        self.key, self.buffers = key, buffers
-
-    def __del__(self) -> None:
-        try:
-            _POOL.clear()
-            _POOL[self.key] = self.buffers
-        except Exception:  # (interpreter shutdown)
-            pass
-
-
-def _history_buffers(z: Tensor, fz: Tensor, m: int) -> tuple[Tensor, Tensor, _Lease | None]:
-    """Uninitialised ``(W, m, D)`` history buffers ``F, G`` for a solve from ``z``, and the
-    lease that returns them for reuse. On the CPU, outside autograd, tracing and forward-mode
-    AD, the buffers of the last finished solve of the same shape are reused: a fresh buffer
-    of the history's size is paid again in page faults at its first write (glibc maps large
-    blocks per allocation; measured on a digits ConvDEQ training step: 1,800 minor faults
-    and 2.7 ms of system time per 29 ms step, 180 faults and 0.7 ms with reuse). A buffer is
-    only handed out when no live solve holds it (a nested solve gets fresh ones); only the
-    written slots are ever read."""
+def _history_buffers(z: Tensor, fz: Tensor, m: int) -> tuple[Tensor, Tensor, Lease | None]:
+    """Uninitialised ``(W, m, D)`` history buffers ``F, G`` for a solve from ``z`` (only the
+    written slots are ever read), and the lease that returns them: on the CPU the buffers of
+    the last finished solve of the same shape (:mod:`deqkit.solvers._buffers`: page
+    faults)."""
     w, d = z.shape
-    plain = (z.device.type == "cpu" and not torch.is_grad_enabled()
-             and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-             and type(z) is Tensor and type(fz) is Tensor
-             and forward_ad.unpack_dual(fz).tangent is None
-             and forward_ad.unpack_dual(z).tangent is None)
-    if not plain:
-        return z.new_empty(w, m, d), z.new_empty(w, m, d), None
-    key = (w, m, d, z.dtype, torch.is_inference_mode_enabled())
-    bufs = _POOL.pop(key, None) or (z.new_empty(w, m, d), z.new_empty(w, m, d))
-    return bufs[0], bufs[1], _Lease(key, bufs)
+
+    def make() -> tuple[Tensor, Tensor]:
+        return z.new_empty(w, m, d), z.new_empty(w, m, d)
+
+    if z.device.type != "cpu" or not reusable(z, fz):
+        return (*make(), None)
+    (F, G), lease = _POOL.lease((w, m, d, z.dtype, torch.is_inference_mode_enabled()), make)
+    return F, G, lease
 
 
 _CONSTANTS: dict[tuple, Tensor] = {}
