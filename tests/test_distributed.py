@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -338,6 +339,14 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
             nn.functional.cross_entropy(model(x[sl]), y[sl]).backward()
             out[name] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         torch.save(out, os.path.join(out_dir, f"fsdp{rank}.pt"))
+        # Drop every FSDP object (they hold the group's gloo context and pending work) and
+        # wait for the other rank before tearing the group down: a rank that destroys the
+        # group while its peer is still finishing the last all-gather, or that leaves the
+        # gloo threads to interpreter teardown, can abort ("terminate called without an
+        # active exception"); seen once in CI.
+        del model, out
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
