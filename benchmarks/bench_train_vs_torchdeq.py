@@ -85,6 +85,7 @@ from deqkit.app import config as appconfig
 from deqkit.app.train import distributed as dd
 from deqkit.app.train import setup
 from deqkit.app.train.evaluate import cross_entropy, evaluate
+from deqkit.app.train.run import deq_schedule
 from deqkit.app.train.step import random_shift
 
 SELECT_SLACK = {"digits": 0.004, "mnist1d": 0.005}  # final val acc within this of the best
@@ -146,6 +147,7 @@ def recipe_grid(workload: str, quick: bool) -> list[Recipe]:
     """The search grid of both libraries (deqkit: the levers it offers; TorchDEQ: Anderson
     and Broyden forward, IFT and phantom backward, tolerances around the CLI's)."""
     w = {"warm_start": True}
+    u = {"warm_start": True, "warm_start_unfinished": True}
     if quick:
         return [_dk("implicit GMRES (CLI)"), _dk("JFB + warm", adjoint="jfb", **w),
                 _td("anderson / IFT fp", ift=True),
@@ -165,6 +167,16 @@ def recipe_grid(workload: str, quick: bool) -> list[Recipe]:
             _dk("JFB + warm, rtol 1e-2", adjoint="jfb", rtol=1e-2, **w),
             _dk("JFB + warm, max_steps 8", adjoint="jfb", max_steps=8, **w),
             _dk("phantom(5, 0.5) + warm", adjoint="phantom", **w),
+            # budget-limited training: the warm start keeps each sample's unfinished iterate,
+            # so the solve goes on across epochs (DEQ flow's fixed-point reuse)
+            _dk("JFB + warm (keep unfinished), max_steps 3", adjoint="jfb", rtol=1e-2,
+                max_steps=3, **u),
+            _dk("JFB + warm (keep unfinished), max_steps 4", adjoint="jfb", rtol=1e-2,
+                max_steps=4, **u),
+            _dk("JFB + warm (keep unfinished), rtol 1e-2, budget 2->20", adjoint="jfb",
+                rtol=1e-2, max_steps_start=2, **u),
+            _dk("JFB + warm, rtol 1e-2, unrolled warm-up 1 epoch x3", adjoint="jfb", rtol=1e-2,
+                unroll_warmup=1.0, unroll_depth=3, **w),
         ]
         td_grid = [
             _td("anderson / IFT fp", ift=True),
@@ -175,6 +187,8 @@ def recipe_grid(workload: str, quick: bool) -> list[Recipe]:
             _td("anderson / JFB (grad 1)", ift=False, grad=1),
             _td("anderson f_tol 1e-2 / JFB (grad 1)", ift=False, grad=1, f_tol=1e-2),
             _td("anderson f_max_iter 8 / JFB (grad 1)", ift=False, grad=1, f_max_iter=8),
+            _td("anderson f_max_iter 4 / JFB (grad 1)", ift=False, grad=1, f_max_iter=4),
+            _td("anderson f_max_iter 3 / JFB (grad 1)", ift=False, grad=1, f_max_iter=3),
             _td("broyden / JFB (grad 1)", ift=False, grad=1, f_solver="broyden"),
         ]
     else:  # MNIST-1D: the config's backward is already GMRES(1e-3, 10)
@@ -380,10 +394,13 @@ class Run:
         self.sched = setup.make_schedule(self.opt, cfg.schedule, self.steps_per_epoch * epochs)
         self.sampler = dd.GlobalBatchSampler(n, cfg.batch_size, 0, 1, shuffle=True,
                                              base_seed=cfg.seed * 100_003)
-        self.warm = dk.nn.FixedPointCache(n) if recipe.lib == "deqkit" and cfg.warm_start \
-            else None
+        self.warm = dk.nn.FixedPointCache(n, keep_unfinished=cfg.warm_start_unfinished) \
+            if recipe.lib == "deqkit" and cfg.warm_start else None
         self.adj_cache = dk.nn.FixedPointCache(n) if recipe.lib == "deqkit" and \
             cfg.adjoint_cache else None
+        # the CLI's DEQ schedule (--unroll-warmup, --max-steps-start), by optimiser step
+        self.schedule = deq_schedule(cfg, n) if recipe.lib == "deqkit" else None
+        self.step = 0
         self.loss_fn = cross_entropy(cfg.label_smoothing)
         self.shift = 0 if self.splits.spec.kind == "text" else cfg.augment_shift
         self.history: list[dict[str, Any]] = []
@@ -397,10 +414,19 @@ class Run:
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
+    @contextlib.contextmanager
     def _context(self, ids: torch.Tensor) -> Any:
-        if self.warm is None and self.adj_cache is None:
-            return contextlib.nullcontext()
-        return self.model.deq.warm_start(self.warm, ids, adjoint_cache=self.adj_cache)
+        """As ``deqkit train``: the schedule's settings of this step, then the warm starts
+        (not in the unrolled warm-up)."""
+        sched, step = self.schedule, self.step
+        with contextlib.ExitStack() as stack:
+            if sched is not None:
+                stack.enter_context(sched.apply(self.model.deq, step))
+            if (self.warm is not None or self.adj_cache is not None) and \
+                    not (sched is not None and sched.unrolled(step)):
+                stack.enter_context(self.model.deq.warm_start(self.warm, ids,
+                                                              adjoint_cache=self.adj_cache))
+            yield
 
     def _solver_stats(self) -> dict[str, float]:
         if self.recipe.lib == "deqkit":
@@ -457,6 +483,7 @@ class Run:
                 nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.opt.step()
             self.sched.step()
+            self.step += 1
             te = time.perf_counter()
             value = float(loss.detach())
             if not math.isfinite(value):
@@ -891,6 +918,8 @@ def report(res: dict[str, Any]) -> str:
         print(f"# deqkit vs TorchDEQ: whole training runs ({'quick' if a['quick'] else 'full'} "
               "run)\n")
         print("\n".join(header_lines(res["env"])))
+        for line in res.get("provenance", []):  # a file merged from several runs
+            print(f"- {line}")
         print("- time = training only (evaluation excluded); 'CPU' = process CPU time (one "
               "torch thread, robust to other processes' load), 'wall' = perf_counter")
         print("- f/sample = cell rows evaluated per training sample (deqkit drops converged "
@@ -954,6 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search-epochs-mnist1d", type=int, default=None,
                     help="epochs of the MNIST-1D search (default: the config's 20)")
     ap.add_argument("--picks", default=None, help="JSON of an earlier run: reuse its picks")
+    ap.add_argument("--seeds", default=None,
+                    help="headline seeds, e.g. 0,1,2,3,4 (default: digits 0-2, MNIST-1D 0-1)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -987,6 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
             if not picks:
                 raise SystemExit(f"no picks for {wl}: run the search part or pass --picks")
             seeds = (0,) if a.quick else SEEDS[wl]
+            if a.seeds:
+                seeds = tuple(int(v) for v in a.seeds.split(","))
             log(f"headline {wl}: {picks['deqkit'].name} vs {picks['torchdeq'].name}")
             res["headline"][wl] = part_headline(wl, epochs, seeds, picks, log)
     if "profile" in parts:

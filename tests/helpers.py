@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 import deqkit as dk
@@ -56,3 +58,25 @@ def tight_linear_solvers():
 
 def solver_id(s) -> str:
     return repr(s)
+
+
+# ------------------------------------------------------------------- deqkit train, quickly
+
+#: a small digits run of the CLI's training (a few seconds)
+CLI_QUICK = dict(model="deq_mlp", data="digits", subset=256, epochs=2, batch_size=64,
+                 progress=False, plots=False, max_steps=10, eval_max_steps=15,
+                 model_args={"width": 32}, lr=1e-2)
+
+
+def quick_config(tmp_path, name, **kw):
+    """A :class:`~deqkit.app.config.TrainConfig` of :data:`CLI_QUICK` writing to
+    ``tmp_path / name``, with ``kw`` overriding."""
+    from deqkit.app.config import TrainConfig
+
+    return TrainConfig(**{**CLI_QUICK, "out": str(tmp_path / name), **kw})
+
+
+def read_records(path):
+    """The records of a run's ``metrics.jsonl``."""
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]

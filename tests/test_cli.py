@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,21 +14,13 @@ import torch
 from deqkit.app.config import TrainConfig, from_mapping, load_file
 from deqkit.app.main import main
 from deqkit.app.train import load_checkpoint, train
+from helpers import CLI_QUICK, quick_config, read_records
 
 pytest.importorskip("sklearn")
 
-QUICK = dict(model="deq_mlp", data="digits", subset=256, epochs=2, batch_size=64,
-             progress=False, plots=False, max_steps=10, eval_max_steps=15,
-             model_args={"width": 32}, lr=1e-2)
-
-
-def _cfg(tmp_path, name, **kw):
-    return TrainConfig(**{**QUICK, "out": str(tmp_path / name), **kw})
-
-
-def _records(path):
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+QUICK = CLI_QUICK
+_cfg = quick_config
+_records = read_records
 
 
 def _strip_times(recs):

@@ -81,6 +81,11 @@ class TrainConfig:
                                 "equilibrium of the last epoch (dk.nn.FixedPointCache; single "
                                 "process); the cache is saved in the run's last.pt (key "
                                 "'warm_start') so --resume continues exactly")
+    warm_start_unfinished: bool = _setting(False, "with --warm-start, also store the samples "
+                                           "whose solve stopped at the step budget (their "
+                                           "lowest-residual iterate, if finite), not only the "
+                                           "converged ones: with a small or growing budget "
+                                           "(--max-steps-start) most early solves stop there")
     seed: int = _setting(0, "random seed")
     threads: int | None = _setting(1, "torch intra-op threads; 'none' = torch's default")
     device: str = _setting("auto", "auto = CUDA if present, else cpu; or cpu, cuda, cuda:N")
@@ -93,6 +98,15 @@ class TrainConfig:
     atol: float = _setting(0.0, "forward absolute tolerance")
     max_steps: int = _setting(20, "forward step budget in training")
     eval_max_steps: int = _setting(40, "forward step budget in evaluation")
+    max_steps_start: int | None = _setting(None, "training step budget at the first "
+                                           "equilibrium step, growing linearly to max_steps "
+                                           "at the last step (dk.nn.DEQSchedule); 'none' = "
+                                           "max_steps throughout")
+    unroll_warmup: float = _setting(0.0, "epochs (fractions allowed) at the start in which "
+                                    "the DEQ layer is a weight-tied network of unroll_depth "
+                                    "cell applications, backpropagated through (the DEQ "
+                                    "papers' pretraining; no solver, no warm start); 0 = off")
+    unroll_depth: int = _setting(4, "cell applications in the unrolled warm-up")
     adjoint: str = _setting("implicit", "gradient method", choices=ADJOINTS)
     backward_solver: str = _setting("gmres", "linear solver of the implicit adjoint",
                                     choices=BACKWARD_SOLVERS)
@@ -189,7 +203,7 @@ def _check_names(cfg: TrainConfig) -> None:
     if not isinstance(cfg.device, str) or not _valid_device(cfg.device):
         _fail("device", cfg.device, "expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     for key in ("progress", "plots", "warm_start", "tensorboard", "reuse_forward",
-                "backward_rtol_from_forward", "adjoint_cache"):
+                "backward_rtol_from_forward", "adjoint_cache", "warm_start_unfinished"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "expected true or false")
 
@@ -214,13 +228,14 @@ def validate(cfg: TrainConfig) -> None:
 
     _check_names(cfg)
     for key in ("epochs", "batch_size", "max_steps", "eval_max_steps", "backward_max_steps",
-                "phantom_steps"):
+                "phantom_steps", "unroll_depth"):
         positive_int(key)
     for key in ("seed", "log_every", "augment_shift", "shine_refine", "reversible_checkpoint"):
         positive_int(key, allow_zero=True)
-    for key in ("subset", "threads"):
+    for key in ("subset", "threads", "max_steps_start"):
         if getattr(cfg, key) is not None:
             positive_int(key)
+    _check_schedule(cfg, number)
     number("lr", 0.0, open_lo=True)
     number("weight_decay", 0.0)
     number("label_smoothing", 0.0, 1.0)
@@ -239,6 +254,22 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.adjoint == "reversible" and cfg.solver != "reversible":
         _fail("adjoint", cfg.adjoint, f"the reversible adjoint rebuilds the steps of "
               f"--solver reversible, not {cfg.solver!r}; pass --solver reversible")
+
+
+def _check_schedule(cfg: TrainConfig, number: Any) -> None:
+    """The DEQ training schedule: warm-up shorter than the run, budget start <= max_steps."""
+    if cfg.warm_start_unfinished and not cfg.warm_start:
+        _fail("warm_start_unfinished", True, "it says which samples --warm-start stores; "
+              "add --warm-start or drop --warm-start-unfinished")
+    number("unroll_warmup", 0.0)
+    if cfg.unroll_warmup >= cfg.epochs:
+        _fail("unroll_warmup", cfg.unroll_warmup,
+              f"the warm-up must end before the last of the {cfg.epochs} epochs (else the "
+              "run never solves the equilibrium); e.g. --unroll-warmup 1, or 0 for none")
+    if cfg.max_steps_start is not None and cfg.max_steps_start > cfg.max_steps:
+        _fail("max_steps_start", cfg.max_steps_start,
+              f"the budget grows from max_steps_start to max_steps = {cfg.max_steps}, so it "
+              "must not exceed it; lower --max-steps-start or raise --max-steps")
 
 
 def _valid_device(name: str) -> bool:

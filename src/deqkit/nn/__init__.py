@@ -15,4 +15,5 @@ from ._monotone import ForwardBackward as ForwardBackward
 from ._monotone import MonotoneDEQ as MonotoneDEQ
 from ._monotone import MonotoneLinear as MonotoneLinear
 from ._monotone import PeacemanRachford as PeacemanRachford
+from ._schedule import DEQSchedule as DEQSchedule
 from .hypernetwork import HyperNetwork as HyperNetwork

@@ -45,6 +45,12 @@ class FixedPointCache:
         capacity: number of ids; valid ids are ``0 .. capacity - 1`` (e.g. dataset indices).
         only_converged: :meth:`update` stores a sample only where ``converged`` (when given)
             is True, so a failed solve never becomes a start point. Default: True.
+        keep_unfinished: with ``only_converged``, also store the samples that
+            :meth:`update` is told ran out of steps (``unfinished``) if their value is finite:
+            a budget-limited solve (a small or growing training budget,
+            :class:`~deqkit.nn.DEQSchedule`) returns its lowest-residual iterate, no worse a
+            start than the one it had, so the next solve goes on from there instead of from
+            the default. Diverged or non-finite samples are never stored. Default: False.
         storage_device: where the stored values live (``None``: the state's device).
 
     Example:
@@ -71,13 +77,16 @@ class FixedPointCache:
         capacity: int,
         *,
         only_converged: bool = True,
+        keep_unfinished: bool = False,
         storage_device: torch.device | str | None = None,
     ) -> None:
         check_int("FixedPointCache", "capacity", capacity,
                   example="len(train_set) (one slot per sample id)")
         check_bool("FixedPointCache", "only_converged", only_converged)
+        check_bool("FixedPointCache", "keep_unfinished", keep_unfinished)
         self.capacity = capacity
         self.only_converged = only_converged
+        self.keep_unfinished = keep_unfinished
         self.storage_device = None if storage_device is None else torch.device(storage_device)
         self._layout: Layout | None = None
         self._values: Tensor | None = None  # (capacity, D)
@@ -136,10 +145,13 @@ class FixedPointCache:
         return unflatten(layout, torch.where(seen.unsqueeze(1), stored, flat))
 
     @torch.no_grad()
-    def update(self, ids: Tensor, z: State, converged: Tensor | None = None) -> None:
+    def update(self, ids: Tensor, z: State, converged: Tensor | None = None,
+               unfinished: Tensor | None = None) -> None:
         """Store detached copies of ``z`` (the batch's equilibria) under ``ids`` (unique
         within the batch). With ``only_converged`` and ``converged`` (a bool per sample,
-        e.g. ``sol.stats["converged"]``) only converged samples are stored."""
+        e.g. ``sol.stats["converged"]``) only converged samples are stored; with
+        ``keep_unfinished`` also the finite ones of ``unfinished`` (a bool per sample: ran out
+        of steps, e.g. ``sol.stats["status"] == RESULTS.max_steps_reached.code``)."""
         layout = make_layout(z, "z")
         ids = self._check_ids(ids, layout.batch, "update")
         self._same_layout(layout, "update")
@@ -163,6 +175,16 @@ class FixedPointCache:
                     f"({layout.batch},), e.g. sol.stats['converged']."
                 )
             keep = converged.to(torch.bool).to(flat.device)
+            if self.keep_unfinished and unfinished is not None:
+                if not isinstance(unfinished, Tensor) or unfinished.shape != (layout.batch,):
+                    raise ValueError(
+                        "FixedPointCache.update: `unfinished` must be a bool tensor of shape "
+                        f"({layout.batch},), e.g. sol.stats['status'] == "
+                        "RESULTS.max_steps_reached.code.")
+                # a row sum is finite only if every value is (an overflowing sum of finite
+                # values is refused too: harmless, the sample just starts from the default)
+                finite = torch.isfinite(flat.sum(dim=1))
+                keep = keep | (unfinished.to(torch.bool).to(flat.device) & finite)
             ids, flat = ids[keep.to(ids.device)], flat[keep]
         idx = ids.to(self._values.device)
         self._values.index_copy_(0, idx, flat.to(self._values.device, self._values.dtype))
@@ -193,4 +215,5 @@ class FixedPointCache:
 
     def __repr__(self) -> str:
         return (f"FixedPointCache(capacity={self.capacity}, stored={len(self)}, "
-                f"only_converged={self.only_converged})")
+                f"only_converged={self.only_converged}, "
+                f"keep_unfinished={self.keep_unfinished})")

@@ -7,6 +7,7 @@ the epoch, so a run continued from a :class:`FitState` is the run that never sto
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -85,6 +86,7 @@ class _Loop:
     evals_per_epoch: int
     warm_cache: Any
     adjoint_cache: Any
+    schedule: Any  # a dk.nn.DEQSchedule of the model's `deq` layer, or None
     on_step: Callable[[StepInfo], Any] | None
     progress: bool
     log: Callable[[str], Any]
@@ -137,19 +139,35 @@ def _mid_eval(loop: _Loop, epoch: int, j: int, n_steps: int, state: FitState,
             "loss": loss, **{f"val_{k}": v for k, v in val.items()}}
 
 
-def _one_step(loop: _Loop, x: Any, y: Any, m: int, ids: Any, coin: Any) -> tuple[float, int]:
-    """A training step of this rank's chunk (DDP: weighted by its share of a short batch)."""
+def _one_step(loop: _Loop, x: Any, y: Any, m: int, ids: Any, coin: Any,
+              step: int) -> tuple[float, int]:
+    """Training step ``step`` (global, 0-based) of this rank's chunk (DDP: weighted by its
+    share of a short batch), the DEQ solved as the schedule says."""
     tr, env = loop.trainer, loop.env
     share = 1.0
     if env.enabled and m != loop.batch_size:
         # DDP averages the ranks' gradients with equal weights: weight each rank's mean by
         # its share of a short last batch so the result is the global mean.
         share = env.world_size * x.shape[0] / m
-    deq = getattr(tr.core, "deq", None)
-    ctx = None
-    if loop.warm_cache is not None or loop.adjoint_cache is not None:
-        ctx = deq.warm_start(loop.warm_cache, ids, adjoint_cache=loop.adjoint_cache)
-    return train_step(tr, x, y, device=loop.device, coin=coin, share=share, context=ctx)
+    return train_step(tr, x, y, device=loop.device, coin=coin, share=share,
+                      context=_solve_context(loop, ids, step))
+
+
+@contextlib.contextmanager
+def _solve_context(loop: _Loop, ids: Any, step: int) -> Iterator[None]:
+    """Around the forward pass: the DEQ schedule's settings for ``step`` and the warm starts
+    (skipped in the unrolled warm-up, which starts from the initial state and whose
+    iterates are no equilibria to store)."""
+    deq = getattr(loop.trainer.core, "deq", None)
+    sched = loop.schedule
+    with contextlib.ExitStack() as stack:
+        if sched is not None:
+            stack.enter_context(sched.apply(deq, step))
+        caches = loop.warm_cache is not None or loop.adjoint_cache is not None
+        if caches and not (sched is not None and sched.unrolled(step)):
+            stack.enter_context(deq.warm_start(loop.warm_cache, ids,
+                                               adjoint_cache=loop.adjoint_cache))
+        yield
 
 
 @dataclasses.dataclass
@@ -207,7 +225,7 @@ def _run_epoch(loop: _Loop, epoch: int, state: FitState, result: FitResult) -> _
     for j, ((x, y), m, ids) in enumerate(bar):
         t0 = time.perf_counter()
         try:
-            loss, correct = _one_step(loop, x, y, m, ids, coin)
+            loss, correct = _one_step(loop, x, y, m, ids, coin, state.step)
         except TrainingDiverged as err:
             err.epoch, err.step = epoch, j + 1
             raise
@@ -277,7 +295,8 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, batch_size: int,
         scaler: Any = None, seed: int = 0, env: dd.DistEnv | None = None,
         state: FitState | None = None, stop_after: int | None = None,
         evals_per_epoch: int = 1, drop_last: bool = False, warm_cache: Any = None,
-        adjoint_cache: Any = None, on_step: Callable[[StepInfo], Any] | None = None,
+        adjoint_cache: Any = None, schedule: Any = None,
+        on_step: Callable[[StepInfo], Any] | None = None,
         on_epoch: Callable[[dict[str, Any], FitState], Any] | None = None,
         progress: bool = False, log: Callable[[str], Any] | None = None) -> FitResult:
     """Train ``model`` on ``train_data`` for ``epochs`` epochs of ``batch_size`` samples.
@@ -296,7 +315,9 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, batch_size: int,
     makes it data parallel: each rank trains on its chunk of every global batch.
     ``warm_cache``/``adjoint_cache`` (:class:`~deqkit.nn.FixedPointCache`, sized to the
     training set) warm-start the model's ``deq`` layer's forward/backward solves by sample
-    (:meth:`~deqkit.nn.DEQ.warm_start`).
+    (:meth:`~deqkit.nn.DEQ.warm_start`). ``schedule`` (a :class:`~deqkit.nn.DEQSchedule`
+    over the run's steps) solves that layer as the schedule says at each optimiser step
+    (unrolled warm-up, growing budget); warm starts are skipped in the unrolled steps.
 
     Example:
         >>> import torch
@@ -319,7 +340,8 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, batch_size: int,
                       ema, options or StepOptions(), core)
     loop = _Loop(trainer, train_data, val_data, batch_size, epochs, seed, env,
                  env.device if env.enabled else model_device(core), text, sampler,
-                 evals_per_epoch, warm_cache, adjoint_cache, on_step, progress and env.is_main,
+                 evals_per_epoch, warm_cache, adjoint_cache, schedule, on_step,
+                 progress and env.is_main,
                  log or (lambda *_: None))
     result = FitResult(state, state.history, [], [])
     last = epochs if stop_after is None else min(epochs, state.epoch + stop_after)

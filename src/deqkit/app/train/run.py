@@ -124,6 +124,12 @@ def _build(cfg: TrainConfig, env: dd.DistEnv, log: Log) -> tuple[Any, nn.Module,
             raise ValueError(
                 f"{key}: {flag} works in single-process training only (each process would "
                 "keep its own cache); drop it under torchrun.")
+    if (cfg.unroll_warmup or cfg.max_steps_start is not None) and \
+            not hasattr(getattr(model, "deq", None), "overrides"):
+        key = "unroll_warmup" if cfg.unroll_warmup else "max_steps_start"
+        raise ValueError(
+            f"{key}: model {cfg.model!r} has no DEQ layer to schedule; use a DEQ model (e.g. "
+            f"conv_deq) or drop --{key.replace('_', '-')}.")
     if cfg.adjoint_cache and cfg.adjoint != "implicit":
         raise ValueError(
             f"adjoint_cache: --adjoint-cache starts the implicit backward solve; adjoint "
@@ -158,7 +164,8 @@ def _assemble(cfg: TrainConfig, env: dd.DistEnv, splits: Any, model: nn.Module,
     sched = setup.make_schedule(opt, cfg.schedule, steps * cfg.epochs)
     from deqkit.nn import FixedPointCache
 
-    warm_cache = FixedPointCache(len(splits.train)) if cfg.warm_start else None
+    warm_cache = FixedPointCache(len(splits.train), keep_unfinished=cfg.warm_start_unfinished) \
+        if cfg.warm_start else None
     adjoint_cache = FixedPointCache(len(splits.train)) if cfg.adjoint_cache else None
     metrics = RunMetrics(cfg.run_dir(), tensorboard=cfg.tensorboard, enabled=env.is_main)
     return _Run(cfg, env, splits, model, device, opt, sched,
@@ -278,6 +285,20 @@ def _on_epoch(run: _Run) -> Callable[[dict[str, Any], FitState], None]:
     return on_epoch
 
 
+def deq_schedule(cfg: TrainConfig, n_train: int) -> Any:
+    """The :class:`~deqkit.nn.DEQSchedule` of ``--unroll-warmup``, ``--unroll-depth`` and
+    ``--max-steps-start`` over the run's optimiser steps (None when neither is set)."""
+    if not cfg.unroll_warmup and cfg.max_steps_start is None:
+        return None
+    from deqkit.nn import DEQSchedule
+
+    per_epoch = len(dd.GlobalBatchSampler(n_train, cfg.batch_size, 0, 1, shuffle=False))
+    return DEQSchedule(total_steps=per_epoch * cfg.epochs,
+                       unroll_steps=round(cfg.unroll_warmup * per_epoch),
+                       unroll_depth=cfg.unroll_depth, budget_start=cfg.max_steps_start,
+                       budget_end=cfg.max_steps if cfg.max_steps_start is not None else None)
+
+
 def _fit(run: _Run, stop_after: int | None) -> None:
     cfg = run.cfg
     opts = StepOptions(cfg.precision, cfg.grad_clip, cfg.jac_reg, cfg.jac_reg_freq,
@@ -288,7 +309,8 @@ def _fit(run: _Run, stop_after: int | None) -> None:
             val_data=run.splits.val, text=run.text, options=opts, ema=run.ema,
             scaler=run.scaler, seed=cfg.seed, env=run.env, state=run.state,
             stop_after=stop_after, warm_cache=run.warm_cache,
-            adjoint_cache=run.adjoint_cache, on_step=_on_step(run),
+            adjoint_cache=run.adjoint_cache,
+            schedule=deq_schedule(cfg, len(run.splits.train)), on_step=_on_step(run),
             on_epoch=_on_epoch(run), progress=cfg.progress, log=run.log)
     except TrainingDiverged as err:
         raise TrainingDiverged(_diverged_message(err, cfg), err.loss, err.epoch,
