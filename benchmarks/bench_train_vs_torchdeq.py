@@ -195,6 +195,7 @@ def recipe_grid(workload: str, quick: bool) -> list[Recipe]:
         dk_grid = [
             _dk("implicit GMRES (CLI)"),
             _dk("implicit GMRES + warm", **w),
+            _dk("implicit Neumann(1e-3, 10) + warm", backward_solver="neumann", **w),
             _dk("SHINE r2 + warm", adjoint="shine", shine_refine=2, **w),
             _dk("JFB + warm", adjoint="jfb", **w),
             _dk("phantom(5, 0.5) + warm", adjoint="phantom", **w),
