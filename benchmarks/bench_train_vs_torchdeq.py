@@ -85,6 +85,7 @@ from deqkit.app import config as appconfig
 from deqkit.app.train import distributed as dd
 from deqkit.app.train import setup
 from deqkit.app.train.evaluate import cross_entropy, evaluate
+from deqkit.app.train.fit import solve_context
 from deqkit.app.train.run import deq_schedule
 from deqkit.app.train.step import random_shift
 
@@ -415,19 +416,13 @@ class Run:
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    @contextlib.contextmanager
     def _context(self, ids: torch.Tensor) -> Any:
         """As ``deqkit train``: the schedule's settings of this step, then the warm starts
         (not in the unrolled warm-up)."""
-        sched, step = self.schedule, self.step
-        with contextlib.ExitStack() as stack:
-            if sched is not None:
-                stack.enter_context(sched.apply(self.model.deq, step))
-            if (self.warm is not None or self.adj_cache is not None) and \
-                    not (sched is not None and sched.unrolled(step)):
-                stack.enter_context(self.model.deq.warm_start(self.warm, ids,
-                                                              adjoint_cache=self.adj_cache))
-            yield
+        if self.recipe.lib != "deqkit":
+            return contextlib.nullcontext()
+        return solve_context(self.model.deq, ids, self.step, schedule=self.schedule,
+                             warm_cache=self.warm, adjoint_cache=self.adj_cache)
 
     def _solver_stats(self) -> dict[str, float]:
         if self.recipe.lib == "deqkit":

@@ -315,8 +315,10 @@ class DEQ(nn.Module):
         self.last_solution = sol
         self._last_call = (tuple(inputs), sol.value)
         if fwd_cache is not None:
+            unfinished = sol.stats["status"] == RESULTS.max_steps_reached.code \
+                if fwd_cache.keep_unfinished else None
             fwd_cache.update(warm[1], sol.value, converged=sol.stats["converged"],
-                             unfinished=sol.stats["status"] == RESULTS.max_steps_reached.code)
+                             unfinished=unfinished)
         if sol.result in (RESULTS.nonfinite, RESULTS.diverged):
             warnings.warn(
                 f"{type(self).__name__} forward: {sol.summary()}. {sol.result.message}",

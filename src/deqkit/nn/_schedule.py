@@ -42,7 +42,8 @@ class DEQSchedule:
     step does; :meth:`apply` is the context manager (through :meth:`DEQ.overrides
     <deqkit.nn.DEQ.overrides>`) that a training loop enters around the forward pass.
     ``deqkit train`` builds one from ``--unroll-warmup``, ``--unroll-depth`` and
-    ``--max-steps-start``.
+    ``--max-steps-start`` (and enters :meth:`DEQ.warm_start <deqkit.nn.DEQ.warm_start>` only
+    outside the warm-up: an unrolled iterate is no equilibrium to store).
 
     Args:
         total_steps: optimiser steps of the whole run.
@@ -99,13 +100,14 @@ class DEQSchedule:
         return max(1, round(self.budget_start + frac * (end - self.budget_start)))
 
     def phase(self, step: int, max_steps: int | None = None) -> tuple[str, int | None]:
-        """``("unrolled", depth)`` or ``("equilibrium", budget)`` for step ``step`` (the
-        budget is None when it is the layer's ``max_steps`` and that is not given)."""
+        """``("unrolled", depth)`` or ``("equilibrium", budget)`` for step ``step``; the
+        budget is the layer's ``max_steps`` (None if not given) when no ``budget_start`` is
+        set."""
         if self.unrolled(step):
             return "unrolled", self.unroll_depth
-        if self.budget_start is None and max_steps is None:
-            return "equilibrium", None
-        return "equilibrium", self.budget(step, max_steps or 0)
+        if self.budget_start is None or (self.budget_end is None and max_steps is None):
+            return "equilibrium", max_steps
+        return "equilibrium", self.budget(step, max_steps)  # type: ignore[arg-type]
 
     @contextlib.contextmanager
     def apply(self, deq: Any, step: int) -> Iterator[Any]:

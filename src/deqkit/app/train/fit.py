@@ -150,23 +150,26 @@ def _one_step(loop: _Loop, x: Any, y: Any, m: int, ids: Any, coin: Any,
         # its share of a short last batch so the result is the global mean.
         share = env.world_size * x.shape[0] / m
     return train_step(tr, x, y, device=loop.device, coin=coin, share=share,
-                      context=_solve_context(loop, ids, step))
+                      context=solve_context(getattr(tr.core, "deq", None), ids, step,
+                                            schedule=loop.schedule,
+                                            warm_cache=loop.warm_cache,
+                                            adjoint_cache=loop.adjoint_cache))
 
 
 @contextlib.contextmanager
-def _solve_context(loop: _Loop, ids: Any, step: int) -> Iterator[None]:
-    """Around the forward pass: the DEQ schedule's settings for ``step`` and the warm starts
-    (skipped in the unrolled warm-up, which starts from the initial state and whose
-    iterates are no equilibria to store)."""
-    deq = getattr(loop.trainer.core, "deq", None)
-    sched = loop.schedule
+def solve_context(deq: Any, ids: Any, step: int, *, schedule: Any = None,
+                  warm_cache: Any = None, adjoint_cache: Any = None) -> Iterator[None]:
+    """Around a training forward pass of a model whose DEQ layer is ``deq``: the settings
+    ``schedule`` (a :class:`~deqkit.nn.DEQSchedule`, or None) gives optimiser step ``step``,
+    then the warm starts of the samples ``ids`` from ``warm_cache``/``adjoint_cache``
+    (skipped in the unrolled warm-up, which starts from the initial state and whose iterates
+    are no equilibria to store)."""
     with contextlib.ExitStack() as stack:
-        if sched is not None:
-            stack.enter_context(sched.apply(deq, step))
-        caches = loop.warm_cache is not None or loop.adjoint_cache is not None
-        if caches and not (sched is not None and sched.unrolled(step)):
-            stack.enter_context(deq.warm_start(loop.warm_cache, ids,
-                                               adjoint_cache=loop.adjoint_cache))
+        if schedule is not None:
+            stack.enter_context(schedule.apply(deq, step))
+        caches = warm_cache is not None or adjoint_cache is not None
+        if caches and not (schedule is not None and schedule.unrolled(step)):
+            stack.enter_context(deq.warm_start(warm_cache, ids, adjoint_cache=adjoint_cache))
         yield
 
 
@@ -362,4 +365,4 @@ def fit(model: nn.Module, train_data: Any, *, epochs: int, batch_size: int,
     return result
 
 
-__all__ = ["FitResult", "FitState", "StepInfo", "fit"]
+__all__ = ["FitResult", "FitState", "StepInfo", "fit", "solve_context"]
